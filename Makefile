@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up.
+# torch is installed first, pinned, so pip takes the CPU wheel (on this project's machines it lies
+# on local disk); GPU users: see README "Installing with CUDA".
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/dozero: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(BIN)/dozero
+
+setup: $(BIN)/dozero
+
+demo: setup
+	$(BIN)/dozero model info gpt2
+	$(BIN)/dozero train
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: setup lint
+	$(BIN)/python -m pytest -q --timeout=600
+
+bench: setup
+	$(BIN)/python benchmarks/model_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info runs .pytest_cache

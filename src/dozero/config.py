@@ -1,0 +1,119 @@
+"""Typed configuration for dozero: one dataclass per concern, defaults defined once.
+
+The model's shape lives in `ModelConfig`; named shapes live in `MODEL_PRESETS`. Other stages
+(tokenizer, data, train, generate) keep their own dataclasses next to the code that uses them,
+and the CLI derives its flags from those dataclasses (see `dozero.cli_args`).
+
+    >>> from dozero.config import get_model_config
+    >>> get_model_config("gpt2").emb_dim
+    768
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+
+from dozero.errors import DozeroError
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a GPT-2 model, with the course's names for each number."""
+
+    vocab_size: int = 50257
+    """Number of token ids (GPT-2's BPE: 50,256 merges and bytes + <|endoftext|>)."""
+    context_length: int = 1024
+    """Longest sequence the model sees; the size of the learned position embedding."""
+    emb_dim: int = 768
+    """Width of every token vector in the residual stream (d_model)."""
+    n_heads: int = 12
+    """Attention heads per block; emb_dim must be divisible by it."""
+    n_layers: int = 12
+    """Number of transformer blocks."""
+    drop_rate: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches (0 for fine-tuning/inference)."""
+    qkv_bias: bool = False
+    """Bias in the query/key/value projection. The course trains without; OpenAI's weights have it."""
+    tie_weights: bool = True
+    """Share the output head with the token embedding, as GPT-2 does."""
+    layer_norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm (GPT-2: 1e-5)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            if getattr(self, name) < 1:
+                raise DozeroError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.emb_dim % self.n_heads != 0:
+            raise DozeroError(
+                f"model config: emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}); "
+                f"try n_heads={_nearest_divisor(self.emb_dim, self.n_heads)}"
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise DozeroError(f"model config: drop_rate must be in [0, 1), got {self.drop_rate}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DozeroError(f"model config: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+def _nearest_divisor(n: int, near: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - near), d))
+
+
+# Published shapes. GPT-2 sizes: Radford et al. 2019, table 2, and OpenAI's released hparams.json
+# (they all have qkv biases). The character presets are nanoGPT's config/train_shakespeare_char.py:
+# its default GPU shape and the "on a MacBook / CPU" shape from nanoGPT's README.
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "gpt2": ModelConfig(emb_dim=768, n_heads=12, n_layers=12, qkv_bias=True),
+    "gpt2-medium": ModelConfig(emb_dim=1024, n_heads=16, n_layers=24, qkv_bias=True),
+    "gpt2-large": ModelConfig(emb_dim=1280, n_heads=20, n_layers=36, qkv_bias=True),
+    "gpt2-xl": ModelConfig(emb_dim=1600, n_heads=25, n_layers=48, qkv_bias=True),
+    "shakespeare-char": ModelConfig(
+        vocab_size=65, context_length=64, emb_dim=128, n_heads=4, n_layers=4, drop_rate=0.0
+    ),
+    "shakespeare-char-gpu": ModelConfig(
+        vocab_size=65, context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.2
+    ),
+}
+
+# Parameter counts with the tied head, as published for OpenAI's checkpoints (Hugging Face's
+# GPT2LMHeadModel.num_parameters() gives the same numbers).
+PUBLISHED_PARAMETER_COUNTS = {
+    "gpt2": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+}
+
+
+def suggest(name: str, choices) -> str:
+    """A ' did you mean ...?' hint for a mistyped name, or a list of the valid ones."""
+    choices = list(choices)
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{close[0]}'? (choices: {', '.join(choices)})"
+    return f"choices: {', '.join(choices)}"
+
+
+def get_model_config(preset: str, **overrides) -> ModelConfig:
+    """A copy of a named preset, with `overrides` applied (e.g. vocab_size=65)."""
+    if preset not in MODEL_PRESETS:
+        raise DozeroError(f"unknown model preset '{preset}': {suggest(preset, MODEL_PRESETS)}")
+    return dataclasses.replace(MODEL_PRESETS[preset], **overrides)

@@ -1,0 +1,232 @@
+"""GPT-2, written to be read top to bottom next to the course "LLM do Zero".
+
+Order follows the paper and the course: LayerNorm -> feed-forward (GELU) -> masked multi-head
+attention -> transformer block -> GPT. The module is a pure `nn.Module`: no optimizer, no I/O,
+no distributed code. Training, LoRA, compile and quantization are applied to it from outside.
+
+Shape legend, used in every comment below:
+    B  batch size              T  tokens in this call (query positions)
+    S  key/value positions     C  emb_dim (model width)
+    nh n_heads                 hs head size = C // nh
+    V  vocab_size
+
+    >>> import torch
+    >>> from dozero.config import get_model_config
+    >>> model = GPTModel(get_model_config("shakespeare-char"))
+    >>> model(torch.zeros(2, 8, dtype=torch.long)).shape
+    torch.Size([2, 8, 65])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dozero.config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    """Normalize each token vector to mean 0, variance 1, then apply a learned scale and shift."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.layer_norm is the same arithmetic as the course's mean/var version (biased variance),
+        # in one fused kernel.
+        return F.layer_norm(x, (x.shape[-1],), self.scale, self.shift, self.eps)
+
+
+class FeedForward(nn.Module):
+    """Expand 4x, GELU (tanh approximation, as GPT-2 was trained with), project back."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions, preallocated once for a whole generation.
+
+    Decoding one token then costs one new key/value per layer instead of recomputing the prompt.
+    """
+
+    def __init__(self, batch_size: int, max_len: int, n_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int):
+        """Write k, v (B, nh, T, hs) at slots `input_pos` (T,); return slots [0, end) (B, nh, S, hs)."""
+        self.k[:, :, input_pos] = k.to(self.k.dtype)
+        self.v[:, :, input_pos] = v.to(self.v.dtype)
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class MultiHeadAttention(nn.Module):
+    """Masked (causal) multi-head self-attention.
+
+    The course's W_query, W_key and W_value are fused into one (C, 3C) projection `qkv`: the same
+    arithmetic, one matrix multiply instead of three.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.drop_rate = cfg.drop_rate
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, input_pos=None, attn_mask=None, need_weights=False):
+        """x (B, T, C) -> (B, T, C), and the attention weights (B, nh, T, S) if `need_weights`.
+
+        input_pos (T,): cache slots of these tokens (only with a KV cache).
+        attn_mask (B, 1, T, S) bool, True = may attend; replaces the causal mask when given.
+        """
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+
+        if self.kv_cache is not None:
+            end = int(input_pos[-1]) + 1
+            k, v = self.kv_cache.update(input_pos, k, v, end)  # (B, nh, S, hs), S = end
+            if attn_mask is None:  # causal over cache slots: key slot <= query slot
+                slots = torch.arange(end, device=x.device)
+                attn_mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, S)
+
+        dropout = self.drop_rate if self.training else 0.0
+        if need_weights:
+            y, weights = explicit_attention(q, k, v, attn_mask, dropout, self.training)
+        else:
+            # Fused kernel (FlashAttention / memory-efficient on GPU). is_causal only when no
+            # mask is given, so both paths compute exactly the same function.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=attn_mask is None
+            )
+            weights = None
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
+        return self.out_proj(y), weights
+
+
+def explicit_attention(q, k, v, attn_mask=None, dropout=0.0, training=False):
+    """softmax(q k^T / sqrt(hs) + mask) v, step by step, returning the weights for inspection.
+
+    q (B, nh, T, hs), k and v (B, nh, S, hs) -> y (B, nh, T, hs), weights (B, nh, T, S).
+    """
+    T, S = q.shape[-2], k.shape[-2]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    if attn_mask is None:  # causal: token t sees tokens 0..t (queries are the last T of S keys)
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    scores = scores.masked_fill(~attn_mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    # A fully masked row (a padding query) gives NaN after softmax; its output is never used.
+    weights = torch.nan_to_num(weights, nan=0.0)
+    y = F.dropout(weights, dropout, training) @ v  # (B, nh, T, hs)
+    return y, weights
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + attention(norm1(x)), then x + feed-forward(norm2(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.emb_dim, cfg.layer_norm_eps)
+        self.att = MultiHeadAttention(cfg)
+        self.norm2 = LayerNorm(cfg.emb_dim, cfg.layer_norm_eps)
+        self.ff = FeedForward(cfg)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, input_pos=None, attn_mask=None, need_weights=False):
+        attended, weights = self.att(self.norm1(x), input_pos, attn_mask, need_weights)
+        x = x + self.drop_shortcut(attended)  # shortcut (residual) connection
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x, weights
+
+
+class GPTModel(nn.Module):
+    """Token + position embeddings -> n_layers transformer blocks -> final norm -> output head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = LayerNorm(cfg.emb_dim, cfg.layer_norm_eps)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            # GPT-2 reads and writes tokens with the same matrix (Press & Wolf 2017).
+            self.out_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialization: N(0, 0.02) everywhere, zero biases, unit LayerNorms, and the two
+        projections that write into the residual stream scaled by 1/sqrt(2 * n_layers), so the
+        stream's variance does not grow with depth (GPT-2 paper, section 2.3)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.trf_blocks:
+            nn.init.normal_(block.att.out_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.ff.proj.weight, mean=0.0, std=residual_std)
+
+    def forward(self, in_idx, input_pos=None, position_ids=None, attn_mask=None, return_attention=False):
+        """Token ids (B, T) -> logits (B, T, V); with `return_attention`, also a list of the
+        n_layers attention-weight tensors (B, nh, T, S) from the explicit attention path.
+
+        input_pos (T,): KV-cache slots of these tokens (default 0..T-1).
+        position_ids (B, T) or (T,): position-embedding indices (default input_pos); differs from
+            input_pos only for left-padded batches.
+        attn_mask (B, 1, T, S) bool: who may attend to whom (default causal).
+        """
+        B, T = in_idx.shape
+        if input_pos is None:
+            if T > self.cfg.context_length:  # checked here, without a device sync
+                raise ValueError(f"{T} tokens exceed the context length {self.cfg.context_length}")
+            input_pos = torch.arange(T, device=in_idx.device)
+        if position_ids is None:
+            position_ids = input_pos
+        x = self.tok_emb(in_idx) + self.pos_emb(position_ids)  # (B, T, C)
+        x = self.drop_emb(x)
+        all_weights = []
+        for block in self.trf_blocks:
+            x, weights = block(x, input_pos, attn_mask, return_attention)
+            all_weights.append(weights)
+        logits = self.out_head(self.final_norm(x))  # (B, T, V)
+        return (logits, all_weights) if return_attention else logits
+
+    def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None):
+        """Give every attention layer a preallocated cache of `max_len` (default context) slots."""
+        p = self.tok_emb.weight
+        max_len = max_len or self.cfg.context_length
+        for block in self.trf_blocks:
+            block.att.kv_cache = KVCache(
+                batch_size, max_len, self.cfg.n_heads, self.cfg.head_dim, dtype or p.dtype, device or p.device
+            )
+
+    def clear_kv_cache(self) -> None:
+        for block in self.trf_blocks:
+            block.att.kv_cache = None
+
+    def num_parameters(self) -> int:
+        """Parameters counted once (a tied head is the embedding, not a second matrix)."""
+        return sum(p.numel() for p in self.parameters())
