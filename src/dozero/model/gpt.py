@@ -94,7 +94,8 @@ class MultiHeadAttention(nn.Module):
         """x (B, T, C) -> (B, T, C), and the attention weights (B, nh, T, S) if `need_weights`.
 
         input_pos (T,): cache slots of these tokens (only with a KV cache).
-        attn_mask (B, 1, T, S) bool, True = may attend; replaces the causal mask when given.
+        attn_mask (B, 1, T, S) bool, True = may attend; replaces the causal mask when given. With a
+            KV cache, the attention reads cache slots [0, S).
         """
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
@@ -103,11 +104,12 @@ class MultiHeadAttention(nn.Module):
         v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
         if self.kv_cache is not None:
-            end = int(input_pos[-1]) + 1
-            k, v = self.kv_cache.update(input_pos, k, v, end)  # (B, nh, S, hs), S = end
             if attn_mask is None:  # causal over cache slots: key slot <= query slot
+                end = int(input_pos[-1]) + 1  # a host sync on GPU: generate passes attn_mask instead
                 slots = torch.arange(end, device=x.device)
                 attn_mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, S)
+            # The mask's width says how many cache slots to read, known on the host without a sync.
+            k, v = self.kv_cache.update(input_pos, k, v, attn_mask.shape[-1])  # (B, nh, S, hs)
 
         dropout = self.drop_rate if self.training else 0.0
         if need_weights:
@@ -189,7 +191,9 @@ class GPTModel(nn.Module):
             nn.init.normal_(block.att.out_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.ff.proj.weight, mean=0.0, std=residual_std)
 
-    def forward(self, in_idx, input_pos=None, position_ids=None, attn_mask=None, return_attention=False):
+    def forward(
+        self, in_idx, input_pos=None, position_ids=None, attn_mask=None, return_attention=False, last_only=False
+    ):
         """Token ids (B, T) -> logits (B, T, V); with `return_attention`, also a list of the
         n_layers attention-weight tensors (B, nh, T, S) from the explicit attention path.
 
@@ -197,6 +201,8 @@ class GPTModel(nn.Module):
         position_ids (B, T) or (T,): position-embedding indices (default input_pos); differs from
             input_pos only for left-padded batches.
         attn_mask (B, 1, T, S) bool: who may attend to whom (default causal).
+        last_only: logits of the last position only (B, 1, V); generation needs no more, and the
+            output head is the largest matrix multiply of a short prompt.
         """
         B, T = in_idx.shape
         if input_pos is None:
@@ -211,6 +217,8 @@ class GPTModel(nn.Module):
         for block in self.trf_blocks:
             x, weights = block(x, input_pos, attn_mask, return_attention)
             all_weights.append(weights)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         logits = self.out_head(self.final_norm(x))  # (B, T, V)
         return (logits, all_weights) if return_attention else logits
 
