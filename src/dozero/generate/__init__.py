@@ -1,0 +1,50 @@
+"""Text generation: bring a trained model to life.
+
+    >>> from dozero.generate import generate, stream
+    >>> generate(model, tokenizer, "Once upon a time", max_new_tokens=50, temperature=0.8, seed=1)
+    ' there was a ...'
+    >>> generate(model, tokenizer, ["To be", "or not"], temperature=0)   # a batch, greedy
+    >>> for piece in stream(model, tokenizer, "ROMEO:", max_new_tokens=100):
+    ...     print(piece, end="", flush=True)
+
+Settings are the fields of `GenerationConfig` (temperature, top_k, top_p, min_p,
+repetition_penalty, frequency_penalty, max_new_tokens, seed, stop, stop_at_eot), given as keyword
+arguments or as `config=GenerationConfig(...)`. The returned text is the continuation only, without
+the prompt. Modules: `sampling` (choosing a token), `engine` (KV-cache loop, batching, sliding
+window), `stream` (incremental text), `commands` (`dozero generate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from dozero.generate.engine import GenerationConfig
+from dozero.generate.sampling import SamplingConfig
+from dozero.generate.stream import stream_batch
+
+__all__ = ["GenerationConfig", "SamplingConfig", "generate", "stream"]
+
+
+def _config(config: GenerationConfig | None, settings: dict) -> GenerationConfig:
+    if config is None:
+        return GenerationConfig(**settings)
+    import dataclasses
+
+    return dataclasses.replace(config, **settings)
+
+
+def generate(model, tokenizer, prompt: str | list[str], config: GenerationConfig | None = None, **settings):
+    """The continuation of `prompt` (a str), or of each prompt in a list (a list of str, one batch)."""
+    config = _config(config, settings)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    texts = [""] * len(prompts)
+    for b, piece in stream_batch(model, tokenizer, prompts, config):
+        texts[b] += piece
+    return texts[0] if isinstance(prompt, str) else texts
+
+
+def stream(model, tokenizer, prompt: str, config: GenerationConfig | None = None, **settings) -> Iterator[str]:
+    """Yield the continuation of one prompt piece by piece, as the tokens are produced."""
+    config = _config(config, settings)
+    for _, piece in stream_batch(model, tokenizer, [prompt], config):
+        yield piece

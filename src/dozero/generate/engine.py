@@ -1,0 +1,218 @@
+"""The generation loop: prefill the prompts once, then decode one token at a time from a KV cache.
+
+    prompts --encode--> ids --prefill--> logits of the last position --sample--> next token
+                                 ^                                                   |
+                                 +--------- decode_one_token (T = 1, cache) <--------+
+
+Several prompts run as one batch: shorter prompts are padded on the LEFT, so every row's last token
+sits in the same cache slot; an attention mask hides the padding and `position_ids` restart at 0
+where each real prompt starts. Each row stops on its own (end-of-text, a stop string, or
+`max_new_tokens`); the loop ends when all rows have.
+
+When a row reaches the model's context length the window slides: GPT-2's position embeddings are
+absolute, so cached keys cannot be shifted to new positions; instead the oldest quarter of the
+tokens is dropped and the rest are prefilled again from position 0 (one prefill per slide, then
+cheap decoding again for another quarter of the context).
+
+Run it from the shell with `dozero generate --model RUN "prompt"`, or from Python with
+`dozero.generate.generate(model, tokenizer, "prompt")`.
+
+Shape legend: B batch (prompts), T tokens in this call, S cache slots, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from dozero.errors import DozeroError
+from dozero.generate.sampling import SamplingConfig, sample_next_token
+
+
+@dataclass
+class GenerationConfig(SamplingConfig):
+    """Sampling settings plus when to stop."""
+
+    max_new_tokens: int = 200
+    """Generate at most this many tokens after the prompt."""
+    seed: int | None = None
+    """Random seed: the same seed, model and prompt give the same text (None = a fresh random seed)."""
+    stop: tuple[str, ...] = ()
+    """Stop a sample when its new text contains one of these strings (the string itself is not returned)."""
+    stop_at_eot: bool = True
+    """Stop a sample at the end-of-text token, as a document ends in the training data."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_new_tokens < 0:
+            raise DozeroError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if isinstance(self.stop, str):  # a single stop string given as a plain string
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise DozeroError(f"stop strings must be non-empty text, got {list(self.stop)!r}")
+
+
+def encode_prompt(tokenizer, prompt: str, context_length: int) -> list[int]:
+    """Token ids of one prompt, ready for the model.
+
+    An empty prompt starts from end-of-text (as every training document does); a tokenizer without
+    one (a character vocabulary) starts from a newline instead. A prompt longer than the context
+    keeps its last `context_length` tokens, with a warning.
+    """
+    ids = tokenizer.encode(prompt, special="allow") if prompt else []
+    if not ids:
+        if tokenizer.eot_id is not None:
+            ids = [tokenizer.eot_id]
+        else:
+            try:
+                ids = tokenizer.encode("\n")
+            except DozeroError:
+                ids = []
+            if not ids:
+                raise DozeroError(
+                    "the prompt is empty and this tokenizer has neither an end-of-text token nor a newline to "
+                    "start from; give a prompt"
+                )
+    if len(ids) > context_length:
+        warnings.warn(
+            f"the prompt has {len(ids)} tokens, more than the model's context of {context_length}; "
+            f"keeping its last {context_length} tokens",
+            stacklevel=3,
+        )
+        ids = ids[-context_length:]
+    return ids
+
+
+class BatchState:
+    """Where a batch stands in its KV cache: the cache slot of the next token, padding, masks.
+
+    All per-step tensors are views of tensors made once at prefill, so decoding a token allocates
+    nothing and never asks the GPU for a number (no host sync until the token ids are read).
+    """
+
+    def __init__(self, model, rows: list[list[int]], cache_len: int):
+        device = model.tok_emb.weight.device
+        self.model = model
+        self.length = max(len(r) for r in rows)  # slots filled so far (prompts are left-padded to this)
+        pads = torch.tensor([self.length - len(r) for r in rows], device=device)  # (B,)
+        self.padded = bool(pads.any())
+        self.slots = torch.arange(cache_len, device=device)  # (S,)
+        self.pads = pads[:, None]  # (B, 1)
+        # Row b may look at slot j once j holds a real token: j >= pads[b].
+        self.key_valid = (self.slots[None, :] >= self.pads)[:, None, None, :]  # (B, 1, 1, S)
+        self.all_valid = torch.ones(1, 1, 1, cache_len, dtype=torch.bool, device=device)  # (1, 1, 1, S)
+        model.setup_kv_cache(len(rows), cache_len)
+        self.prompt = torch.tensor([[0] * (self.length - len(r)) + r for r in rows], device=device)  # (B, T)
+
+    def prefill(self) -> torch.Tensor:
+        """Run the (padded) prompts through the model, filling the cache. Returns last logits (B, V)."""
+        T = self.length
+        input_pos = self.slots[:T]
+        causal = self.slots[:T, None] >= self.slots[None, :T]  # (T, T): query slot >= key slot
+        # Padding queries may see themselves, so no softmax row is empty (which would give NaN keys
+        # and values in deeper layers); real queries never look at padding.
+        itself = self.slots[:T, None] == self.slots[None, :T]
+        mask = causal[None, None] & (self.key_valid[..., :T] | itself)  # (B, 1, T, T)
+        position_ids = (input_pos[None, :] - self.pads).clamp(min=0)  # (B, T)
+        logits = self.model(self.prompt, input_pos, position_ids, mask, last_only=True)  # (B, 1, V)
+        return logits[:, -1]
+
+    def decode_one_token(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one new token per row (B,) at the next cache slot. Returns its logits (B, V)."""
+        s = self.length
+        input_pos = self.slots[s : s + 1]  # (1,)
+        mask = (self.key_valid if self.padded else self.all_valid)[..., : s + 1]  # (B or 1, 1, 1, s + 1)
+        position_ids = input_pos[None, :] - self.pads if self.padded else input_pos  # (B, 1) or (1,)
+        logits = self.model(tokens[:, None], input_pos, position_ids, mask)  # (B, 1, V)
+        self.length += 1
+        return logits[:, -1]
+
+
+def generate_tokens(
+    model, prompts: list[list[int]], config: GenerationConfig, eot_id: int | None = None, finished=None
+) -> Iterator[list[int | None]]:
+    """Yield, step by step, the next token of every row (None for rows that have finished).
+
+    `finished` (a list of B bools, made here if not given) is shared with the caller, who may end a
+    row early (a stop string in its text) by setting `finished[row] = True` between steps.
+    """
+    ctx = model.cfg.context_length
+    rows = [list(r[-ctx:]) for r in prompts]  # every row: its prompt and generated tokens so far
+    finished = [False] * len(rows) if finished is None else finished
+    if config.max_new_tokens == 0:
+        return
+    device = model.tok_emb.weight.device
+    generator = torch.Generator(device=device)
+    if config.seed is not None:
+        generator.manual_seed(config.seed)
+    else:
+        generator.seed()
+    cache_len = min(ctx, max(len(r) for r in rows) + config.max_new_tokens)
+    keep = max(1, ctx - ctx // 4)  # tokens kept when the window slides
+
+    # Inference mode is entered around the tensor work only, never across a `yield`: the caller's
+    # code between steps (printing, training) must not run in it.
+    with torch.inference_mode():
+        counts = None
+        if config.uses_counts:  # occurrences of each token in prompt + generated text, for the penalties
+            counts = torch.zeros(len(rows), model.cfg.vocab_size, device=device)  # (B, V)
+            for b, r in enumerate(rows):
+                counts[b].index_add_(0, torch.tensor(r, device=device), torch.ones(len(r), device=device))
+        state = BatchState(model, rows, cache_len)
+        logits = state.prefill()
+    for step in range(config.max_new_tokens):
+        with torch.inference_mode():
+            tokens = sample_next_token(logits, config, generator, counts)  # (B,)
+            ids = tokens.tolist()  # the one host sync per step: the ids decide stopping and streaming
+        out = []
+        for b, t in enumerate(ids):
+            if finished[b] or (config.stop_at_eot and t == eot_id):
+                finished[b] = True
+                out.append(None)
+            else:
+                rows[b].append(t)
+                out.append(t)
+        yield out
+        if all(finished) or step == config.max_new_tokens - 1:
+            return
+        with torch.inference_mode():
+            if counts is not None:
+                counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=counts.dtype))
+            if state.length < ctx:
+                logits = state.decode_one_token(tokens)
+            else:  # the window is full: re-read the last `keep` tokens from position 0
+                warnings.warn(
+                    f"generation reached the context length ({ctx} tokens): sliding the window, keeping the last "
+                    f"{keep} tokens (positions are learned, so the kept tokens are re-read from position 0)",
+                    stacklevel=2,
+                )
+                state = BatchState(model, [r[-keep:] for r in rows], ctx)
+                logits = state.prefill()
+
+
+@contextmanager
+def generation_mode(model):
+    """Eval mode, and no KV cache left behind, so a model in training can generate and carry on."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.clear_kv_cache()
+        model.train(was_training)
+
+
+def generate_ids(model, prompts: list[list[int]], config: GenerationConfig, eot_id=None) -> list[list[int]]:
+    """New token ids for each prompt (stop strings need text: see `dozero.generate.stream`)."""
+    out = [[] for _ in prompts]
+    with generation_mode(model):
+        for tokens in generate_tokens(model, prompts, config, eot_id):
+            for b, t in enumerate(tokens):
+                if t is not None:
+                    out[b].append(t)
+    return out
