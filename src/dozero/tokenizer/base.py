@@ -1,0 +1,94 @@
+"""The one tokenizer interface that data, training and generation use without caring which kind they hold.
+
+    tok = load_tokenizer("gpt2")           # or a model folder, or CharTokenizer.from_text(text)
+    ids = tok.encode("Hello world")        # [15496, 995]
+    tok.decode(ids)                        # "Hello world"
+
+Two kinds implement it: `BPETokenizer` (byte-level BPE, `bpe.py`) and `CharTokenizer` (`char.py`).
+
+Special tokens (`<|endoftext|>` and user-defined ones) are never split silently. `encode(text, special=...)`
+decides what happens when their *text* appears inside ordinary input:
+  "raise" (default)  DozeroError: the text may be an accident (a web page quoting "<|endoftext|>").
+  "text"             encode it as ordinary text, e.g. "<|endoftext|>" -> "<", "|", "endoftext", "|", ">".
+  "allow"            encode it as the special token's id.
+This follows tiktoken's default (`disallowed_special="all"`), which dozero's fast path uses.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from dozero.errors import DozeroError
+
+SPECIAL_MODES = ("raise", "text", "allow")
+ENDOFTEXT = "<|endoftext|>"
+TOKENIZER_FILE = "dozero_tokenizer.json"  # dozero's own tokenizer description inside a model folder
+
+
+def check_special_mode(special: str) -> None:
+    if special not in SPECIAL_MODES:
+        raise DozeroError(f"special={special!r} is not one of {', '.join(SPECIAL_MODES)}")
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. Subclasses set `kind`, `vocab_size` and `eot_id`."""
+
+    kind: str  # "bpe" or "char"
+    vocab_size: int  # number of ids, specials included: valid ids are 0 .. vocab_size - 1
+    eot_id: int | None  # id of <|endoftext|> (the document separator), None if the vocabulary has none
+
+    @abstractmethod
+    def encode(self, text: str, special: str = "raise") -> list[int]:
+        """Token ids of `text`. `special`: what to do with special-token text in it (module docstring)."""
+
+    def encode_batch(
+        self, texts: Sequence[str], special: str = "raise", num_threads: int | None = None
+    ) -> list[list[int]]:
+        """`encode` for many documents; the BPE tokenizer spreads them over all CPU cores."""
+        return [self.encode(t, special=special) for t in texts]
+
+    @abstractmethod
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The exact bytes that `ids` stand for (a BPE token may hold part of a UTF-8 character)."""
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; bytes that are not valid UTF-8 (a cut multi-byte character) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """Stable hash of the vocabulary and special tokens: two tokenizers with equal fingerprints give equal ids."""
+
+    @abstractmethod
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write this tokenizer's files into `folder` (a model folder); `load_tokenizer(folder)` reads them back."""
+
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """DozeroError if an id is outside 0 .. vocab_size - 1."""
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise DozeroError(
+                f"token id {bad} is out of range for this {self.kind} tokenizer (valid ids: 0..{self.vocab_size - 1}); "
+                "were these ids made with a different tokenizer?"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
