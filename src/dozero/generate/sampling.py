@@ -29,7 +29,7 @@ class SamplingConfig:
     temperature: float = 0.8
     """Divide the logits by this before sampling: <1 sharper, >1 flatter; 0 = greedy (always the most likely token)."""
     top_k: int | None = 50
-    """Sample only among the k most likely tokens (None or 0 on the command line = no limit)."""
+    """Sample only among the k most likely tokens (0 or None = no limit)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probabilities add up to top_p (1 = off)."""
     min_p: float = 0.0
