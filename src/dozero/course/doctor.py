@@ -171,11 +171,9 @@ def usable_memory(device: str) -> tuple[int | None, str]:
     return (available or total), "available RAM" + (" (shared with the MPS GPU)" if device == "mps" else "")
 
 
-def _estimate_bytes(estimate, training: bool, bf16: bool) -> int:
-    """Pull one total out of `dozero.model.info.memory_estimate`'s answer."""
-    from dozero.model.info import inference_bytes, training_bytes
-
-    return training_bytes(estimate, bf16) if training else inference_bytes(estimate, bf16)
+def _estimate_bytes(estimate: dict, training: bool, bf16: bool) -> int:
+    """One total from `dozero.model.info.memory_estimate`: training (AdamW) or inference bytes."""
+    return estimate["bf16" if bf16 else "fp32"]["training" if training else "inference"]
 
 
 def fit_checks(preset: str, device: str, batch_size: int | None, context_length: int | None) -> list[Check]:

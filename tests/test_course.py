@@ -1,0 +1,182 @@
+"""The course's helper verbs: `dozero attention` (weights, heatmap, token ranking) and `dozero doctor`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dozero.cli import main
+from dozero.config import get_model_config
+from dozero.course import attention, doctor
+from dozero.errors import DozeroError
+from dozero.model.gpt import GPTModel
+from dozero.tokenizer.char import CharTokenizer
+
+SENTENCE = "The dog ran after the ball, but she was too fast."
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 2-layer, 2-head random model over the characters of SENTENCE, context 64."""
+    tokenizer = CharTokenizer.from_text(SENTENCE)
+    cfg = get_model_config("shakespeare-char", vocab_size=tokenizer.vocab_size, n_layers=2, n_heads=2, emb_dim=32)
+    torch.manual_seed(0)
+    return GPTModel(cfg).eval(), tokenizer
+
+
+def test_weights_are_causal_rows_sum_to_one_and_match_a_hand_computation(tiny):
+    model, tokenizer = tiny
+    result = attention.compute_attention(model, tokenizer, SENTENCE)
+    T = len(SENTENCE)
+    assert result.weights.shape == (2, 2, T, T)
+    torch.testing.assert_close(result.weights.sum(-1), torch.ones(2, 2, T), atol=1e-5, rtol=0)
+    above = torch.ones(T, T, dtype=torch.bool).triu(1)
+    assert torch.count_nonzero(result.weights[..., above]) == 0
+    assert result.weights[..., ~above].min() > 0  # every earlier token gets some weight
+    # Layer 0 by hand: softmax(q k^T / sqrt(hs)) of the first block's projections, masked causally.
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer.encode(SENTENCE)])
+        x = model.tok_emb(ids) + model.pos_emb(torch.arange(T))
+        q, k, _ = model.trf_blocks[0].att.qkv(model.trf_blocks[0].norm1(x)).split(32, dim=2)
+        q = q.view(1, T, 2, 16).transpose(1, 2)
+        k = k.view(1, T, 2, 16).transpose(1, 2)
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(16)).masked_fill(above, float("-inf"))
+        expected = torch.softmax(scores, dim=-1)[0]
+    torch.testing.assert_close(result.weights[0], expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(result.average, result.weights.mean(dim=(0, 1)))
+
+
+def test_heatmap_png_is_written(tiny, tmp_path):
+    model, tokenizer = tiny
+    out = tmp_path / "sub" / "attention.png"
+    lines = []
+    result = attention.explain(model, tokenizer, SENTENCE, out, token="she", log=lines.append)
+    data = out.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
+    assert not list(out.parent.glob(".*tmp"))  # written atomically, no temporary left behind
+    # "she" ends at character 34 ('e'); the report ranks the earlier tokens by weight.
+    assert "token 34 'e' attends most to" in "\n".join(lines)
+    row = result.average[34]
+    best = int(torch.argmax(row[:34]))
+    assert f"{float(row[best]):6.3f}  {best:3d} '{result.labels[best]}'" in "\n".join(lines)
+
+
+def test_find_token_by_word_index_and_default(tiny):
+    model, tokenizer = tiny
+    result = attention.compute_attention(model, tokenizer, SENTENCE)
+    assert attention.find_token(result, "she", None, SENTENCE) == 34
+    assert attention.find_token(result, "the", None, SENTENCE) == 20  # whole word: "The" does not match
+    assert attention.find_token(result, None, -1, SENTENCE) == len(SENTENCE) - 1
+    assert attention.find_token(result, None, 3, SENTENCE) == 3
+    assert attention.find_token(result, None, None, SENTENCE) == len(SENTENCE) - 1
+
+
+def test_labels_keep_multibyte_characters_readable():
+    # "á" is two UTF-8 bytes; byte-level BPE may split them over two tokens.
+    pieces = [b"r", b"\xc3", b"\xa1pida", b" ela", b"\n"]
+    assert attention.token_labels(pieces) == ["r", "\\xc3", "ápida", "␣ela", "↵"]
+
+
+def test_top_attended_ranks_only_earlier_tokens():
+    row = torch.tensor([0.1, 0.5, 0.2, 0.2, 0.0])
+    assert attention.top_attended(row, 3, k=2) == [(1, 0.5), (2, pytest.approx(0.2))]
+    assert attention.top_attended(row, 0) == []
+
+
+def test_long_sentence_is_cropped_and_said(tiny):
+    model, tokenizer = tiny
+    long = SENTENCE * 2  # 98 characters > context 64
+    result = attention.compute_attention(model, tokenizer, long)
+    assert result.weights.shape[-1] == 64
+    assert result.notes == [
+        "the sentence has 98 tokens but the model's context is 64; only the first 64 tokens are used"
+    ]
+
+
+def test_bad_token_choices_list_the_tokens(tiny):
+    model, tokenizer = tiny
+    result = attention.compute_attention(model, tokenizer, "the dog")
+    with pytest.raises(DozeroError, match=r"token index 7 is out of range: the sentence has 7 tokens \(0:t, 1:h"):
+        attention.find_token(result, None, 7, "the dog")
+    with pytest.raises(DozeroError, match=r"'cat' is not in the sentence; give --index N .*6:g"):
+        attention.find_token(result, "cat", None, "the dog")
+
+
+def test_model_without_attention_path_is_refused():
+    class Quantized(torch.nn.Module):  # e.g. a future int8 model: no explicit attention weights
+        def forward(self, idx):
+            return idx
+
+    with pytest.raises(DozeroError, match="has no explicit attention path"):
+        attention.compute_attention(Quantized(), CharTokenizer.from_text("ab"), "ab")
+
+
+def test_cli_with_a_preset_says_weights_are_random(tmp_path, capsys):
+    out = tmp_path / "a.png"
+    code = main(["attention", "--model", "shakespeare-char", "To be, or not to be", "--index", "-1", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "RANDOM weights" in captured.out
+    assert "token 18 'e' attends most to" in captured.out
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "gpt3"], "--model 'gpt3' is neither a folder nor a preset: did you mean 'gpt2'?"),
+        (["--model", "shakespeare-char", "ab", "--index", "5"], "token index 5 is out of range: the sentence has 2"),
+        (["--model", "shakespeare-char", "Olá"], "character 'á' at position 2 is not in this character vocabulary"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
+    code = main(["attention", *argv, "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_doctor_runs_on_cpu_and_reports_no_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    code = main(["doctor", "--preset", "shakespeare-char", "--skip-compile"])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = dict(line.split("  ", 1) for line in out.splitlines())
+    lines = {k.strip(): v.strip() for k, v in lines.items()}
+    assert lines["GPU"].startswith("none found")
+    assert lines["device dozero will use"] == "cpu"
+    assert lines["PyTorch"].startswith(torch.__version__)
+    assert lines["flash attention"].startswith("not available: FlashAttention kernels need a CUDA GPU")
+    assert lines["torch.compile"] == "not checked (--skip-compile)"
+    assert lines["bf16"].startswith(("works", "not available"))
+    assert lines["shakespeare-char inference (batch 1 x 64)"].startswith("fits")
+    assert lines["shakespeare-char training"] == "fits"
+    assert lines["suggested micro-batch"].startswith("256 sequences x 64 tokens")
+
+
+def test_doctor_says_when_a_model_does_not_fit(monkeypatch):
+    monkeypatch.setattr(doctor, "system_memory", lambda: (8 * doctor.GIB, 4 * doctor.GIB))
+    checks = {c.name: c.value for c in doctor.fit_checks("gpt2-xl", "cpu", None, None)}
+    assert checks["memory budget"].startswith("2.8 GiB (of 4.0 GiB available RAM)")
+    assert checks["gpt2-xl inference (batch 1 x 1024)"].startswith("does NOT fit")
+    assert checks["gpt2-xl training"].startswith("does NOT fit even at batch 1")
+    checks = {c.name: c.value for c in doctor.fit_checks("shakespeare-char", "cpu", 12, None)}
+    assert checks["shakespeare-char training (batch 12 x 64)"].startswith("fits: needs ~")
+
+
+def test_doctor_compile_probe_reports_instead_of_failing(monkeypatch):
+    monkeypatch.setattr(doctor.shutil, "which", lambda name: None)
+    assert (
+        doctor.check_compile("cpu") == "not available: no C compiler found (torch.compile on a CPU needs gcc or clang)"
+    )
+    monkeypatch.undo()
+    assert doctor.check_compile("cpu", timeout_s=0.01) == "not available: did not finish within 0 s"
+
+
+def test_doctor_rejects_bad_numbers(capsys):
+    assert main(["doctor", "--batch-size", "0", "--skip-compile"]) == 2
+    assert "error: --batch-size must be >= 1, got 0" in capsys.readouterr().err
