@@ -81,6 +81,15 @@ class Tokenizer(ABC):
     def save(self, folder: str | os.PathLike) -> None:
         """Write this tokenizer's files into `folder` (a model folder); `load_tokenizer(folder)` reads them back."""
 
+    special_tokens: dict[str, int] = {}  # special-token text -> id (none for the character tokenizer)
+
+    def special_id(self, token: str) -> int:
+        """The id of special token `token` (e.g. "<|endoftext|>"); DozeroError if this tokenizer has no such token."""
+        if token not in self.special_tokens:
+            known = ", ".join(self.special_tokens) or "none"
+            raise DozeroError(f"unknown special token {token!r}; this {self.kind} tokenizer's special tokens: {known}")
+        return self.special_tokens[token]
+
     def check_ids(self, ids: Sequence[int]) -> None:
         """DozeroError if an id is outside 0 .. vocab_size - 1."""
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):

@@ -1,0 +1,256 @@
+"""Train a byte-level BPE vocabulary on your own corpus.
+
+    dozero tokenizer train ../shared/data/shakespeare/ --vocab-size 8192 --out tok/
+    tok = train_bpe(["corpus/*.txt"], vocab_size=8192)        # Python; returns a BPETokenizer
+
+The algorithm (Sennrich et al. 2016, with GPT-2's byte-level twist), organised so it scales:
+  1. Pre-tokenize every file once with GPT-2's regex and count the *distinct* chunks (" the" x 27,000).
+     Memory is bounded by the number of distinct chunks (36k for the complete Shakespeare), not by the corpus.
+  2. Count adjacent pairs over the distinct chunks, weighted by how often each chunk occurs, and remember
+     which chunks hold each pair (`where`).
+  3. Repeatedly take the most frequent pair from a heap, give it the next id, and rewrite only the chunks
+     that hold it, adjusting the counts of the pairs around each rewrite. Heap entries are never updated in
+     place: a popped entry whose count is stale is pushed back with its current count ("lazy deletion").
+
+Ties: the most frequent pair wins; among equally frequent pairs, the one whose (left bytes, right bytes) sorts
+first. So training is deterministic: same corpus and settings, same ids, on any machine.
+
+Invalid UTF-8 bytes in a corpus are kept apart from the text around them (each is its own single-byte token,
+exactly as `BPETokenizer.encode_bytes` encodes them), so the corpus still trains and round-trips; their number
+is reported. Special-token text in the corpus (e.g. "<|endoftext|>" between documents) is cut out, not learned.
+Ids: 0..255 are the bytes (id = byte value), then the merges in order, then the special tokens.
+"""
+
+from __future__ import annotations
+
+import glob
+import heapq
+import os
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+
+import regex
+from tqdm.auto import tqdm
+
+from dozero.errors import DozeroError
+from dozero.tokenizer.base import ENDOFTEXT
+from dozero.tokenizer.bpe import GPT2_PATTERN, BPETokenizer
+
+# Below this many bytes, starting worker processes costs more than it saves (measured: ~0.3 s to start two).
+PARALLEL_MIN_BYTES = 4_000_000
+# Work units for the worker processes are cut at a "\n" that follows a non-space character: the regex always
+# ends a chunk there, so cutting there gives exactly the chunks of the whole file.
+_CUT = regex.compile(r"(?<=\S)(?=\n)")
+_PIECE_BYTES = 1 << 20
+_INVALID = regex.compile("[\udc80-\udcff]")
+
+
+@dataclass
+class TrainReport:
+    """What `train_bpe` saw and did (printed by `dozero tokenizer train`)."""
+
+    files: int = 0
+    bytes: int = 0
+    invalid_bytes: int = 0
+    """bytes that are not valid UTF-8 (kept as single-byte tokens)"""
+    invalid_files: list[str] = field(default_factory=list)
+    chunks: int = 0
+    distinct_chunks: int = 0
+    merges: int = 0
+    seconds: float = 0.0
+
+
+def corpus_files(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Files, folders (every non-hidden file below, sorted) and glob patterns -> a sorted list of files."""
+    files: list[Path] = []
+    for item in inputs:
+        item = str(item)
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts))
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        if not found:
+            raise DozeroError(f"no files found for {item!r}; give text files, folders or glob patterns")
+        files += found
+    return files
+
+
+def count_chunks(text: str, pattern: str, special_tokens: list[str]) -> Counter:
+    """Distinct pre-tokenized chunks of `text` and their counts. Invalid bytes (surrogate escapes) and
+    special-token text are cut out first; an invalid byte is counted as a chunk of its own (never merged)."""
+    compiled = regex.compile(pattern)
+    cut = "|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True))
+    cut = f"({cut}|[\udc80-\udcff])" if cut else "([\udc80-\udcff])"
+    counts: Counter = Counter()
+    for i, piece in enumerate(regex.split(cut, text)):
+        if i % 2 == 0:
+            counts.update(compiled.findall(piece))
+        elif piece not in special_tokens:
+            counts[piece] += 1  # a lone invalid byte
+    return counts
+
+
+def _count_piece(args) -> Counter:
+    return count_chunks(*args)
+
+
+def _pieces(text: str):
+    start = 0
+    while start < len(text):
+        end = min(start + _PIECE_BYTES, len(text))
+        if end < len(text):
+            m = _CUT.search(text, end)
+            end = m.start() if m else len(text)
+        yield text[start:end]
+        start = end
+
+
+def _read_corpus(files: list[Path], report: TrainReport) -> list[str]:
+    texts = []
+    for path in files:
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = data.decode("utf-8", errors="surrogateescape")  # invalid byte b -> U+DC00+b, losslessly
+            report.invalid_bytes += len(_INVALID.findall(text))
+            report.invalid_files.append(str(path))
+        report.bytes += len(data)
+        texts.append(text)
+    report.files = len(files)
+    return texts
+
+
+def train_bpe(
+    inputs: list[str | os.PathLike],
+    vocab_size: int,
+    special_tokens: list[str] | tuple[str, ...] = (ENDOFTEXT,),
+    pattern: str = GPT2_PATTERN,
+    name: str = "dozero-bpe",
+    workers: int | None = None,
+    progress: bool = True,
+) -> tuple[BPETokenizer, TrainReport]:
+    """Train on files/folders/globs to `vocab_size` ids (256 bytes + merges + `special_tokens`).
+
+    Returns the tokenizer and a `TrainReport`. If the corpus runs out of pairs to merge first, the vocabulary is
+    smaller than asked (`report.merges` says how many merges were made)."""
+    start = time.perf_counter()
+    special_tokens = list(special_tokens)
+    if len(set(special_tokens)) != len(special_tokens) or any(not s for s in special_tokens):
+        raise DozeroError(f"special tokens must be distinct non-empty strings, got {special_tokens}")
+    if vocab_size < 256 + len(special_tokens):
+        raise DozeroError(
+            f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens + {len(special_tokens)} "
+            f"special token(s) = {256 + len(special_tokens)} at least"
+        )
+    report = TrainReport()
+    files = corpus_files(inputs)
+    texts = _read_corpus(files, report)
+    if report.bytes == 0:
+        raise DozeroError(f"the corpus is empty ({len(files)} file(s), 0 bytes); nothing to train on")
+    chunk_counts = _count_all(texts, pattern, special_tokens, workers, progress)
+    report.chunks, report.distinct_chunks = sum(chunk_counts.values()), len(chunk_counts)
+    merged = learn_merges(chunk_counts, vocab_size - len(special_tokens), progress)
+    report.merges = len(merged) - 256
+    ranks = {token: i for i, token in enumerate(merged)}
+    specials = {s: len(ranks) + k for k, s in enumerate(special_tokens)}
+    report.seconds = time.perf_counter() - start
+    return BPETokenizer(ranks, specials, pattern, name=name), report
+
+
+def _count_all(texts, pattern, special_tokens, workers, progress) -> Counter:
+    pieces = [p for text in texts for p in _pieces(text)]
+    workers = workers or os.cpu_count() or 1
+    jobs = [(p, pattern, special_tokens) for p in pieces]
+    bar = tqdm(total=len(jobs), desc="pre-tokenizing", unit="MB", disable=not progress)
+    total: Counter = Counter()
+    if workers > 1 and len(pieces) > 1 and sum(map(len, pieces)) >= PARALLEL_MIN_BYTES:
+        with ProcessPoolExecutor(min(workers, len(pieces))) as pool:
+            for counts in pool.map(_count_piece, jobs):
+                total.update(counts)
+                bar.update()
+    else:
+        for job in jobs:
+            total.update(_count_piece(job))
+            bar.update()
+    bar.close()
+    return total
+
+
+def learn_merges(chunk_counts: Counter, n_tokens: int, progress: bool = True) -> list[bytes]:
+    """The token list: 256 single bytes, then the bytes of each merged token until `n_tokens` (see module doc)."""
+    tokens = [bytes([b]) for b in range(256)]  # id -> bytes
+    token_id = {t: i for i, t in enumerate(tokens)}
+    # words[w]: the current token ids of distinct chunk w; weights[w]: how often the chunk occurs.
+    words = [list(chunk.encode("utf-8", errors="surrogateescape")) for chunk in chunk_counts]
+    weights = list(chunk_counts.values())
+    pair_count: dict[tuple[int, int], int] = {}
+    where: dict[tuple[int, int], set[int]] = {}
+    for w, (word, weight) in enumerate(zip(words, weights, strict=True)):
+        for pair in pairwise(word):
+            pair_count[pair] = pair_count.get(pair, 0) + weight
+            where.setdefault(pair, set()).add(w)
+    # Heap entries: (-count, left bytes, right bytes, pair); Python's heap pops the smallest, i.e. the most
+    # frequent pair, ties going to the smallest (left bytes, right bytes).
+    heap = [(-c, tokens[a], tokens[b], (a, b)) for (a, b), c in pair_count.items()]
+    heapq.heapify(heap)
+    bar = tqdm(total=max(0, n_tokens - 256), desc="merging", unit="merge", disable=not progress)
+    while len(tokens) < n_tokens and heap:
+        neg, _, _, pair = heapq.heappop(heap)
+        count = pair_count.get(pair, 0)
+        if count != -neg:  # stale entry: counts only fall for old pairs, so push it back as it is now
+            if count > 0:
+                heapq.heappush(heap, (-count, tokens[pair[0]], tokens[pair[1]], pair))
+            continue
+        a, b = pair
+        new_bytes = tokens[a] + tokens[b]
+        new = token_id.get(new_bytes)
+        if new is None:  # usually; (ab, c) and (a, bc) can both make "abc", which stays one token
+            new = token_id[new_bytes] = len(tokens)
+            tokens.append(new_bytes)
+            bar.update()
+        grown = _apply_merge(pair, new, words, weights, pair_count, where)
+        for p in grown:
+            heapq.heappush(heap, (-pair_count[p], tokens[p[0]], tokens[p[1]], p))
+    bar.close()
+    return tokens
+
+
+def _apply_merge(pair, new, words, weights, pair_count, where) -> set[tuple[int, int]]:
+    """Rewrite every chunk holding `pair` with `new`; update pair counts and `where`. Returns the pairs that
+    gained counts (those next to `new`), which the caller pushes onto the heap."""
+    a, b = pair
+    grown = set()
+    for w in where.pop(pair):
+        word, weight = words[w], weights[w]
+        merged, i, n = [], 0, len(word)
+        while i < n:  # left to right, non-overlapping: "aaa" with (a, a) -> [aa, a]
+            if i + 1 < n and word[i] == a and word[i + 1] == b:
+                merged.append(new)
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        old_pairs = list(pairwise(word))
+        new_pairs = list(pairwise(merged))
+        for p in old_pairs:
+            pair_count[p] -= weight
+        for p in new_pairs:
+            pair_count[p] = pair_count.get(p, 0) + weight
+            if p[0] == new or p[1] == new:
+                grown.add(p)
+        for p in set(old_pairs).difference(new_pairs):
+            if p != pair:
+                where[p].discard(w)
+        for p in set(new_pairs).difference(old_pairs):
+            where.setdefault(p, set()).add(w)
+        words[w] = merged
+    pair_count.pop(pair, None)
+    return grown
