@@ -12,7 +12,8 @@ where each real prompt starts. Each row stops on its own (end-of-text, a stop st
 When a row reaches the model's context length the window slides: GPT-2's position embeddings are
 absolute, so cached keys cannot be shifted to new positions; instead the oldest quarter of the
 tokens is dropped and the rest are prefilled again from position 0 (one prefill per slide, then
-cheap decoding again for another quarter of the context).
+cheap decoding again for another quarter of the context). Every row slides when its own window is
+full, so a prompt gives the same tokens alone or in a batch.
 
 Run it from the shell with `dozero generate --model RUN "prompt"`, or from Python with
 `dozero.generate.generate(model, tokenizer, "prompt")`.
@@ -154,6 +155,7 @@ def generate_tokens(
         generator.seed()
     cache_len = min(ctx, max(len(r) for r in rows) + config.max_new_tokens)
     keep = max(1, ctx - ctx // 4)  # tokens kept when the window slides
+    starts = [0] * len(rows)  # where each row's window begins in `rows[b]`
 
     # Inference mode is entered around the tensor work only, never across a `yield`: the caller's
     # code between steps (printing, training) must not run in it.
@@ -191,7 +193,14 @@ def generate_tokens(
                     f"{keep} tokens (positions are learned, so the kept tokens are re-read from position 0)",
                     stacklevel=2,
                 )
-                state = BatchState(model, [r[-keep:] for r in rows], ctx)
+                # Each row slides when ITS window passes the context, exactly as it would alone;
+                # the others are re-read unchanged. A finished row shrinks to one token.
+                for b, r in enumerate(rows):
+                    if finished[b]:
+                        starts[b] = len(r) - 1
+                    elif len(r) - starts[b] > ctx:
+                        starts[b] = len(r) - keep
+                state = BatchState(model, [r[start:] for r, start in zip(rows, starts, strict=True)], ctx)
                 logits = state.prefill()
 
 

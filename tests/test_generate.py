@@ -1,0 +1,198 @@
+"""The generation engine (dozero.generate.engine): KV cache = full forward, Hugging Face parity, batching,
+sliding window, stopping, and the prompt edge cases."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from dozero.config import ModelConfig
+from dozero.errors import DozeroError
+from dozero.generate import generate, stream
+from dozero.generate.engine import BatchState, GenerationConfig, generate_ids, generation_mode
+from dozero.model.gpt import GPTModel
+from dozero.tokenizer import CharTokenizer
+
+GREEDY = {"temperature": 0.0}
+
+
+def tiny_model(context_length=32, vocab_size=97, seed=0, qkv_bias=True, weight_scale=5.0) -> GPTModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        vocab_size=vocab_size, context_length=context_length, emb_dim=32, n_heads=4, n_layers=2, qkv_bias=qkv_bias
+    )
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():  # larger weights than GPT-2's init: peaked distributions, no near-ties in greedy tests
+        for p in model.parameters():
+            p.mul_(weight_scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    return CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'\n-0123456789")
+
+
+@pytest.fixture(scope="module")
+def char_model(char_tokenizer):
+    return tiny_model(context_length=32, vocab_size=char_tokenizer.vocab_size)
+
+
+def full_forward_greedy(model, ids: list[int], steps: int, keep: int | None = None) -> list[int]:
+    """Reference: no cache, the whole window through the model at every step (the course's loop).
+    When the window would pass the context, it restarts from the last `keep` tokens, as the engine does."""
+    ctx = model.cfg.context_length
+    tokens, start = list(ids), 0
+    with torch.no_grad():
+        for _ in range(steps):
+            if len(tokens) - start > ctx:
+                start = len(tokens) - keep
+            logits = model(torch.tensor([tokens[start:]]))[0, -1]
+            tokens.append(int(logits.argmax()))
+    return tokens[len(ids) :]
+
+
+def test_kv_cache_logits_equal_full_forward_at_every_step():
+    model = tiny_model(weight_scale=1.0)  # GPT-2's init: logits of order 1, so 1e-5 is a tight bound
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (7, 3, 11)]  # left-padded batch
+    new = torch.randint(0, 97, (3, 15), generator=g)  # tokens fed one at a time
+    reference = copy.deepcopy(model)  # no KV cache
+    with torch.inference_mode():
+        state = BatchState(model, prompts, cache_len=11 + 15)
+        logits = state.prefill()  # (B, V)
+        for step in range(new.shape[1] + 1):
+            for b, prompt in enumerate(prompts):
+                full = reference(torch.tensor([prompt + new[b, :step].tolist()]))[0, -1]  # no cache, no padding
+                torch.testing.assert_close(logits[b], full, atol=1e-5, rtol=0)
+            if step < new.shape[1]:
+                logits = state.decode_one_token(new[:, step])
+    model.clear_kv_cache()
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A random Hugging Face GPT-2 and the same weights loaded into dozero through the HF interop."""
+    transformers = pytest.importorskip("transformers")
+    from dozero.model.checkpoint import load_model
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=500, n_positions=64, n_embd=64, n_layer=2, n_head=4, initializer_range=0.1
+    )
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    folder = tmp_path_factory.mktemp("hf_gpt2")
+    hf.save_pretrained(folder)
+    return hf, load_model(folder)
+
+
+def test_greedy_equals_hugging_face_generate(hf_pair):
+    hf, model = hf_pair
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 500, (n,), generator=g).tolist() for n in (5, 12, 1)]
+    config = GenerationConfig(max_new_tokens=30, stop_at_eot=False, **GREEDY)
+    ours_batched = generate_ids(model, prompts, config)
+    for prompt, ours in zip(prompts, ours_batched, strict=True):
+        with torch.no_grad():
+            theirs = hf.generate(
+                torch.tensor([prompt]), do_sample=False, max_new_tokens=30, min_new_tokens=30, pad_token_id=0
+            )[0, len(prompt) :].tolist()
+        assert ours == theirs
+        assert generate_ids(model, [prompt], config)[0] == theirs  # batched = one by one
+
+
+def test_batched_equals_one_by_one_text(char_model, char_tokenizer):
+    prompts = ["The quick brown fox", "a", "Hello, world! How are you"]
+    settings = {**GREEDY, "max_new_tokens": 20}
+    batched = generate(char_model, char_tokenizer, prompts, **settings)
+    assert batched == [generate(char_model, char_tokenizer, p, **settings) for p in prompts]
+    assert len(set(batched)) == 3 and all(len(t) == 20 for t in batched)
+
+
+def test_same_seed_same_text(char_model, char_tokenizer):
+    settings = {"temperature": 1.0, "top_k": None, "max_new_tokens": 40}
+    a = generate(char_model, char_tokenizer, "Once", seed=123, **settings)
+    assert a == generate(char_model, char_tokenizer, "Once", seed=123, **settings)
+    assert a != generate(char_model, char_tokenizer, "Once", seed=124, **settings)
+    # Samples in one batch draw different tokens from one generator.
+    samples = generate(char_model, char_tokenizer, ["Once"] * 3, seed=123, **settings)
+    assert len(set(samples)) == 3
+
+
+def test_sliding_window_past_the_context(char_model):
+    ctx = char_model.cfg.context_length  # 32; the window keeps the last 24 tokens when it slides
+    prompt = list(range(10, 30))
+    config = GenerationConfig(max_new_tokens=3 * ctx, stop_at_eot=False, **GREEDY)
+    with pytest.warns(UserWarning, match="sliding the window"):
+        ours = generate_ids(char_model, [prompt, prompt[:5]], config)
+    assert ours[0] == full_forward_greedy(char_model, prompt, 3 * ctx, keep=ctx - ctx // 4)
+    assert ours[1] == full_forward_greedy(char_model, prompt[:5], 3 * ctx, keep=ctx - ctx // 4)
+
+
+def test_prompt_longer_than_context_keeps_its_last_tokens(char_model, char_tokenizer):
+    long_prompt = "abcdefghij" * 5  # 50 characters, context 32
+    with pytest.warns(UserWarning, match="keeping its last 32 tokens"):
+        text = generate(char_model, char_tokenizer, long_prompt, max_new_tokens=5, **GREEDY)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert text == generate(char_model, char_tokenizer, long_prompt[-32:], max_new_tokens=5, **GREEDY)
+    assert not [w for w in caught if "keeping its last" in str(w.message)]  # the cut prompt fits
+
+
+def test_empty_prompt(char_model, char_tokenizer):
+    # A character vocabulary has no end-of-text token: an empty prompt starts from a newline.
+    assert char_tokenizer.eot_id is None
+    assert generate(char_model, char_tokenizer, "", max_new_tokens=8, **GREEDY) == generate(
+        char_model, char_tokenizer, "\n", max_new_tokens=8, **GREEDY
+    )
+    no_newline = CharTokenizer.from_text("ab")
+    with pytest.raises(DozeroError, match="prompt is empty"):
+        generate(tiny_model(vocab_size=2), no_newline, "", max_new_tokens=3)
+
+
+def test_empty_prompt_starts_from_end_of_text():
+    from dozero.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("gpt2")
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    config = GenerationConfig(max_new_tokens=6, stop_at_eot=False, **GREEDY)
+    expected = tokenizer.decode(generate_ids(model, [[tokenizer.eot_id]], config)[0])
+    assert generate(model, tokenizer, "", config=config) == expected
+
+
+def test_each_row_stops_on_its_own_at_end_of_text(char_model, char_tokenizer):
+    prompts = ["The quick brown fox", "Hello"]
+    full = generate(char_model, char_tokenizer, prompts, max_new_tokens=12, **GREEDY)
+    # Pretend that a character of the first continuation (not its first) is end-of-text.
+    eot_char = next(c for c in full[0] if c != full[0][0])
+    eot_tokenizer = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'\n-0123456789")
+    eot_tokenizer.eot_id = char_tokenizer.encode(eot_char)[0]
+    stopped = generate(char_model, eot_tokenizer, prompts, max_new_tokens=12, **GREEDY)
+    assert stopped[0] == full[0][: full[0].index(eot_char)] and stopped[0]
+    assert stopped[1] == (full[1][: full[1].index(eot_char)] if eot_char in full[1] else full[1])
+    assert generate(char_model, eot_tokenizer, prompts, max_new_tokens=12, stop_at_eot=False, **GREEDY) == full
+
+
+def test_stop_strings(char_model, char_tokenizer):
+    full = generate(char_model, char_tokenizer, "Hello", max_new_tokens=30, seed=0, temperature=1.0, top_k=None)
+    stop = full[10:12]
+    expected = full[: full.index(stop)]
+    assert generate(char_model, char_tokenizer, "Hello", max_new_tokens=30, seed=0, temperature=1.0, top_k=None,
+                    stop=(stop, "never appears")) == expected  # fmt: skip
+    pieces = list(stream(char_model, char_tokenizer, "Hello", max_new_tokens=30, seed=0, temperature=1.0, top_k=None,
+                         stop=stop))  # fmt: skip
+    assert "".join(pieces) == expected
+
+
+def test_max_new_tokens_zero_and_model_left_as_found(char_model, char_tokenizer):
+    assert generate(char_model, char_tokenizer, "abc", max_new_tokens=0) == ""
+    char_model.train()
+    generate(char_model, char_tokenizer, "abc", max_new_tokens=3)
+    assert char_model.training  # training mode restored, so a training loop can print samples
+    assert all(block.att.kv_cache is None for block in char_model.trf_blocks)
+    char_model.eval()
+    with generation_mode(char_model):
+        assert not char_model.training
