@@ -169,7 +169,7 @@ def _count_all(texts, pattern, special_tokens, workers, progress) -> Counter:
     pieces = [p for text in texts for p in _pieces(text)]
     workers = workers or os.cpu_count() or 1
     jobs = [(p, pattern, special_tokens) for p in pieces]
-    bar = tqdm(total=len(jobs), desc="pre-tokenizing", unit="MB", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="pre-tokenizing", unit="piece", disable=not progress)
     total: Counter = Counter()
     if workers > 1 and len(pieces) > 1 and sum(map(len, pieces)) >= PARALLEL_MIN_BYTES:
         with ProcessPoolExecutor(min(workers, len(pieces))) as pool:
