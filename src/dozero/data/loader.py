@@ -51,8 +51,9 @@ def read_windows(tokens, starts: np.ndarray, length: int) -> np.ndarray:
     return np.asarray(tokens[starts[:, None] + np.arange(length)])
 
 
-def _check_length(tokens, context_length: int, what: str = "this split") -> int:
+def _check_length(tokens, context_length: int) -> int:
     n_tokens = len(tokens)
+    what = getattr(tokens, "name", "this split")  # ShardedTokens says which split of which folder
     if context_length < 1:
         raise DozeroError(f"context_length must be at least 1, got {context_length}")
     if n_tokens < context_length + 1:

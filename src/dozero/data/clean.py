@@ -1,0 +1,378 @@
+"""Cleaning: Unicode normalization, junk lines, quality filters, PII scrubbing, exact and near deduplication.
+
+    cfg = CleanConfig()                          # every step on, defaults below
+    result = clean_document(text, cfg)           # per document: pure, runs in worker processes
+    result.text or result.reason                 # the cleaned text, or why the document was dropped
+    dedup = Deduplicator(cfg)                    # across documents: runs in the main process, in order
+    dedup.is_duplicate(result) -> None | "exact_duplicate" | "near_duplicate"
+
+The course's survey of pretraining data names these steps: quality filtering, deduplication and
+removal of private information. Thresholds follow the Gopher rules (Rae et al. 2021, "Scaling
+Language Models", appendix A: drop documents whose repeated lines hold over 20% of the characters)
+where they apply;
+each can be changed or switched off from the command line (`dozero data prepare --help`).
+
+Order per document (worker): normalize -> drop junk lines -> document filters -> scrub PII.
+Then (main process, in corpus order, so the result does not depend on the number of workers):
+exact dedup -> near dedup. Deduplicating after scrubbing means two copies that differed only by an
+e-mail address count as the same text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import unicodedata
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import regex
+
+from dozero.errors import DozeroError
+
+NORMAL_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
+
+
+@dataclass
+class CleanConfig:
+    clean: bool = True
+    """Master switch: --no-clean keeps every document exactly as read (no step below runs)."""
+    normalize: str = "NFC"
+    """Unicode normal form applied to every document (NFC, NFKC, NFD, NFKD or none); also turns CRLF into LF."""
+    drop_long_word_lines: bool = True
+    """Drop lines holding a 'word' (run of non-space characters) longer than --max-word-chars:
+    base64 blobs, minified code."""
+    max_word_chars: int = 250
+    """Longest acceptable word, in characters (long URLs are ~100-200)."""
+    min_chars: int = 50
+    """Drop documents shorter than this many characters after cleaning (0: keep all)."""
+    min_alpha_ratio: float = 0.4
+    """Drop documents where letters are fewer than this share of the non-space characters (0: off). English
+    prose is ~0.8, Python source ~0.6, tables of numbers and symbol junk far lower."""
+    max_dup_line_ratio: float = 0.2
+    """Drop documents where lines repeating an earlier line hold more than this share of the characters
+    (1: off). Gopher's rule and threshold; counting characters, not lines, spares plays and code, whose
+    short repeated lines (speaker names, 'else:') are structure, not boilerplate."""
+    scrub_pii: bool = True
+    """Replace e-mail addresses, phone numbers, IP addresses and card numbers (Luhn-checked) by <EMAIL>,
+    <PHONE>, <IP_ADDRESS>, <CARD_NUMBER>."""
+    dedup: bool = True
+    """Drop exact duplicates: documents whose text, lowercased with whitespace collapsed, was seen before."""
+    near_dedup: bool = True
+    """Drop near duplicates: MinHash + LSH (datasketch) over word 5-grams. Memory grows with the number of
+    kept documents (about 1 KB each); switch off for corpora of many millions of documents."""
+    near_dup_threshold: float = 0.8
+    """Estimated Jaccard similarity (of word 5-gram sets) above which a document is a near duplicate."""
+
+    def __post_init__(self):
+        if self.normalize not in NORMAL_FORMS:
+            raise DozeroError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMAL_FORMS)}")
+        if not 0 < self.near_dup_threshold <= 1:
+            raise DozeroError(f"--near-dup-threshold must be in (0, 1], got {self.near_dup_threshold}")
+
+
+# Near-dup settings, fixed on purpose (why these): word 5-grams and Jaccard 0.8 are the settings of
+# Lee et al. 2022 ("Deduplicating Training Data Makes Language Models Better"), which we keep. They used
+# 9,000 permutations; 128 gives an estimate with standard error sqrt(J(1-J)/128) = 0.035 at J = 0.8,
+# enough to separate real copies (J > 0.9) from related texts (J < 0.5), at 512 bytes of signature per
+# document. datasketch picks the LSH bands for 128 permutations and threshold 0.8 (9 bands of 13 rows).
+NUM_PERM = 128
+SHINGLE_WORDS = 5
+MINHASH_SEED = 1
+
+# ---------------------------------------------------------------- PII patterns (heuristics, see tests)
+EMAIL = regex.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
+IPV4 = regex.compile(
+    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"
+)
+# Candidates only; `ipaddress` decides (so clock times "12:30:45" and C++ "std::vector" stay).
+IPV6 = regex.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+# 13-19 digits, optionally in groups separated by one space or dash; replaced only if the Luhn check passes.
+CARD = regex.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
+# Three common shapes, so that years, prices and version numbers are left alone:
+# international "+1 415 555 0132" / "+55 11 91234-5678", North American "(415) 555-0132" / "415-555-0132",
+# Brazilian "(11) 91234-5678".
+PHONE = regex.compile(
+    r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,5}\)?){2,5}(?![\w])"
+    r"|(?<![\w(])(?:\(\d{3}\)\s?|\d{3}[.-])\d{3}[.-]\d{4}(?![\w-])"
+    r"|(?<![\w(])\(\d{2}\)\s?9?\d{4}-\d{4}(?![\w-])"
+)
+PLACEHOLDERS = {"email": "<EMAIL>", "card": "<CARD_NUMBER>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>"}
+
+
+def luhn_ok(digits: str) -> bool:
+    """The Luhn checksum that every payment card number satisfies (ISO/IEC 7812)."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _valid_ipv6(s: str) -> bool:
+    try:
+        ipaddress.IPv6Address(s)
+    except ValueError:
+        return False
+    return sum(c.isalnum() for c in s) >= 2  # "::" alone (Python slices) is an address, not PII
+
+
+def scrub_pii(text: str, counts: dict[str, int]) -> str:
+    """Replace personal data by placeholders, adding the number of replacements per kind to `counts`."""
+
+    def sub(pattern, kind, text, check=None):
+        def repl(m):
+            if check is not None and not check(m.group()):
+                return m.group()
+            counts[kind] = counts.get(kind, 0) + 1
+            return PLACEHOLDERS[kind]
+
+        return pattern.sub(repl, text)
+
+    # Cards before phones (a card number would also look like a long phone number); e-mails first
+    # (their domain may hold digits).
+    text = sub(EMAIL, "email", text)
+    text = sub(CARD, "card", text, lambda s: luhn_ok(s.replace(" ", "").replace("-", "")))
+    text = sub(PHONE, "phone", text, lambda s: 8 <= sum(c.isdigit() for c in s) <= 15)
+    text = sub(IPV4, "ip", text)
+    if ":" in text:
+        text = sub(IPV6, "ip", text, _valid_ipv6)
+    return text
+
+
+# ---------------------------------------------------------------- per-document cleaning (workers)
+@dataclass
+class CleanResult:
+    text: str | None  # None: dropped
+    reason: str | None = None  # why dropped: "too_short", "low_alpha_ratio", "duplicated_lines", "empty_after_cleaning"
+    normalized: bool = False  # normalization changed the text
+    long_word_lines: int = 0  # junk lines removed
+    pii: dict[str, int] = field(default_factory=dict)  # replacements per kind
+    exact_key: bytes = b""  # hash of the normalized text, for exact dedup
+    minhash: np.ndarray | None = None  # (NUM_PERM,) uint32 signature, for near dedup
+    pii_example: str = ""  # a short redacted snippet around the first placeholder, for the report
+
+
+def _drop_long_word_lines(text: str, max_word_chars: int) -> tuple[str, int]:
+    if not any(len(w) > max_word_chars for w in text.split()):  # fast path: most documents have none
+        return text, 0
+    kept, dropped = [], 0
+    for line in text.split("\n"):
+        if any(len(w) > max_word_chars for w in line.split()):
+            dropped += 1
+        else:
+            kept.append(line)
+    return "\n".join(kept), dropped
+
+
+def duplicated_line_ratio(text: str) -> float:
+    """Share of the characters (of non-empty lines) that sit in lines repeating an earlier line."""
+    seen: set[str] = set()
+    total = duplicated = 0
+    for line in text.split("\n"):
+        line = line.strip()
+        total += len(line)
+        if line in seen:
+            duplicated += len(line)
+        elif line:
+            seen.add(line)
+    return duplicated / total if total else 0.0
+
+
+def alpha_ratio(text: str) -> float:
+    chars = "".join(text.split())
+    return sum(map(str.isalpha, chars)) / len(chars) if chars else 0.0
+
+
+def exact_key(text: str) -> bytes:
+    """Hash of the text lowercased with whitespace collapsed: copies differing only in spacing/case collide."""
+    return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).digest()
+
+
+_PERMUTATIONS = None
+
+
+def minhash_signature(text: str) -> np.ndarray:
+    """MinHash of the set of word 5-grams (lowercased), (NUM_PERM,) uint32."""
+    global _PERMUTATIONS
+    from datasketch import MinHash
+
+    if _PERMUTATIONS is None:  # generating them costs ~0.1 ms; do it once per process
+        _PERMUTATIONS = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED).permutations
+    words = text.lower().split()
+    n = max(1, len(words) - SHINGLE_WORDS + 1)
+    shingles = {" ".join(words[i : i + SHINGLE_WORDS]).encode("utf-8") for i in range(n)}
+    # crc32 is ~4x faster than datasketch's default sha1; datasketch mixes it (murmur fmix) before permuting.
+    m = MinHash(
+        num_perm=NUM_PERM, seed=MINHASH_SEED, hashfunc=zlib.crc32, permutations=_PERMUTATIONS, scheme="affine32"
+    )
+    m.update_batch(shingles)
+    return m.hashvalues
+
+
+def clean_document(text: str, cfg: CleanConfig) -> CleanResult:
+    """Everything that looks at one document alone. Pure: the same text and config give the same result."""
+    result = CleanResult(text=None)
+    if not cfg.clean:
+        result.text = text
+        return result
+    if cfg.normalize != "none":
+        normalized = unicodedata.normalize(cfg.normalize, text.replace("\r\n", "\n"))
+        result.normalized = normalized != text
+        text = normalized
+    if cfg.drop_long_word_lines:
+        text, result.long_word_lines = _drop_long_word_lines(text, cfg.max_word_chars)
+    text = text.strip("\n")
+    if not text.strip():
+        result.reason = "empty_after_cleaning"
+    elif len(text) < cfg.min_chars:
+        result.reason = "too_short"
+    elif cfg.min_alpha_ratio > 0 and alpha_ratio(text) < cfg.min_alpha_ratio:
+        result.reason = "low_alpha_ratio"
+    elif cfg.max_dup_line_ratio < 1 and duplicated_line_ratio(text) > cfg.max_dup_line_ratio:
+        result.reason = "duplicated_lines"
+    if result.reason:
+        return result
+    if cfg.scrub_pii:
+        text = scrub_pii(text, result.pii)
+        if result.pii:  # the report shows the placeholder in context, never the personal data itself
+            at = min(i for i in (text.find(p) for p in PLACEHOLDERS.values()) if i >= 0)
+            result.pii_example = " ".join(text[max(0, at - 40) : at + 60].split())
+    result.text = text
+    if cfg.dedup:
+        result.exact_key = exact_key(text)
+    if cfg.near_dedup:
+        result.minhash = minhash_signature(text)
+    return result
+
+
+# ---------------------------------------------------------------- across documents (main process)
+class Deduplicator:
+    """Remembers the documents kept so far. Memory: 16-byte keys for exact dedup (~100 B per document with
+    the set's overhead) and, for near dedup, the LSH index (~1 KB per document): 1 M documents ~ 1 GB.
+    That is the one part of `prepare` whose memory grows with the corpus."""
+
+    def __init__(self, cfg: CleanConfig):
+        self.cfg = cfg
+        self.seen: set[bytes] = set()
+        self.lsh = None
+        self.count = 0
+        if cfg.near_dedup:
+            from datasketch import MinHashLSH
+
+            # hashfunc: store each band as an 8-byte digest instead of its 13 x 4 raw bytes (less memory).
+            self.lsh = MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=NUM_PERM, hashfunc=_band_digest)
+
+    def is_duplicate(self, result: CleanResult) -> str | None:
+        """ "exact_duplicate", "near_duplicate" or None (and then the document is remembered)."""
+        if self.cfg.dedup:
+            if result.exact_key in self.seen:
+                return "exact_duplicate"
+            self.seen.add(result.exact_key)
+        if self.lsh is not None:
+            from datasketch import LeanMinHash
+
+            m = LeanMinHash(seed=MINHASH_SEED, hashvalues=result.minhash, scheme="affine32")
+            if self.lsh.query(m):
+                return "near_duplicate"
+            self.lsh.insert(self.count, m, check_duplication=False)
+        self.count += 1
+        return None
+
+
+def _band_digest(band: bytes) -> bytes:
+    return hashlib.blake2b(band, digest_size=8).digest()
+
+
+# ---------------------------------------------------------------- the report
+DROP_REASONS = ("empty_after_cleaning", "too_short", "low_alpha_ratio", "duplicated_lines")
+N_EXAMPLES = 3
+
+
+def _snippet(text: str, n: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n] + "..."
+
+
+class CleanReport:
+    """Counts and a few examples of what each step removed or changed (JSON and a short summary)."""
+
+    def __init__(self, cfg: CleanConfig):
+        self.cfg = cfg
+        self.documents = self.kept = self.kept_bytes = 0
+        self.normalized = self.long_word_lines = self.long_word_docs = self.pii_docs = 0
+        self.pii: dict[str, int] = {}
+        self.removed: dict[str, int] = {r: 0 for r in (*DROP_REASONS, "exact_duplicate", "near_duplicate")}
+        self.examples: dict[str, list] = {}
+
+    def _example(self, step: str, item) -> None:
+        bucket = self.examples.setdefault(step, [])
+        if len(bucket) < N_EXAMPLES:
+            bucket.append(item)
+
+    def add(self, source: str, raw_text: str, result: CleanResult, duplicate: str | None = None) -> None:
+        """Account for one document: `result` from `clean_document`, `duplicate` from `Deduplicator`."""
+        self.documents += 1
+        self.normalized += result.normalized
+        if result.long_word_lines:
+            self.long_word_lines += result.long_word_lines
+            self.long_word_docs += 1
+            self._example("junk_lines", {"source": source, "lines_removed": result.long_word_lines})
+        reason = result.reason or duplicate
+        if reason:
+            self.removed[reason] += 1
+            self._example(reason, {"source": source, "text": _snippet(raw_text)})
+            return
+        self.kept += 1
+        self.kept_bytes += len(raw_text.encode("utf-8", errors="replace"))
+        if result.pii:
+            self.pii_docs += 1
+            for kind, n in result.pii.items():
+                self.pii[kind] = self.pii.get(kind, 0) + n
+            self._example("pii", {"source": source, "replaced": result.pii, "text": result.pii_example})
+
+    def to_dict(self) -> dict:
+        cfg, ex = self.cfg, self.examples
+        quality = {r: self.removed[r] for r in DROP_REASONS}
+        return {
+            "enabled": cfg.clean,
+            "documents_in": self.documents,
+            "documents_kept": self.kept,
+            "steps": {
+                "normalize": {"form": cfg.normalize, "documents_changed": self.normalized},
+                "junk_lines": {"enabled": cfg.drop_long_word_lines, "max_word_chars": cfg.max_word_chars,
+                               "lines_removed": self.long_word_lines, "documents_touched": self.long_word_docs,
+                               "examples": ex.get("junk_lines", [])},
+                "quality_filter": {"min_chars": cfg.min_chars, "min_alpha_ratio": cfg.min_alpha_ratio,
+                                   "max_dup_line_ratio": cfg.max_dup_line_ratio, "removed": quality,
+                                   "examples": {r: ex[r] for r in DROP_REASONS if r in ex}},
+                "pii": {"enabled": cfg.scrub_pii, "replaced": dict(sorted(self.pii.items())),
+                        "documents_touched": self.pii_docs, "examples": ex.get("pii", [])},
+                "exact_dedup": {"enabled": cfg.dedup, "removed": self.removed["exact_duplicate"],
+                                "examples": ex.get("exact_duplicate", [])},
+                "near_dedup": {"enabled": cfg.near_dedup, "threshold": cfg.near_dup_threshold, "num_perm": NUM_PERM,
+                               "shingle_words": SHINGLE_WORDS, "removed": self.removed["near_duplicate"],
+                               "examples": ex.get("near_duplicate", [])},
+            },
+        }  # fmt: skip
+
+    def summary(self) -> str:
+        if not self.cfg.clean:
+            return f"cleaning off (--no-clean): {self.documents:,} documents kept as read"
+        d = self.to_dict()["steps"]
+        quality = ", ".join(f"{n:,} {r.replace('_', ' ')}" for r, n in d["quality_filter"]["removed"].items() if n)
+        pii = ", ".join(f"{n:,} {k}" for k, n in d["pii"]["replaced"].items())
+        lines = [
+            f"documents: {self.documents:,} in, {self.kept:,} kept ({self.documents - self.kept:,} removed)",
+            f"  normalize ({self.cfg.normalize}): {self.normalized:,} documents changed",
+            f"  junk lines (words > {self.cfg.max_word_chars} chars): {self.long_word_lines:,} lines removed "
+            f"from {self.long_word_docs:,} documents",
+            f"  quality filters: {quality or 'nothing removed'}",
+            f"  personal data replaced: {pii or 'none found'} (in {self.pii_docs:,} documents)",
+            f"  exact duplicates removed: {self.removed['exact_duplicate']:,}",
+            f"  near duplicates removed: {self.removed['near_duplicate']:,}",
+        ]
+        return "\n".join(lines)
