@@ -1,0 +1,182 @@
+"""How to train: one typed dataclass (`TrainConfig`) and named presets.
+
+Every field becomes a `dozero train` flag (its docstring is the --help text), so defaults live
+here only. A preset is a `TrainConfig` plus the name of a model shape in `dozero.config`:
+
+    >>> from dozero.train.config import get_train_preset
+    >>> get_train_preset("shakespeare-char").lr
+    0.001
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from dozero.config import MODEL_PRESETS, suggest
+from dozero.errors import DozeroError
+
+SCHEDULES = ("cosine", "constant", "wsd")
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run except the model's shape (that is a `ModelConfig`)."""
+
+    preset: str = "shakespeare-char"
+    """Named recipe to start from (shakespeare-char, shakespeare-bpe, gpt2-124m); flags override it."""
+    model: str = "shakespeare-char"
+    """Model shape preset from dozero.config (shape flags such as --n-layers override it)."""
+    data: str = ""
+    """A prepared data folder (`dozero data prepare`), or text file(s) separated by commas. Empty: the
+    tiny-Shakespeare corpus shipped with dozero."""
+    tokenizer: str = "char"
+    """'char' (a character vocabulary built from the text), 'gpt2', or a tokenizer folder. Ignored for a
+    prepared data folder, which carries its own."""
+    val_fraction: float = 0.1
+    """For text input: the last fraction of the tokens is the validation split (nanoGPT: 0.1)."""
+    out_dir: str = "runs/shakespeare-char"
+    """Run folder: checkpoints, metrics.jsonl, loss.png, report.md."""
+    micro_batch_size: int = 12
+    """Sequences per forward/backward pass on each process; lower it if memory runs out."""
+    global_batch_tokens: int = 0
+    """Tokens per optimizer step over all processes; reached by gradient accumulation. 0: one micro-batch
+    per process (micro_batch_size x context_length x processes)."""
+    max_steps: int = 2000
+    """Optimizer steps in the whole run."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to lr."""
+    schedule: str = "cosine"
+    """Learning-rate shape after warmup: cosine (decay to min_lr), constant, or wsd (warmup-stable-decay)."""
+    decay_fraction: float = 0.2
+    """wsd only: the last fraction of steps that decays linearly to min_lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not to biases, LayerNorms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2 (0.99 for small batches; GPT-2/3 recipes use 0.95)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    eval_interval: int = 250
+    """Evaluate on the validation split (and save a checkpoint) every this many steps."""
+    eval_iters: int = 20
+    """Validation batches per evaluation (and train batches for the train-loss estimate)."""
+    sample_tokens: int = 120
+    """Characters/tokens of text to sample at each evaluation (0: none)."""
+    sample_prompt: str = "\n"
+    """Prompt for the samples."""
+    seed: int = 1337
+    """Random seed (model init, data order, dropout)."""
+    device: str = "auto"
+    """cuda, mps, cpu, or auto."""
+    dtype: str = "auto"
+    """auto (bf16 on recent GPUs, fp16 + grad scaler on older ones, float32 on CPU), float32, bfloat16,
+    float16."""
+    compile: bool = False
+    """torch.compile the model (faster steps after a compile of some seconds to minutes)."""
+    threads: int = 0
+    """CPU threads for PyTorch (0: PyTorch's choice)."""
+    keep_last: int = 2
+    """Checkpoints kept in checkpoints/ (latest/ and best/ are always kept)."""
+    on_nan: str = "stop"
+    """When a loss is NaN/inf: 'stop' (no checkpoint is written) or 'skip' the step."""
+    log_interval: int = 10
+    """Steps between metrics.jsonl lines and progress-bar updates (each costs a device sync)."""
+    stop_after: int = 0
+    """Stop (with a checkpoint) after this step, as if interrupted; resume later with --resume. 0: off."""
+    inject_nan_at: int = 0
+    """Testing hook: make the loss of this step NaN (0: off)."""
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise DozeroError(f"--schedule '{self.schedule}' is not known: {suggest(self.schedule, SCHEDULES)}")
+        if self.model not in MODEL_PRESETS:
+            raise DozeroError(f"--model '{self.model}' is not a model shape: {suggest(self.model, MODEL_PRESETS)}")
+        if self.on_nan not in ("stop", "skip"):
+            raise DozeroError(f"--on-nan must be 'stop' or 'skip', got '{self.on_nan}'")
+        for name in ("micro_batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval"):
+            if getattr(self, name) < 1:
+                raise DozeroError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise DozeroError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.min_lr > self.lr:
+            raise DozeroError(f"--min-lr ({self.min_lr}) is above --lr ({self.lr})")
+        if self.warmup_steps < 0:
+            raise DozeroError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# nanoGPT's README "I only have a macbook" run of config/train_shakespeare_char.py:
+#   --device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12
+#   --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0
+# with that config file's lr 1e-3, min_lr 1e-4, warmup 100, beta2 0.99, eval_interval 250, and
+# train.py's weight_decay 0.1, beta1 0.9, grad_clip 1.0 (karpathy/nanoGPT). It reaches val 1.88.
+_SHAKESPEARE_CHAR = TrainConfig()
+
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    "shakespeare-char": _SHAKESPEARE_CHAR,
+    # The complete works (5 MB) with GPT-2's BPE vocabulary: nanoGPT's GPU "baby GPT" shape (6x6x384,
+    # context 256) trained on ~50M tokens (about 30 epochs of the ~1.6M-token corpus; it overfits
+    # after that, so validation is watched every 250 steps and best/ keeps the best model).
+    "shakespeare-bpe": dataclasses.replace(
+        _SHAKESPEARE_CHAR,
+        preset="shakespeare-bpe",
+        model="shakespeare-char-gpu",
+        tokenizer="gpt2",
+        out_dir="runs/shakespeare-bpe",
+        micro_batch_size=16,
+        global_batch_tokens=32 * 256,
+        max_steps=5000,
+        lr=6e-4,
+        min_lr=6e-5,
+        warmup_steps=200,
+        sample_tokens=60,
+    ),
+    # GPT-3 paper (Brown et al. 2020), table 2.1, "GPT-3 Small" (= GPT-2 124M's shape): batch 0.5M
+    # tokens, lr 6e-4, Adam beta2 0.95, weight decay 0.1, clip 1.0, 375M warmup tokens, cosine to
+    # 10% over 300B tokens (appendix B). 2**19 = 524,288 tokens per step; 375M / 2**19 = 715 warmup
+    # steps; 300B / 2**19 = 572,205 steps. The same numbers as nanoGPT's config/train_gpt2.py
+    # (491,520-token batch) and llm.c's GPT-2 124M run (which stops at 10B tokens: --max-steps 19073).
+    "gpt2-124m": dataclasses.replace(
+        _SHAKESPEARE_CHAR,
+        preset="gpt2-124m",
+        model="gpt2",
+        tokenizer="gpt2",
+        out_dir="runs/gpt2-124m",
+        micro_batch_size=16,
+        global_batch_tokens=2**19,
+        max_steps=572_205,
+        lr=6e-4,
+        min_lr=6e-5,
+        warmup_steps=715,
+        beta2=0.95,
+        eval_interval=1000,
+        eval_iters=50,
+        sample_tokens=64,
+        dtype="auto",
+        compile=True,
+        log_interval=1,
+    ),
+}
+
+
+def get_train_preset(name: str) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise DozeroError(f"unknown training preset '{name}': {suggest(name, TRAIN_PRESETS)}")
+    return dataclasses.replace(TRAIN_PRESETS[name])

@@ -1,0 +1,133 @@
+"""Watching a run: progress bar, metrics.jsonl, loss.png and report.md in the run folder.
+
+Only rank 0 writes (the others get a `RunObserver(enabled=False)` that does nothing).
+`metrics.jsonl` has one JSON object per line: {"step", "loss", "lr"} for every optimizer step,
+{"step", "val_loss", "val_perplexity"} at every evaluation, {"step", "tokens_per_second", ...} at
+log points. Plot it yourself with pandas: `pd.read_json("runs/x/metrics.jsonl", lines=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def flops_per_token(n_params: int, n_layers: int, emb_dim: int, context_length: int) -> float:
+    """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's
+    12 * L * C * T (PaLM paper, appendix B; nanoGPT's estimate_mfu)."""
+    return 6 * n_params + 12 * n_layers * emb_dim * context_length
+
+
+class RunObserver:
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, show: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled  # writes files
+        self.show = enabled and show  # prints the bar and messages
+        self.records: list[dict] = []
+        self.start_time = time.time()
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, disable=not self.show, unit="step", dynamic_ncols=True, leave=True
+        )
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._load_metrics(start_step)
+
+    def _load_metrics(self, start_step: int) -> None:
+        """On resume keep the lines up to the checkpoint's step; later ones are about to be redone."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self.records = [r for r in lines if r.get("step", 0) <= start_step]
+        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+    def log(self, records: list[dict]) -> None:
+        if not self.enabled or not records:
+            return
+        self.records += records
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+
+    def progress(self, step: int, **postfix) -> None:
+        if self.show:
+            self.bar.n = step
+            self.bar.set_postfix(postfix, refresh=True)
+
+    def write(self, text: str) -> None:
+        if self.show:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def plot(self) -> None:
+        """loss.png: the train loss of every step and the validation loss at each evaluation."""
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+
+        train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        if train:
+            ax.plot(*zip(*train, strict=True), lw=0.8, alpha=0.6, label="train (per step)")
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", lw=1.5, label="validation")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy loss (nats/token)")
+        ax.set_title(self.run_dir.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".loss.", suffix=".png")
+        os.close(fd)
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private (0600)
+        os.replace(tmp, self.run_dir / "loss.png")
+
+    def write_report(self, *, cfg, model_cfg, n_params, hardware, source, steps, tokens, seconds, summary) -> None:
+        """report.md: what was trained, on what, for how long, and how well."""
+        if not self.enabled:
+            return
+        val = summary.get("val_loss")
+        lines = [
+            f"# Training run `{self.run_dir.name}`",
+            "",
+            f"- finished: {time.strftime('%Y-%m-%d %H:%M:%S %Z')} ({summary.get('stopped', 'done')})",
+            f"- hardware: {hardware}; Python {platform.python_version()}",
+            f"- data: {source}",
+            f"- model: {n_params:,} parameters, {model_cfg.n_layers} layers x {model_cfg.n_heads} heads x "
+            f"{model_cfg.emb_dim} wide, context {model_cfg.context_length}, vocabulary {model_cfg.vocab_size:,}",
+            f"- steps: {steps:,} of {cfg.max_steps:,}; tokens seen: {tokens:,}",
+            f"- time in this session: {seconds:.1f} s; throughput {summary.get('tokens_per_second', 0):,.0f} tokens/s",
+            f"- final train loss (mean of the last {summary.get('train_window', 0)} steps): "
+            f"{summary.get('train_loss', math.nan):.4f}",
+        ]
+        if val is not None:
+            lines.append(f"- final validation loss: {val:.4f} (perplexity {math.exp(val):.2f})")
+        if summary.get("best_val_loss") is not None:
+            lines.append(f"- best validation loss: {summary['best_val_loss']:.4f} (kept in best/)")
+        if summary.get("sample"):
+            lines += ["", "## Sample at the end", "", "```", summary["sample"], "```"]
+        lines += ["", "## Loss curve", "", "![loss](loss.png)", "", "## Configuration", "", "```json"]
+        lines += [json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=2), "```", ""]
+        _write_atomic(self.run_dir / "report.md", "\n".join(lines))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
