@@ -73,9 +73,9 @@ def test_resume_with_other_global_batch_is_an_error(tokens):
 
 
 def test_context_longer_than_split_is_a_clear_error(tokens):
-    with pytest.raises(DozeroError, match=r"context length 5000 needs at least 5001 tokens.*has only 5,000"):
+    with pytest.raises(DozeroError, match=r"context length 5,000 needs at least 5,001 tokens.*has only 5,000"):
         RandomWindowLoader(tokens, 1, 5000, seed=0)
-    with pytest.raises(DozeroError, match="context length 6000"):
+    with pytest.raises(DozeroError, match="context length 6,000"):
         SequentialWindowLoader(tokens[:100], 1, 6000)
     with pytest.raises(DozeroError, match="distinct windows"):
         RandomWindowLoader(tokens[:20], 8, 16, seed=0)
@@ -107,3 +107,16 @@ def test_memmap_input(tmp_path, tokens):
     mm = np.memmap(path, dtype=np.uint16, mode="r")
     x, _ = RandomWindowLoader(mm, 4, 16, seed=2).next_batch()
     assert torch.equal(x, RandomWindowLoader(tokens, 4, 16, seed=2).next_batch()[0])
+
+
+def test_sharded_tokens_read_like_one_array(tokens):
+    from dozero.data.shards import ShardedTokens
+
+    sharded = ShardedTokens([tokens[:300], tokens[300:301], tokens[301:2000], tokens[2000:]])
+    assert len(sharded) == len(tokens) and sharded[299] == tokens[299] and sharded[-1] == tokens[-1]
+    assert np.array_equal(sharded[250:2100], tokens[250:2100]) and np.array_equal(sharded[:], tokens)
+    starts = np.random.default_rng(0).integers(0, len(tokens) - 64, size=200)
+    assert np.array_equal(sharded.windows(starts, 64), tokens[starts[:, None] + np.arange(64)])  # crossings too
+    a = RandomWindowLoader(sharded, 8, 63, seed=4).next_batch()
+    b = RandomWindowLoader(tokens, 8, 63, seed=4).next_batch()
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

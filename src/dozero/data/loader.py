@@ -58,7 +58,7 @@ def _check_length(tokens, context_length: int) -> int:
         raise DozeroError(f"context_length must be at least 1, got {context_length}")
     if n_tokens < context_length + 1:
         raise DozeroError(
-            f"context length {context_length} needs at least {context_length + 1} tokens, but {what} has only "
+            f"context length {context_length:,} needs at least {context_length + 1:,} tokens, but {what} has only "
             f"{n_tokens:,}; use a shorter --context-length or more data (e.g. a larger validation share)"
         )
     return n_tokens

@@ -1,0 +1,127 @@
+"""Cleaning steps one by one: PII patterns (hits and near misses), filters, normalization, deduplication."""
+
+from __future__ import annotations
+
+import unicodedata
+
+import pytest
+
+from dozero.data.clean import (
+    CleanConfig,
+    CleanReport,
+    Deduplicator,
+    alpha_ratio,
+    clean_document,
+    duplicated_line_ratio,
+    luhn_ok,
+    scrub_pii,
+)
+from dozero.errors import DozeroError
+
+
+def scrub(text):
+    counts = {}
+    return scrub_pii(text, counts), counts
+
+
+@pytest.mark.parametrize(
+    "text, expected, kind",
+    [
+        ("mail john.doe+news@mail.example.co.uk now", "mail <EMAIL> now", "email"),
+        ("call +1 415 555 0132.", "call <PHONE>.", "phone"),
+        ("call (415) 555-0132 today", "call <PHONE> today", "phone"),
+        ("call 415-555-0132", "call <PHONE>", "phone"),
+        ("ligue +55 11 91234-5678", "ligue <PHONE>", "phone"),
+        ("ligue (11) 91234-5678", "ligue <PHONE>", "phone"),
+        ("host 192.168.10.254 up", "host <IP_ADDRESS> up", "ip"),
+        ("v6 2001:db8:85a3::8a2e:370:7334 up", "v6 <IP_ADDRESS> up", "ip"),
+        ("link fe80::1ff:fe23:4567:890a", "link <IP_ADDRESS>", "ip"),
+        ("visa 4111 1111 1111 1111 ok", "visa <CARD_NUMBER> ok", "card"),
+        ("amex 3782-822463-10005", "amex <CARD_NUMBER>", "card"),
+        ("plain 5555555555554444", "plain <CARD_NUMBER>", "card"),
+    ],
+)
+def test_pii_is_replaced(text, expected, kind):
+    out, counts = scrub(text)
+    assert out == expected and counts == {kind: 1}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Python 3.11.7 was released on 2023-12-04 at 12:30:45.",
+        "x = a[::2]; std::vector<int> v; print(1.2.3)",
+        "the number 4111 1111 1111 1112 fails the Luhn check",
+        "pi is 3.14159265358979, a million is 1,000,000, ISBN 978-3-16-148410-0",
+        "versions 256.1.1.1 and 1.2.3.4.5 are not addresses",
+        "price: $1234.56 for 12 items; id 20231204",
+    ],
+)
+def test_near_misses_are_left_alone(text):
+    out, counts = scrub(text)
+    assert out == text and counts == {}
+
+
+def test_luhn():
+    assert luhn_ok("4111111111111111") and luhn_ok("79927398713")
+    assert not luhn_ok("4111111111111112") and not luhn_ok("79927398710")
+
+
+def test_filters_and_ratios():
+    assert alpha_ratio("abcd 1234") == 0.5
+    assert duplicated_line_ratio("aaaa\nbb\naaaa\n\n") == pytest.approx(4 / 10)  # repeated line's chars / all chars
+    cfg = CleanConfig(min_chars=10)
+    assert clean_document("short", cfg).reason == "too_short"
+    assert clean_document("#### 1234 5678 %%%% 9999 ---- ****", cfg).reason == "low_alpha_ratio"
+    assert clean_document("same line here\n" * 5 + "another one", cfg).reason == "duplicated_lines"
+    assert clean_document("x" * 300, cfg).reason == "empty_after_cleaning"  # its one line is a junk "word"
+    ok = clean_document("A good line of text.\n" + "Z" * 300 + "\nAnother good line.", cfg)
+    assert ok.reason is None and ok.text == "A good line of text.\nAnother good line." and ok.long_word_lines == 1
+
+
+def test_normalization_and_master_switch():
+    decomposed = "Cafe\u0301 au lait, cre\u0300me bru\u0302le\u0301e, and more words here."
+    result = clean_document(decomposed + "\r\nsecond line", CleanConfig())
+    assert result.normalized and result.text == unicodedata.normalize("NFC", decomposed) + "\nsecond line"
+    assert clean_document(decomposed, CleanConfig(normalize="none")).text == decomposed
+    raw = "tiny junk@example.com"
+    assert clean_document(raw, CleanConfig(clean=False)).text == raw  # --no-clean: untouched
+    with pytest.raises(DozeroError, match="--normalize 'NFX'"):
+        CleanConfig(normalize="NFX")
+
+
+def _words(seed, n=200):
+    import random
+
+    rng = random.Random(seed)
+    return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(n)]
+
+
+def test_exact_and_near_duplicates():
+    cfg = CleanConfig(min_chars=0)
+    dedup = Deduplicator(cfg)
+    base = _words(1)
+    near = list(base)
+    near[50], near[150] = "changed", "words"  # ~10 of 196 shingles differ: Jaccard ~0.9
+    docs = {
+        "a": " ".join(base),
+        "b": " ".join(_words(2)),
+        "a_spacing": "  ".join(base).upper(),  # same text up to case and whitespace: exact duplicate
+        "a_near": " ".join(near),
+        "c": " ".join(_words(3)),
+    }
+    verdicts = {k: dedup.is_duplicate(clean_document(v, cfg)) for k, v in docs.items()}
+    assert verdicts == {"a": None, "b": None, "a_spacing": "exact_duplicate", "a_near": "near_duplicate", "c": None}
+
+
+def test_report_counts_and_summary():
+    cfg = CleanConfig(min_chars=10)
+    report = CleanReport(cfg)
+    for text in ["write to me@example.org please, friend", "tiny", "fine text that stays as it is"]:
+        report.add("src", text, clean_document(text, cfg))
+    d = report.to_dict()
+    assert d["documents_in"] == 3 and d["documents_kept"] == 2
+    assert d["steps"]["pii"]["replaced"] == {"email": 1}
+    assert "me@example.org" not in str(d)  # examples show the placeholder, never the personal data
+    assert d["steps"]["quality_filter"]["removed"]["too_short"] == 1
+    assert "1 too short" in report.summary() and "1 email" in report.summary()
