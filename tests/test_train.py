@@ -1,0 +1,204 @@
+"""Training: the loss starts at ln(vocab) and falls, resume is exact, NaN never reaches a checkpoint,
+schedules and AdamW groups are right, and the CLI goes train -> checkpoint -> generate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from dozero.cli import main
+from dozero.config import get_model_config
+from dozero.errors import DozeroError
+from dozero.model.gpt import GPTModel
+from dozero.train.config import TrainConfig, get_train_preset
+from dozero.train.loop import train
+from dozero.train.optim import lr_at, make_optimizer, param_groups
+
+TINY_SHAPE = {"n_layers": 2, "emb_dim": 32, "n_heads": 2, "context_length": 16}
+
+
+def tiny_config(tmp_path, **changes) -> TrainConfig:
+    base = TrainConfig(
+        out_dir=str(tmp_path / "run"),
+        micro_batch_size=4,
+        max_steps=8,
+        warmup_steps=2,
+        eval_interval=4,
+        eval_iters=2,
+        log_interval=2,
+        sample_tokens=0,
+        threads=1,
+        lr=3e-3,
+        min_lr=3e-4,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_first_loss_is_ln_vocab_then_falls(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=40, eval_interval=40, lr=1e-2, min_lr=1e-3, warmup_steps=5)
+    result = train(cfg, TINY_SHAPE, quiet=True)
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert len(losses) == 40
+    # A fresh model's logits are ~0, so every one of the 65 characters is equally likely: ln(65) = 4.17.
+    assert losses[0] == pytest.approx(math.log(65), abs=0.1)
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.8  # it learned character frequencies at least
+    assert result.val_loss is not None and result.val_loss < losses[0] - 0.8
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    # Dropout and gradient accumulation on, so RNG state and loader position both matter.
+    shape = {**TINY_SHAPE, "drop_rate": 0.1}
+    cfg = tiny_config(tmp_path, max_steps=10, global_batch_tokens=2 * 4 * 16, eval_interval=5, keep_last=1)
+    straight = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "straight")), shape, quiet=True)
+
+    first = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "cut"), stop_after=3), shape, quiet=True)
+    assert first.stopped == "stop_after" and first.step == 3
+    assert sorted(first.losses) == [1, 2, 3]
+    state = json.loads((tmp_path / "cut" / "latest" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["loader"]["step"] == 6  # 2 micro-batches per step
+
+    resumed = train(cfg, resume=tmp_path / "cut", quiet=True)
+    assert resumed.step == 10 and sorted(resumed.losses) == list(range(4, 11))
+    for s in range(1, 11):  # bit-for-bit, not approximately
+        expected = straight.losses[s]
+        got = first.losses[s] if s <= 3 else resumed.losses[s]
+        assert got == expected, f"step {s}: {got} != {expected}"
+    assert resumed.val_loss == straight.val_loss
+    # metrics.jsonl of the resumed run reads as one run: each step once.
+    steps = [r["step"] for r in read_metrics(tmp_path / "cut") if "loss" in r]
+    assert steps == list(range(1, 11))
+    # keep_last=1: only the newest numbered checkpoint remains; latest/ and best/ are there.
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step_000010"]
+    assert (tmp_path / "cut" / "best" / "model.safetensors").is_file()
+
+
+def test_nan_loss_stops_before_any_checkpoint(tmp_path):
+    # Losses are read every 10 steps, the checkpoint is due at step 8, the NaN comes at step 6:
+    # the loop must read the losses before it writes, and refuse.
+    cfg = tiny_config(tmp_path, max_steps=12, eval_interval=8, log_interval=10, inject_nan_at=6)
+    with pytest.raises(DozeroError, match=r"at step 6; stopped without writing a checkpoint"):
+        train(cfg, TINY_SHAPE, quiet=True)
+    run = tmp_path / "run"
+    assert not (run / "latest").exists() and not (run / "checkpoints").exists()
+
+
+def test_nan_after_a_good_checkpoint_keeps_the_good_one(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=12, eval_interval=4, log_interval=1, inject_nan_at=6)
+    with pytest.raises(DozeroError, match="at step 6"):
+        train(cfg, TINY_SHAPE, quiet=True)
+    state = json.loads((tmp_path / "run" / "latest" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_000004"]
+
+
+def test_on_nan_skip_skips_the_step_and_goes_on(tmp_path):
+    from dozero.model.checkpoint import load_model
+
+    cfg = tiny_config(tmp_path, max_steps=6, eval_interval=6, inject_nan_at=3, on_nan="skip")
+    result = train(cfg, TINY_SHAPE, quiet=True)
+    assert result.step == 6 and 3 not in result.losses and len(result.losses) == 5
+    skipped = [r for r in read_metrics(tmp_path / "run") if r.get("skipped")]
+    assert [r["step"] for r in skipped] == [3]
+    model = load_model(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_schedules():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1)  # linear warmup: (step + 1) / warmup
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # half way: the mean of lr and min_lr
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
+    constant = dataclasses.replace(cfg, schedule="constant")
+    assert lr_at(5, constant) == pytest.approx(0.6) and lr_at(100, constant) == 1.0
+    wsd = dataclasses.replace(cfg, schedule="wsd", decay_fraction=0.2)  # decay over steps 88..110
+    assert lr_at(87, wsd) == 1.0
+    assert lr_at(99, wsd) == pytest.approx(1.0 + (11 / 22) * (0.1 - 1.0))
+    assert lr_at(110, wsd) == pytest.approx(0.1)
+
+
+def test_adamw_groups_decay_matrices_only():
+    model = GPTModel(get_model_config("shakespeare-char"))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    # Every parameter is in exactly one group; the tied embedding/head matrix appears once.
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert sum(p.numel() for p in decay["params"] + no_decay["params"]) == model.num_parameters()
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    assert opt.defaults["foreach"] is True and opt.defaults["betas"] == (0.9, 0.99)
+
+
+def test_presets_follow_their_sources():
+    char = get_train_preset("shakespeare-char")  # nanoGPT's CPU run of train_shakespeare_char.py
+    assert (char.micro_batch_size, char.max_steps, char.warmup_steps) == (12, 2000, 100)
+    assert (char.lr, char.min_lr) == (1e-3, 1e-4)
+    assert (char.beta2, char.weight_decay, char.grad_clip, char.eval_iters) == (0.99, 0.1, 1.0, 20)
+    shape = get_model_config(char.model)
+    assert (shape.n_layers, shape.n_heads, shape.emb_dim, shape.context_length, shape.drop_rate) == (4, 4, 128, 64, 0.0)
+    gpt2 = get_train_preset("gpt2-124m")  # GPT-3 paper table 2.1, "GPT-3 Small"
+    assert gpt2.global_batch_tokens == 524_288 and gpt2.lr == 6e-4 and gpt2.beta2 == 0.95
+    assert gpt2.max_steps * gpt2.global_batch_tokens == pytest.approx(300e9, rel=1e-3)
+    with pytest.raises(DozeroError, match="did you mean 'gpt2-124m'"):
+        get_train_preset("gpt2-124")
+
+
+def test_cli_train_then_generate(tmp_path, capsys):
+    run = tmp_path / "cli-run"
+    argv = ["train", "--out-dir", str(run), "--max-steps", "6", "--eval-interval", "3", "--eval-iters", "2"]
+    argv += ["--n-layers", "1", "--emb-dim", "32", "--n-heads", "2", "--context-length", "16"]
+    argv += ["--micro-batch-size", "4", "--warmup-steps", "1", "--sample-tokens", "5", "--threads", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "done: 6 steps" in out and "a sample from" in out
+    for name in ("metrics.jsonl", "loss.png", "report.md", "train_config.json", "best/config.json"):
+        assert (run / name).is_file(), name
+    assert "validation loss" in (run / "report.md").read_text()
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["model"]["n_layers"] == 1 and saved["model"]["vocab_size"] == 65
+    assert main(["generate", "--model", str(run), "ROMEO:", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert len(text.strip()) > len("ROMEO:")
+
+    # A second run into the same --out-dir never overwrites the first.
+    assert main(argv + ["--max-steps", "1", "--eval-interval", "1"]) == 0
+    assert (tmp_path / "cli-run-2" / "latest" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--schedule", "cosin"], "did you mean 'cosine'"),
+        (["--global-batch-tokens", "1000"], "is not a multiple of micro_batch_size x context_length"),
+        (["--data", "/nonexistent/corpus.txt"], "no such file or folder"),
+        (["--resume", "/nonexistent/run"], "no train_config.json"),
+        (["--model", "gpt3"], "is not a model shape"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, capsys, flags, message):
+    assert main(["train", "--out-dir", str(tmp_path / "r"), "--max-steps", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_text_files_with_a_bpe_tokenizer(tmp_path):
+    corpus = tmp_path / "plays"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("To be, or not to be, that is the question. " * 40)
+    (corpus / "b.txt").write_text("All the world's a stage, and all the men and women merely players. " * 40)
+    cfg = tiny_config(tmp_path, data=str(corpus), tokenizer="gpt2", max_steps=2, eval_interval=2, micro_batch_size=2)
+    result = train(cfg, TINY_SHAPE, quiet=True)
+    assert result.step == 2
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["model"]["vocab_size"] == 50257
+    assert result.losses[1] == pytest.approx(math.log(50257), abs=0.1)
