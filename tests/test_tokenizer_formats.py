@@ -176,3 +176,9 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     (tmp_path / "ids.txt").write_text("70000")
     code, _, err = _run(capsys, "tokenizer", "decode", str(tmp_path / "ids.txt"))
     assert code == 2 and err.startswith("error: token id 70000 is out of range")
+
+
+def test_cli_export(capsys, tmp_path, shared_data):
+    code, out, _ = _run(capsys, "tokenizer", "export", "gpt2", str(tmp_path), "--format", "tiktoken")
+    assert code == 0 and out == f"wrote {tmp_path / 'tokenizer.tiktoken'}\n"
+    assert (tmp_path / "tokenizer.tiktoken").read_bytes() == (shared_data / "gpt2" / "gpt2.tiktoken").read_bytes()

@@ -68,7 +68,6 @@ def test_training_is_deterministic(shakespeare_tok, shared_data):
     assert train_bpe([shared_data / "tinyshakespeare.txt"], 1001, progress=False)[0].fingerprint() != tok.fingerprint()
 
 
-@pytest.mark.slow
 def test_parallel_counting_equals_serial(shared_data, monkeypatch):
     # cutting a file into pieces for worker processes must not change a single chunk
     import dozero.tokenizer.train as train

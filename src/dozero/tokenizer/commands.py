@@ -1,9 +1,6 @@
 """`dozero tokenizer ...`: train a byte-level BPE, encode and decode text, and compare tokenizers.
 
-dozero tokenizer train ../shared/data/shakespeare/ --vocab-size 8192 --out tok/
-echo "Hello world" | dozero tokenizer encode                    15496 995 198
-echo "15496 995" | dozero tokenizer decode                      Hello world
-dozero tokenizer stats --tokenizer tok/ ../shared/data/tinyshakespeare.txt
+Actions: train, encode, decode, stats, export; examples in `VERB_EPILOG` below (`dozero tokenizer --help`).
 """
 
 from __future__ import annotations
@@ -14,6 +11,15 @@ import sys
 from pathlib import Path
 
 from dozero.errors import DozeroError
+
+VERB_EPILOG = """\
+examples:
+  dozero tokenizer train ../shared/data/shakespeare/ --vocab-size 8192 --out tok/
+  echo "Hello world" | dozero tokenizer encode                    15496 995 198
+  echo "15496 995" | dozero tokenizer decode                      Hello world
+  dozero tokenizer stats --tokenizer tok/ ../shared/data/tinyshakespeare.txt
+  dozero tokenizer export tok/ out/ --format hf                   tokenizer.json for transformers
+--tokenizer takes 'gpt2' (GPT-2's vocabulary, shipped with dozero) or a model folder / tokenizer file."""
 
 TRAIN_EPILOG = """\
 examples:
@@ -44,12 +50,20 @@ examples:
   dozero tokenizer stats --text "Olá, coração!"                  how a text is cut into tokens
 Bytes per token is the usual way to compare tokenizers on the same text: higher = shorter sequences."""
 
+EXPORT_EPILOG = """\
+examples:
+  dozero tokenizer export tok/ out/ --format hf        out/tokenizer.json: PreTrainedTokenizerFast(tokenizer_file=...)
+  dozero tokenizer export gpt2 out/ --format gpt2      out/vocab.json + merges.txt (= OpenAI's encoder.json, vocab.bpe)
+  dozero tokenizer export tok/ out/ --format tiktoken  out/tokenizer.tiktoken: tiktoken.load.load_tiktoken_bpe(...)"""
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "tokenizer",
         help="train a byte-level BPE; encode, decode, compare tokenizers",
         description="Byte-level BPE tokenizers (GPT-2's vocabulary or your own) and nanoGPT's character level.",
+        epilog=VERB_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(verb_parser=p)
     sub = p.add_subparsers(metavar="ACTION")
@@ -94,6 +108,13 @@ def register(subparsers) -> None:
     stats.add_argument("--text", help="show how this text is cut into tokens")
     stats.add_argument("--top", type=int, default=10, help="how many longest tokens to list (default: 10)")
     stats.set_defaults(func=run_stats)
+
+    export = sub.add_parser("export", help="write a tokenizer in Hugging Face's, GPT-2's or tiktoken's format",
+                            epilog=EXPORT_EPILOG, formatter_class=fmt)  # fmt: skip
+    export.add_argument("tokenizer", metavar="SPEC", help="'gpt2', a model folder or a tokenizer file")
+    export.add_argument("out", metavar="DIR", help="folder to write into")
+    export.add_argument("--format", choices=["hf", "gpt2", "tiktoken", "dozero"], default="hf", help="default: hf")
+    export.set_defaults(func=run_export)
 
 
 def _read_input(file: str | None) -> bytes:
@@ -182,3 +203,10 @@ def run_stats(args) -> None:
         pieces = [tok.decode([i]) for i in ids]
         print(f"text         {len(args.text)} characters, {len(args.text.encode())} bytes -> {len(ids)} tokens")
         print("tokens       " + " ".join(f"{p!r}:{i}" for p, i in zip(pieces, ids, strict=True)))
+
+
+def run_export(args) -> None:
+    from dozero.tokenizer.formats import export_tokenizer, load_tokenizer
+
+    for path in export_tokenizer(load_tokenizer(args.tokenizer), args.out, args.format):
+        print(f"wrote {path}")

@@ -64,8 +64,10 @@ def _gpt2_ranks() -> dict[bytes, int]:
         return read_tiktoken(path)
 
 
+@cache
 def gpt2() -> BPETokenizer:
-    """GPT-2's tokenizer: 50,256 ranks + <|endoftext|> = 50256, GPT-2's regex. Ids equal tiktoken's "gpt2"."""
+    """GPT-2's tokenizer: 50,256 ranks + <|endoftext|> = 50256, GPT-2's regex. Ids equal tiktoken's "gpt2".
+    One shared instance (tokenizers are not changed after construction), so loading it again costs nothing."""
     return BPETokenizer(_gpt2_ranks(), {ENDOFTEXT: 50256}, GPT2_PATTERN, name="gpt2")
 
 
