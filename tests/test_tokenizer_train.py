@@ -68,16 +68,19 @@ def test_training_is_deterministic(shakespeare_tok, shared_data):
     assert train_bpe([shared_data / "tinyshakespeare.txt"], 1001, progress=False)[0].fingerprint() != tok.fingerprint()
 
 
-def test_parallel_counting_equals_serial(shared_data, monkeypatch):
-    # cutting a file into pieces for worker processes must not change a single chunk
+def test_reading_in_blocks_and_in_parallel_gives_the_chunks_of_the_whole_file(shared_data, monkeypatch):
+    # files are cut into blocks for worker processes; no chunk may change (see train._blocks)
     import dozero.tokenizer.train as train
 
     files = [shared_data / "tinyshakespeare.txt"]
-    serial = train._count_all(train._read_corpus(files, train.TrainReport()), train.GPT2_PATTERN, [], 1, False)
+    whole = count_chunks(files[0].read_text(encoding="utf-8"), train.GPT2_PATTERN, [])
     monkeypatch.setattr(train, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(train, "_PIECE_BYTES", 100_000)
-    parallel = train._count_all(train._read_corpus(files, train.TrainReport()), train.GPT2_PATTERN, [], 2, False)
-    assert parallel == serial and len(serial) == 15057
+    monkeypatch.setattr(train, "_BLOCK_BYTES", 50_000)
+    serial = train._count_all(files, train.TrainReport(), train.GPT2_PATTERN, [], 1, False)
+    report = train.TrainReport()
+    parallel = train._count_all(files, report, train.GPT2_PATTERN, [], 2, False)
+    assert parallel == serial == whole and len(whole) == 15057
+    assert (report.files, report.bytes) == (1, 1_115_394)
 
 
 def test_invalid_utf8_corpus_trains_and_round_trips(tmp_path):
@@ -115,5 +118,5 @@ def test_bad_training_input(tmp_path):
         train_bpe([tmp_path], vocab_size=257, special_tokens=["<a>", "<b>"], progress=False)
     with pytest.raises(DozeroError, match="no files found for '.*nothing-here/\\*.txt'; give text files, folders"):
         corpus_files([tmp_path / "nothing-here" / "*.txt"])
-    with pytest.raises(DozeroError, match="special tokens must be distinct non-empty strings"):
+    with pytest.raises(DozeroError, match="special tokens must be distinct non-empty strings without newlines"):
         train_bpe([tmp_path], vocab_size=300, special_tokens=["<a>", "<a>"], progress=False)

@@ -27,7 +27,7 @@ import glob
 import heapq
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -42,10 +42,10 @@ from dozero.tokenizer.bpe import GPT2_PATTERN, BPETokenizer
 
 # Below this many bytes, starting worker processes costs more than it saves (measured: ~0.3 s to start two).
 PARALLEL_MIN_BYTES = 4_000_000
-# Work units for the worker processes are cut at a "\n" that follows a non-space character: the regex always
-# ends a chunk there, so cutting there gives exactly the chunks of the whole file.
-_CUT = regex.compile(r"(?<=\S)(?=\n)")
-_PIECE_BYTES = 1 << 20
+# Files are read in blocks of about this size and cut at a "\n" that follows a printable ASCII character: the
+# regex always ends a chunk there (tested), so the pieces give exactly the chunks of the whole file, and an
+# ASCII byte never sits inside a UTF-8 character, so each piece decodes on its own. Memory stays at a few blocks.
+_BLOCK_BYTES = 1 << 20
 _INVALID = regex.compile("[\udc80-\udcff]")
 
 
@@ -97,35 +97,40 @@ def count_chunks(text: str, pattern: str, special_tokens: list[str]) -> Counter:
     return counts
 
 
-def _count_piece(args) -> Counter:
-    return count_chunks(*args)
+def _blocks(path: Path):
+    """The bytes of `path` in pieces of about `_BLOCK_BYTES`, cut where no chunk can span the cut."""
+    carry = b""
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK_BYTES):
+            data = carry + block
+            cut = data.rfind(b"\n")
+            while cut > 0 and not 0x21 <= data[cut - 1] <= 0x7E:  # "\n" after printable ASCII (see _CUT)
+                cut = data.rfind(b"\n", 0, cut)
+            if cut <= 0:
+                carry = data  # no place to cut yet (e.g. one very long line): read on
+                continue
+            carry = data[cut:]
+            yield data[:cut]
+    if carry:
+        yield carry
 
 
-def _pieces(text: str):
-    start = 0
-    while start < len(text):
-        end = min(start + _PIECE_BYTES, len(text))
-        if end < len(text):
-            m = _CUT.search(text, end)
-            end = m.start() if m else len(text)
-        yield text[start:end]
-        start = end
-
-
-def _read_corpus(files: list[Path], report: TrainReport) -> list[str]:
-    texts = []
+def _read_pieces(files: list[Path], report: TrainReport):
+    """Decoded pieces of every file, one block at a time; counts bytes and invalid UTF-8 into `report`."""
     for path in files:
-        data = path.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            text = data.decode("utf-8", errors="surrogateescape")  # invalid byte b -> U+DC00+b, losslessly
-            report.invalid_bytes += len(_INVALID.findall(text))
+        invalid = 0
+        for data in _blocks(path):
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                text = data.decode("utf-8", errors="surrogateescape")  # invalid byte b -> U+DC00+b, losslessly
+                invalid += len(_INVALID.findall(text))
+            report.bytes += len(data)
+            yield text, len(data)
+        if invalid:
+            report.invalid_bytes += invalid
             report.invalid_files.append(str(path))
-        report.bytes += len(data)
-        texts.append(text)
-    report.files = len(files)
-    return texts
+        report.files += 1
 
 
 def train_bpe(
@@ -143,8 +148,8 @@ def train_bpe(
     smaller than asked (`report.merges` says how many merges were made)."""
     start = time.perf_counter()
     special_tokens = list(special_tokens)
-    if len(set(special_tokens)) != len(special_tokens) or any(not s for s in special_tokens):
-        raise DozeroError(f"special tokens must be distinct non-empty strings, got {special_tokens}")
+    if len(set(special_tokens)) != len(special_tokens) or any(not s or "\n" in s for s in special_tokens):
+        raise DozeroError(f"special tokens must be distinct non-empty strings without newlines, got {special_tokens}")
     if vocab_size < 256 + len(special_tokens):
         raise DozeroError(
             f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens + {len(special_tokens)} "
@@ -152,10 +157,9 @@ def train_bpe(
         )
     report = TrainReport()
     files = corpus_files(inputs)
-    texts = _read_corpus(files, report)
+    chunk_counts = _count_all(files, report, pattern, special_tokens, workers, progress)
     if report.bytes == 0:
         raise DozeroError(f"the corpus is empty ({len(files)} file(s), 0 bytes); nothing to train on")
-    chunk_counts = _count_all(texts, pattern, special_tokens, workers, progress)
     report.chunks, report.distinct_chunks = sum(chunk_counts.values()), len(chunk_counts)
     merged = learn_merges(chunk_counts, vocab_size - len(special_tokens), progress)
     report.merges = len(merged) - 256
@@ -165,21 +169,29 @@ def train_bpe(
     return BPETokenizer(ranks, specials, pattern, name=name), report
 
 
-def _count_all(texts, pattern, special_tokens, workers, progress) -> Counter:
-    pieces = [p for text in texts for p in _pieces(text)]
+def _count_all(files, report, pattern, special_tokens, workers, progress) -> Counter:
+    """Chunk counts of the whole corpus; pieces go to `workers` processes when the corpus is large enough."""
     workers = workers or os.cpu_count() or 1
-    jobs = [(p, pattern, special_tokens) for p in pieces]
-    bar = tqdm(total=len(jobs), desc="pre-tokenizing", unit="piece", disable=not progress)
+    total_bytes = sum(f.stat().st_size for f in files)
+    bar = tqdm(total=total_bytes, desc="pre-tokenizing", unit="B", unit_scale=True, disable=not progress)
     total: Counter = Counter()
-    if workers > 1 and len(pieces) > 1 and sum(map(len, pieces)) >= PARALLEL_MIN_BYTES:
-        with ProcessPoolExecutor(min(workers, len(pieces))) as pool:
-            for counts in pool.map(_count_piece, jobs):
-                total.update(counts)
-                bar.update()
+    pieces = _read_pieces(files, report)
+    if workers > 1 and total_bytes >= PARALLEL_MIN_BYTES:
+        with ProcessPoolExecutor(workers) as pool:
+            pending: deque = deque()  # at most 2 pieces per worker in flight: memory stays bounded
+            for piece, size in pieces:
+                pending.append((pool.submit(count_chunks, piece, pattern, special_tokens), size))
+                while len(pending) > 2 * workers or (pending and pending[0][0].done()):
+                    future, size = pending.popleft()
+                    total.update(future.result())
+                    bar.update(size)
+            for future, size in pending:
+                total.update(future.result())
+                bar.update(size)
     else:
-        for job in jobs:
-            total.update(_count_piece(job))
-            bar.update()
+        for piece, size in pieces:
+            total.update(count_chunks(piece, pattern, special_tokens))
+            bar.update(size)
     bar.close()
     return total
 
