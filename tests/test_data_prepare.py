@@ -17,6 +17,7 @@ from dozero.data.loader import RandomWindowLoader
 from dozero.data.prepare import PrepareConfig, prepare
 from dozero.data.shards import load_data_tokenizer, load_split, read_manifest
 from dozero.errors import DozeroError
+from dozero.tokenizer import has_tokenizer
 
 EOT = 50256
 
@@ -116,6 +117,7 @@ def test_planted_corpus_comes_out_exactly_cleaned(planted, tiktoken_gpt2):
 def test_manifest_split_and_determinism(planted, tmp_path):
     tmp, out, manifest, _, expected, _ = planted
     assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["vocab_size"] == 50257
+    assert has_tokenizer(out)  # the folder carries its tokenizer, like a model folder (what `dozero train` reads)
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     assert train["documents"] + val["documents"] == len(expected) and 0 < val["documents"] < len(expected)
     assert train["tokens"] == len(load_split(out, "train"))

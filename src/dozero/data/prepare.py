@@ -191,8 +191,8 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
         tokenizer = _char_tokenizer(files, cfg, clean_cfg, progress)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer)
-    tokenizer.save(out / "tokenizer")
-    spec = "gpt2" if cfg.tokenizer == "gpt2" else str(out / "tokenizer")
+    tokenizer.save(out)  # beside the manifest, as in a model folder: `load_tokenizer(out)` reads it
+    spec = "gpt2" if cfg.tokenizer == "gpt2" else str(out)
     dtype = token_dtype(tokenizer.vocab_size)
 
     between = np.empty(0, dtype=dtype)
@@ -238,7 +238,7 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
             "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_id,
             "fingerprint": tokenizer.fingerprint(),
-            "folder": "tokenizer",
+            "folder": ".",
         },
         "dtype": dtype.name,
         "byte_order": "little",

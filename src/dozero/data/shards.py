@@ -7,7 +7,7 @@ A data folder holds
     manifest.json            written LAST: a folder without it is an unfinished prepare and is never read
     train_000000.bin, ...    raw little-endian uint16 (vocabulary < 65,536) or uint32 token ids, no header
     val_000000.bin, ...      (nanoGPT's train.bin/val.bin format, cut into shards of --shard-tokens)
-    tokenizer/               the tokenizer the ids belong to (`load_tokenizer(folder / "tokenizer")`)
+    dozero_tokenizer.json    the tokenizer the ids belong to (`load_tokenizer(folder)`, as for a model folder)
     clean_report.json/.txt   what cleaning removed and changed
 
 Shards are written under temporary names (".train_000000.bin.tmp") while they grow, and renamed when
@@ -197,7 +197,7 @@ def check_tokenizer(manifest: dict, tokenizer, data_dir) -> None:
         raise DozeroError(
             f"{data_dir} was tokenized with {made_with['name']} (vocab {made_with['vocab_size']}, fingerprint "
             f"{made_with['fingerprint']}), but this run's tokenizer has vocab {vocab} and fingerprint {fingerprint}; "
-            f"train with the data's tokenizer ({Path(data_dir) / 'tokenizer'}) or prepare the data again with yours"
+            f"train with the data's tokenizer (the one saved in {data_dir}) or prepare the data again with yours"
         )
 
 
@@ -235,4 +235,4 @@ def load_data_tokenizer(data_dir: str | os.PathLike):
     """The tokenizer a prepared data folder was made with."""
     from dozero.tokenizer import load_tokenizer
 
-    return load_tokenizer(Path(data_dir) / "tokenizer")
+    return load_tokenizer(Path(data_dir))
