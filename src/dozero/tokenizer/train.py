@@ -236,33 +236,38 @@ def learn_merges(chunk_counts: Counter, n_tokens: int, progress: bool = True) ->
 
 
 def _apply_merge(pair, new, words, weights, pair_count, where) -> set[tuple[int, int]]:
-    """Rewrite every chunk holding `pair` with `new`; update pair counts and `where`. Returns the pairs that
-    gained counts (those next to `new`), which the caller pushes onto the heap."""
+    """Rewrite every chunk holding `pair` with `new`, adjusting only the counts next to each rewrite:
+    in x a b y, the pairs (x, a) and (b, y) lose the chunk's weight, and (x, new) and (new, y) gain it.
+    Returns the pairs that gained (all hold `new`), which the caller pushes onto the heap.
+
+    `where[p]` may keep chunks that no longer hold p (removing them would cost more than skipping them here:
+    such a chunk is scanned and left as it is)."""
     a, b = pair
     grown = set()
     for w in where.pop(pair):
         word, weight = words[w], weights[w]
         merged, i, n = [], 0, len(word)
         while i < n:  # left to right, non-overlapping: "aaa" with (a, a) -> [aa, a]
-            if i + 1 < n and word[i] == a and word[i + 1] == b:
+            if word[i] == a and i + 1 < n and word[i + 1] == b:
+                if merged:  # left neighbour x (already rewritten if it was an earlier occurrence: then x = new)
+                    x = merged[-1]
+                    pair_count[(x, a)] -= weight
+                    gained = (x, new)
+                    pair_count[gained] = pair_count.get(gained, 0) + weight
+                    grown.add(gained)
+                    where.setdefault(gained, set()).add(w)
+                if i + 2 < n:  # right neighbour y
+                    y = word[i + 2]
+                    pair_count[(b, y)] -= weight
+                    gained = (new, y)
+                    pair_count[gained] = pair_count.get(gained, 0) + weight
+                    grown.add(gained)
+                    where.setdefault(gained, set()).add(w)
                 merged.append(new)
                 i += 2
             else:
                 merged.append(word[i])
                 i += 1
-        old_pairs = list(pairwise(word))
-        new_pairs = list(pairwise(merged))
-        for p in old_pairs:
-            pair_count[p] -= weight
-        for p in new_pairs:
-            pair_count[p] = pair_count.get(p, 0) + weight
-            if p[0] == new or p[1] == new:
-                grown.add(p)
-        for p in set(old_pairs).difference(new_pairs):
-            if p != pair:
-                where[p].discard(w)
-        for p in set(new_pairs).difference(old_pairs):
-            where.setdefault(p, set()).add(w)
         words[w] = merged
-    pair_count.pop(pair, None)
+    pair_count.pop(pair, None)  # every occurrence was rewritten
     return grown
