@@ -1,0 +1,244 @@
+"""Model folders on disk: dozero's own format, Hugging Face's, and training run folders.
+
+A dozero model folder holds
+
+    config.json        {"format": "dozero", "format_version": 1, "model": {ModelConfig fields}, ...metadata}
+    model.safetensors  the weights under dozero's names (a tied head is stored once, as tok_emb)
+    tokenizer files    whatever `tokenizer.save(folder)` writes
+
+Every file is written atomically (a temporary file in the same folder, then `os.replace`), and
+config.json last, so a folder with a config.json is complete. Loading never unpickles: weights
+come from safetensors (or, for old Hugging Face folders, `torch.load(weights_only=True)`).
+
+    from dozero.model.checkpoint import load_model, save_model
+    save_model(model, "out/my-model", tokenizer=tok, metadata={"step": 5000})
+    model = load_model("runs/shakespeare")      # a run folder: runs/shakespeare/best, else latest
+    model = load_model("path/to/hf-gpt2")       # a Hugging Face GPT-2 folder
+    save_model(model, "out/hf", format="hf")    # readable by transformers.GPT2LMHeadModel
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from dozero.config import ModelConfig
+from dozero.errors import DozeroError
+from dozero.model.gpt import GPTModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "dozero"
+FORMAT_VERSION = 1
+RUN_SUBFOLDERS = ("best", "latest")  # in order of preference
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path next to `path`; on success it replaces `path` in one step, so a
+    reader never sees half a file (a crash leaves the old file, or none)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DozeroError(f"{path} not found")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DozeroError(f"{path} is not valid JSON ({e}); re-save or fix the file") from None
+    if not isinstance(obj, dict):
+        raise DozeroError(f"{path} should hold a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    # transformers refuses safetensors files without format=pt in their metadata.
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise DozeroError(f"{path} not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error type (and OSError) for bad files
+        raise DozeroError(f"{path} is truncated or corrupt ({e}); re-save or re-download it") from None
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The model folder behind `path`: the folder itself, or for a training run RUN/best, else RUN/latest."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise DozeroError(f"model folder '{path}' not found")
+    if folder.is_file():
+        folder = folder.parent  # a path to config.json or model.safetensors means its folder
+    if (folder / CONFIG_FILE).is_file():
+        return folder
+    for sub in RUN_SUBFOLDERS:
+        if (folder / sub / CONFIG_FILE).is_file():
+            return folder / sub
+    raise DozeroError(
+        f"'{path}' holds no model: expected {CONFIG_FILE} + {WEIGHTS_FILE} (a model folder) "
+        f"or {' or '.join(s + '/' for s in RUN_SUBFOLDERS)} inside it (a training run folder)"
+    )
+
+
+def model_config_from_dict(d, where: str) -> ModelConfig:
+    """Validate a JSON dict (types included) into a ModelConfig, naming the file in every error."""
+    if not isinstance(d, dict):
+        raise DozeroError(f"{where}: 'model' should be an object of ModelConfig fields")
+    types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    for key, value in d.items():
+        expected = {"int": int, "float": (int, float), "bool": bool}.get(types.get(key, ""), object)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise DozeroError(f"{where}: '{key}' should be {types[key]}, found {value!r}")
+    try:
+        return ModelConfig.from_dict(d)
+    except DozeroError as e:
+        raise DozeroError(f"{where}: {e}") from None
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Only the ModelConfig of a dozero or Hugging Face folder (no weights are read)."""
+    from dozero.model import hf
+
+    folder = resolve_model_dir(path)
+    raw = read_json(folder / CONFIG_FILE)
+    where = str(folder / CONFIG_FILE)
+    if raw.get("format") == FORMAT:
+        return model_config_from_dict(raw.get("model"), where)
+    if hf.is_hf_config(raw):
+        try:
+            return hf.config_from_hf(raw, where)
+        except DozeroError:
+            raise
+        except Exception as e:  # e.g. a string where a number belongs
+            raise DozeroError(f"{where}: bad value in a GPT-2 config ({e})") from None
+    raise DozeroError(
+        f'{where} is neither a dozero config ("format": "dozero") nor a Hugging Face GPT-2 config '
+        '("model_type": "gpt2")'
+    )
+
+
+def load_model(path: str | Path, device=None, dtype=None) -> GPTModel:
+    """A GPTModel in eval mode from a dozero folder, a Hugging Face GPT-2 folder or a run folder.
+
+    device/dtype: where and in which precision to put it (default: CPU, the stored dtype).
+    """
+    from dozero.model import hf
+
+    folder = resolve_model_dir(path)
+    cfg = load_config(folder)
+    raw = read_json(folder / CONFIG_FILE)
+    if raw.get("format") == FORMAT:
+        state = read_safetensors(folder / WEIGHTS_FILE)
+        where = str(folder / WEIGHTS_FILE)
+    else:
+        where = str(folder)
+        state = hf.state_dict_from_hf(hf.read_hf_weights(folder), cfg, where)  # may untie cfg's head
+    model = model_from_state_dict(cfg, state, where)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -> GPTModel:
+    """Build the model without a random init (meta device) and adopt `state`'s tensors, checking
+    every name and shape against `cfg` so a mismatch is one clear message."""
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_weights and "out_head.weight" not in state and "tok_emb.weight" in state:
+        state = {**state, "out_head.weight": state["tok_emb.weight"]}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise DozeroError(f"{where}: the weights do not fit the config ({detail}); is config.json from this model?")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise DozeroError(
+                f"{where}: '{name}' has shape {tuple(state[name].shape)} but the config needs {shape}; "
+                "config.json does not match the weights"
+            )
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_weights:  # assign=True gave the two names two Parameter objects; make them one again
+        model.out_head.weight = model.tok_emb.weight
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> GPTModel:
+    """The GPTModel inside a torch.compile / DistributedDataParallel wrapper."""
+    while not isinstance(model, GPTModel):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            raise TypeError(f"expected a GPTModel (or a compiled/DDP wrapper of one), got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def save_model(model, folder: str | Path, tokenizer=None, metadata: dict | None = None, format: str = FORMAT) -> Path:
+    """Write `model` (and its tokenizer) to `folder`.
+
+    format="dozero": dozero's folder; `metadata` (JSON-serializable) is stored in config.json.
+    format="hf": a Hugging Face GPT-2 folder (`GPT2LMHeadModel.from_pretrained(folder)` loads it).
+    """
+    from dozero.model import hf
+
+    model = unwrap(model)
+    cfg = model.cfg
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if format == "hf":
+        tensors = hf.state_dict_to_hf(state, cfg)
+        config = hf.config_to_hf(cfg, eos_token_id=getattr(tokenizer, "eot_id", None))
+        if metadata:
+            config["dozero_metadata"] = metadata
+    elif format == FORMAT:
+        if cfg.tie_weights:
+            state.pop("out_head.weight")  # the same tensor as tok_emb.weight
+        tensors = state
+        reserved = {"format", "format_version", "model"} & set(metadata or {})
+        if reserved:
+            raise ValueError(f"metadata may not use the reserved keys {sorted(reserved)}")
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict(), **(metadata or {})}
+    else:
+        raise DozeroError(f"unknown model format '{format}'; choose 'dozero' or 'hf'")
+    write_safetensors(folder / WEIGHTS_FILE, tensors)
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    if format == "hf" and config["eos_token_id"] is not None:
+        ids = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+        write_json(folder / "generation_config.json", ids)
+    write_json(folder / CONFIG_FILE, config)
+    return folder

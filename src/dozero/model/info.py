@@ -1,0 +1,169 @@
+"""How big is a model, and how much memory does it need? Arithmetic on a ModelConfig, no weights.
+
+    from dozero.config import get_model_config
+    from dozero.model.info import parameter_breakdown, memory_estimate, layer_summary
+    cfg = get_model_config("gpt2")
+    parameter_breakdown(cfg)["total"]            # 124,439,808
+    memory_estimate(cfg, batch_size=8, context_length=1024)["bf16"]["training"]   # bytes
+    layer_summary(cfg, batch_size=1, tokens=4)   # the course's table of shapes, layer by layer
+
+Command line: `dozero model info gpt2`, `dozero model summary gpt2`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from dozero.config import ModelConfig
+
+BYTES = {"fp32": 4, "bf16": 2}
+
+
+def _block_parameters(cfg: ModelConfig) -> dict[str, int]:
+    C = cfg.emb_dim
+    attention = C * 3 * C + (3 * C if cfg.qkv_bias else 0) + C * C + C  # qkv (+bias), out_proj + bias
+    feed_forward = C * 4 * C + 4 * C + 4 * C * C + C  # fc + bias, proj + bias
+    norms = 2 * 2 * C  # norm1, norm2: scale + shift
+    return {"attention": attention, "feed_forward": feed_forward, "norms": norms}
+
+
+def parameter_breakdown(cfg: ModelConfig) -> dict:
+    """Parameter counts by part, each parameter counted once.
+
+    Keys: embeddings (token + position), attention, feed_forward, norms (all LayerNorms incl. the
+    final one), head (0 when tied: the head *is* the token embedding), head_tied (bool), total.
+    """
+    block = _block_parameters(cfg)
+    parts = {
+        "embeddings": cfg.vocab_size * cfg.emb_dim + cfg.context_length * cfg.emb_dim,
+        "attention": cfg.n_layers * block["attention"],
+        "feed_forward": cfg.n_layers * block["feed_forward"],
+        "norms": cfg.n_layers * block["norms"] + 2 * cfg.emb_dim,
+        "head": 0 if cfg.tie_weights else cfg.vocab_size * cfg.emb_dim,
+    }
+    return {**parts, "head_tied": cfg.tie_weights, "total": sum(parts.values())}
+
+
+def activation_bytes(cfg: ModelConfig, batch_size: int, context_length: int, precision: str) -> int:
+    """Bytes of the tensors a forward pass keeps for the backward pass (training).
+
+    Source: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+    Models", section 4.1: per layer s*b*h*(34 + 5*a*s/h) bytes with 16-bit values and 1-byte dropout
+    masks. Adapted to dozero:
+      * SDPA (flash / memory-efficient kernels) does not keep the (T x T) attention matrix, its
+        softmax or its dropout mask: the 5*a*s/h term becomes a log-sum-exp per head and token (fp32).
+      * What remains, per token and layer, in values: LayerNorm inputs 2C, qkv input C, q k v 3C,
+        attention output C, fc input C, GELU input 4C, GELU output 4C = 16C (34 bytes minus the two
+        dropout masks, halved). Under bf16 autocast the residual stream and LayerNorm inputs stay
+        fp32 (2C x 4 bytes), the other 14C values are bf16.
+      * Dropout masks (1 byte per value: two residual ones per layer, one on the embeddings) only
+        when drop_rate > 0.
+      * Outside the blocks: final norm input and output (2C), the logits (V, in the activation dtype;
+        the training loop holds them) and cross-entropy's log-softmax (V, fp32 under autocast too).
+    Checked against the tensors autograd actually saves in tests/test_model.py.
+    """
+    C, V, nh, L = cfg.emb_dim, cfg.vocab_size, cfg.n_heads, cfg.n_layers
+    low = BYTES[precision]  # bytes of a matmul input/output value
+    per_layer = 14 * C * low + 2 * C * 4 + 4 * nh
+    per_layer += 2 * C if cfg.drop_rate > 0 else 0
+    outside = 2 * C * low + V * (low + 4) + (C if cfg.drop_rate > 0 else 0)
+    return batch_size * context_length * (L * per_layer + outside)
+
+
+def memory_estimate(cfg: ModelConfig, batch_size: int, context_length: int | None = None) -> dict:
+    """Memory needed to train (AdamW) and to run the model, in bytes, for fp32 and bf16.
+
+    Returns {"parameters": N, "batch_size": B, "context_length": T, "fp32": {...}, "bf16": {...}}
+    where each precision's dict holds
+      weights      weights during training: fp32 4N; bf16 = mixed precision (torch.autocast) keeps
+                   fp32 master weights 4N plus the bf16 copies autocast casts them to, 2N
+      gradients    4N (gradients have the dtype of the fp32 weights in both cases)
+      optimizer    AdamW's two moments, fp32: 8N
+      activations  saved for the backward pass, see `activation_bytes`
+      training     weights + gradients + optimizer + activations
+      inference_weights  the model cast to this precision: 4N or 2N
+      kv_cache     keys and values of B sequences of T tokens: 2 * L * B * T * C values
+      inference    inference_weights + kv_cache + one (B, T, V) logits tensor (the prompt's forward)
+    Not counted: framework overhead (CUDA context ~0.5 GB), allocator fragmentation, temporary
+    buffers inside kernels; plan for 10-20% more.
+    """
+    T = context_length or cfg.context_length
+    N = parameter_breakdown(cfg)["total"]
+    out = {"parameters": N, "batch_size": batch_size, "context_length": T}
+    for precision, size in BYTES.items():
+        weights = 4 * N + (2 * N if precision == "bf16" else 0)
+        row = {"weights": weights, "gradients": 4 * N, "optimizer": 8 * N}
+        row["activations"] = activation_bytes(cfg, batch_size, T, precision)
+        row["training"] = sum(row.values())
+        row["inference_weights"] = size * N
+        row["kv_cache"] = 2 * cfg.n_layers * batch_size * T * cfg.emb_dim * size
+        row["inference"] = row["inference_weights"] + row["kv_cache"] + batch_size * T * cfg.vocab_size * size
+        out[precision] = row
+    return out
+
+
+class LayerRow(NamedTuple):
+    name: str  # the module's name in GPTModel (the course's names)
+    dims: str  # output shape in the legend's letters, e.g. "(B, T, 3C)"
+    shape: tuple  # the same shape in numbers
+    params: int  # parameters of this row (inner rows: already counted in their block's row)
+    depth: int  # 0 = a top-level row (they sum to the total); 1 = a step inside a block
+    note: str = ""
+
+
+def layer_summary(cfg: ModelConfig, batch_size: int = 1, tokens: int | None = None, expand_blocks=(0,)) -> list:
+    """The model as a table, input ids to logits: LayerRow(name, dims, shape, params, depth, note).
+
+    Depth-0 rows add up to the parameter count. Blocks listed in `expand_blocks` (default: the
+    first; "all" for every one) also get depth-1 rows for each step inside them.
+    """
+    C, V = cfg.emb_dim, cfg.vocab_size
+    size = {"B": batch_size, "T": tokens or cfg.context_length, "C": C, "3C": 3 * C, "4C": 4 * C}
+    size.update({"nh": cfg.n_heads, "hs": cfg.head_dim, "V": V})
+    block = _block_parameters(cfg)
+    qkv = C * 3 * C + (3 * C if cfg.qkv_bias else 0)
+
+    def row(name, dims, params, depth=0, note=""):
+        return LayerRow(name, f"({', '.join(dims)})", tuple(size[d] for d in dims), params, depth, note)
+
+    rows = [
+        row("in_idx", ("B", "T"), 0, note="token ids"),
+        row("tok_emb", ("B", "T", "C"), V * C),
+        row("pos_emb", ("T", "C"), cfg.context_length * C, note="broadcast over the batch"),
+        row("drop_emb", ("B", "T", "C"), 0, note="tok_emb + pos_emb, dropout"),
+    ]
+    for i in range(cfg.n_layers):
+        rows.append(row(f"trf_blocks.{i}", ("B", "T", "C"), sum(block.values())))
+        if expand_blocks == "all" or i in expand_blocks:
+            p = f"trf_blocks.{i}."
+            rows += [
+                row(p + "norm1", ("B", "T", "C"), 2 * C, 1),
+                row(p + "att.qkv", ("B", "T", "3C"), qkv, 1, "queries, keys, values"),
+                row(p + "att (heads)", ("B", "nh", "T", "hs"), 0, 1, "softmax(q k^T / sqrt(hs)) v"),
+                row(p + "att.out_proj", ("B", "T", "C"), C * C + C, 1, "heads re-assembled, projected"),
+                row(p + "drop_shortcut", ("B", "T", "C"), 0, 1, "+ shortcut"),
+                row(p + "norm2", ("B", "T", "C"), 2 * C, 1),
+                row(p + "ff.fc", ("B", "T", "4C"), C * 4 * C + 4 * C, 1, "then GELU"),
+                row(p + "ff.proj", ("B", "T", "C"), 4 * C * C + C, 1),
+                row(p + "drop_shortcut", ("B", "T", "C"), 0, 1, "+ shortcut"),
+            ]
+    rows.append(row("final_norm", ("B", "T", "C"), 2 * C))
+    head_note = "tied to tok_emb (counted there)" if cfg.tie_weights else ""
+    rows.append(row("out_head", ("B", "T", "V"), 0 if cfg.tie_weights else V * C, note=head_note))
+    return rows
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(n: int) -> str:
+    """124439808 -> '124.4M'."""
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{suffix}"
+    return str(n)
