@@ -167,7 +167,7 @@ def describe(result: AttentionResult, position: int, k: int = 5) -> str:
     """The report printed by `dozero attention`: where the chosen token looks, on average and in
     the last layer."""
     label = result.labels[position]
-    lines = [f"token {position} '{label}' attends most to (earlier tokens; its own weight is the rest of 1):"]
+    lines = [f"token {position} '{label}' attends most to (the top earlier tokens, then its own weight):"]
     views = [("average over all layers and heads", result.average[position])]
     L = result.weights.shape[0]
     views.append((f"last layer (layer {L - 1}), average over heads", result.weights[-1].mean(0)[position]))

@@ -1,0 +1,259 @@
+"""The guide never rots: every `dozero` command in docs/ runs, and every link to the code is right.
+
+What counts as a command: a line starting with `dozero ` or `$ dozero ` inside a ```bash or
+```console block (a trailing backslash continues it). Blocks marked ```text are shown, never run:
+the guide uses them for what needs a GPU, hours, or files from the internet.
+
+The commands run in page order (English pages, then the Portuguese ones; a command already run is
+not repeated) in one temporary folder, so a later page may use what an earlier one made, just as
+a reader following the guide would. The folder holds `tinyshakespeare.txt` and `shakespeare/`
+from the project's shared data, as the guide asks its reader to have. Two substitutions keep the
+suite fast (see `cheap`): `dozero doctor` gets `--skip-compile` (trying torch.compile takes ~20 s
+on a CPU), and `dozero train` runs 10 steps instead of the guide's hundreds or thousands.
+
+Links such as [`explicit_attention`](../../src/dozero/model/gpt.py#L126) must name an existing file,
+and the named line must contain the name in backticks. When code moves, fix the anchors with
+
+    .venv/bin/python tests/test_docs.py --fix
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+LANGUAGES = ("en", "pt-BR")
+PAGES = [
+    "README.md",
+    "1-attention.md",
+    "2-preparing-the-ground.md",
+    "3-data-and-tokenization.md",
+    "4-architecture.md",
+    "5-training.md",
+    "6-generating-text.md",
+]
+FENCE = re.compile(r"^```(\w[\w-]*)?\s*$")
+LINK = re.compile(r"\[`([^`]+)`\]\(((?:\.\./)+[^)#\s]+)(?:#L(\d+))?\)")
+SHELL_CHARS = re.compile(r"[|<>;&]")
+
+
+def commands(path: Path) -> list[str]:
+    """The `dozero ...` lines of the page's bash/console blocks, continuations joined."""
+    found, lang, pending = [], None, ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        fence = FENCE.match(line.strip())
+        if fence:
+            lang = None if lang is not None else (fence.group(1) or "")
+            continue
+        if lang not in ("bash", "console", "sh", "shell"):
+            continue
+        text = line.strip()
+        if pending:
+            text = pending + " " + text
+        elif text.startswith("$ "):
+            text = text[2:]
+        if text.endswith("\\"):
+            pending = text[:-1].strip()
+            continue
+        pending = ""
+        if text.startswith("dozero "):
+            found.append(text)
+    return found
+
+
+def links(path: Path) -> list[tuple[str, Path, int | None]]:
+    """(name, target file, line or None) of each [`name`](relative/path#Lnn) link to the repository."""
+    text = path.read_text(encoding="utf-8")
+    return [
+        (m.group(1), (path.parent / m.group(2)).resolve(), m.group(3) and int(m.group(3))) for m in LINK.finditer(text)
+    ]
+
+
+def symbol(name: str) -> str:
+    """`GPTModel.forward()` -> 'forward'; `--max-steps` -> 'max_steps'; `gpt.py` -> 'gpt.py'."""
+    name = name.strip().rstrip("()").split("(")[0]
+    if name.startswith("--"):
+        name = name[2:].replace("-", "_")
+    return name.split(".")[-1] if not name.endswith(".py") else name
+
+
+def find_definition(lines: list[str], name: str, near: int) -> int | None:
+    """1-based line defining `name` (def/class/assignment/field), nearest to `near`; else any mention."""
+    key = symbol(name)
+    word = re.escape(key)
+    patterns = [
+        rf"^\s*(async\s+)?(def|class)\s+{word}\b",
+        rf"^\s*(self\.)?{word}\s*(:[^=]*)?=",
+        rf"^\s*{word}\s*:",
+        rf"\b{word}\b",
+    ]
+    for pattern in patterns:
+        hits = [i + 1 for i, line in enumerate(lines) if re.search(pattern, line)]
+        if hits:
+            return min(hits, key=lambda i: abs(i - near))
+    return None
+
+
+def check_link(name: str, target: Path, line: int | None) -> str | None:
+    """None if the link is right, else what is wrong with it."""
+    if not target.exists():
+        return f"links to {target.relative_to(REPO) if REPO in target.parents else target}, which does not exist"
+    if line is None or target.is_dir():
+        return None
+    lines = target.read_text(encoding="utf-8").splitlines()
+    if not 1 <= line <= len(lines):
+        return f"#L{line} is past the end of {target.name} ({len(lines)} lines)"
+    if not re.search(rf"\b{re.escape(symbol(name))}\b", lines[line - 1]):
+        expected = find_definition(lines, name, line)
+        return f"{target.name}#L{line} does not mention `{symbol(name)}` (line {expected} does)"
+    return None
+
+
+def all_pages() -> list[Path]:
+    return [DOCS / lang / page for lang in LANGUAGES for page in PAGES]
+
+
+# ---- the tests ---------------------------------------------------------------------------------
+
+
+def test_every_page_exists_in_both_languages_and_the_readmes_link_them():
+    for path in all_pages():
+        assert path.exists(), f"missing page {path.relative_to(REPO)}"
+    for readme, lang in (("README.md", "en"), ("README.pt-BR.md", "pt-BR")):
+        text = (REPO / readme).read_text(encoding="utf-8")
+        assert f"docs/{lang}/" in text, f"{readme} does not link the {lang} guide"
+    for page in PAGES[1:]:
+        for lang in LANGUAGES:
+            assert page in (DOCS / lang / "README.md").read_text(encoding="utf-8"), f"{lang} index misses {page}"
+
+
+def test_both_languages_use_the_same_verbs_on_each_page():
+    for page in PAGES:
+        verbs = [{" ".join(c.split()[:2]) for c in commands(DOCS / lang / page)} for lang in LANGUAGES]
+        assert verbs[0] == verbs[1], f"{page}: en runs {sorted(verbs[0])}, pt-BR runs {sorted(verbs[1])}"
+
+
+@pytest.mark.parametrize("path", all_pages(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_links_to_code_are_right(path):
+    if not path.exists():
+        pytest.skip("page missing (reported by another test)")
+    problems = [
+        f"[`{name}`]: {problem}" for name, target, line in links(path) if (problem := check_link(name, target, line))
+    ]
+    assert not problems, (
+        f"{path.relative_to(REPO)}:\n" + "\n".join(problems) + "\n(run: python tests/test_docs.py --fix)"
+    )
+    if path.name != "README.md":
+        assert any(line for _, _, line in links(path)), f"{path.name} links to no line of code"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, shared_data):
+    """The reader's folder: tinyshakespeare.txt and the complete works, as the guide's page 3 says."""
+    folder = tmp_path_factory.mktemp("guide")
+    (folder / "tinyshakespeare.txt").symlink_to(shared_data / "tinyshakespeare.txt")
+    (folder / "shakespeare").symlink_to(shared_data / "shakespeare", target_is_directory=True)
+    return folder
+
+
+_already_run: set[str] = set()
+
+
+# `dozero train` in the guide shows real settings (2,000 steps take minutes); the test keeps the shape
+# of each command but shrinks its step counts, so that the run folders later pages use still exist.
+SHORT_TRAINING = {
+    "--max-steps": "10",
+    "--stop-after": "5",
+    "--eval-interval": "5",
+    "--warmup-steps": "2",
+    "--eval-iters": "2",
+    "--sample-tokens": "0",
+}
+
+
+def cheap(command: str) -> str:
+    """The command as the test runs it: `doctor` without the slow compile probe, `train` shortened."""
+    if command.startswith("dozero doctor") and "--skip-compile" not in command:
+        command += " --skip-compile"
+    if command.startswith("dozero train"):
+        words = shlex.split(command)
+        for flag, value in SHORT_TRAINING.items():
+            if flag in words:
+                words[words.index(flag) + 1] = value
+            elif flag != "--stop-after" and not (flag == "--max-steps" and "--resume" in words):
+                words += [flag, value]
+        command = shlex.join(words)
+    return command
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", all_pages(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_command_in_the_guide_runs(path, workdir, monkeypatch, capsys):
+    from dozero.cli import main
+
+    if not path.exists():
+        pytest.skip("page missing (reported by another test)")
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    for command in commands(path):
+        command = cheap(command)
+        if command in _already_run:
+            continue
+        _already_run.add(command)
+        if SHELL_CHARS.search(command.replace("\\n", "")):
+            env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+            done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, check=False)
+            code, out, err = done.returncode, done.stdout, done.stderr
+        else:
+            try:
+                code = main(shlex.split(command)[1:])
+            except SystemExit as e:  # argparse rejected the command line
+                code = e.code
+            out, err = capsys.readouterr()
+        assert code == 0, f"{path.relative_to(REPO)}: `{command}` exited {code}\n{out[-2000:]}\n{err[-2000:]}"
+
+
+# ---- fixing anchors after code moved -----------------------------------------------------------
+
+
+def fix_anchors() -> int:
+    changed = 0
+    for path in all_pages():
+        if not path.exists():
+            continue
+        text = path.read_text(encoding="utf-8")
+
+        def repl(m: re.Match, path: Path = path) -> str:
+            nonlocal changed
+            name, rel, line = m.group(1), m.group(2), m.group(3)
+            target = (path.parent / rel).resolve()
+            if line is None or not target.is_file() or check_link(name, target, int(line)) is None:
+                return m.group(0)
+            found = find_definition(target.read_text(encoding="utf-8").splitlines(), name, int(line))
+            if found is None:
+                print(f"{path.relative_to(REPO)}: cannot find `{name}` in {rel}")
+                return m.group(0)
+            changed += 1
+            return f"[`{name}`]({rel}#L{found})"
+
+        new = LINK.sub(repl, text)
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+    print(f"{changed} anchors fixed")
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--fix"]:
+        raise SystemExit(fix_anchors())
+    for page in all_pages():
+        for command in commands(page) if page.exists() else []:
+            print(f"{page.relative_to(REPO)}: {command}")
