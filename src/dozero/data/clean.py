@@ -9,8 +9,7 @@
 The course's survey of pretraining data names these steps: quality filtering, deduplication and
 removal of private information. Thresholds follow the Gopher rules (Rae et al. 2021, "Scaling
 Language Models", appendix A: drop documents whose repeated lines hold over 20% of the characters)
-where they apply;
-each can be changed or switched off from the command line (`dozero data prepare --help`).
+where they apply; each can be changed or switched off from the command line (`dozero data prepare --help`).
 
 Order per document (worker): normalize -> drop junk lines -> document filters -> scrub PII.
 Then (main process, in corpus order, so the result does not depend on the number of workers):
@@ -205,7 +204,8 @@ def minhash_signature(text: str) -> np.ndarray:
         _PERMUTATIONS = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED).permutations
     words = text.lower().split()
     # Hash each word once (map: a C-level loop), then combine 5 consecutive word hashes with numpy into one
-    # hash per shingle, instead of building and hashing ~one 5-word string per word: 3x faster, same sets.
+    # hash per shingle, instead of building and hashing one 5-word string per word: the same shingles,
+    # and minhash_signature twice as fast (measured on the stdlib's .py files).
     word_hashes = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=len(words))
     n = max(1, len(words) - SHINGLE_WORDS + 1)
     shingle_hashes = np.zeros(n, dtype=np.uint64)  # (n,) one per 5-word window

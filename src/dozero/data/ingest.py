@@ -46,7 +46,7 @@ _ESCAPED = re.compile("[\udc80-\udcff]")
 class Document:
     text: str
     source: str  # "file" or "file:line" / "file:row", for the report's examples
-    raw_bytes: int  # size of the text as read (UTF-8), for throughput figures
+    raw_bytes: int  # input bytes it came from (a JSON line with its markup; text in UTF-8), for MB/s figures
 
 
 @dataclass
@@ -148,7 +148,9 @@ def _read_text(path: Path, compression: str | None, separator: str | None, stats
     yield _clean_decode(pending, str(path), stats)
 
 
-def _read_jsonl(path: Path, compression: str | None, field_name: str, stats: IngestStats) -> Iterator[tuple[str, int]]:
+def _read_jsonl(
+    path: Path, compression: str | None, field_name: str, stats: IngestStats
+) -> Iterator[tuple[str, int, int]]:
     with _open_binary(path, compression) as f:
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
@@ -170,7 +172,7 @@ def _read_jsonl(path: Path, compression: str | None, field_name: str, stats: Ing
                 continue
             if not isinstance(value, str):
                 raise DozeroError(f"{path}:{line_no}: field {field_name!r} is {type(value).__name__}, not text")
-            yield value, line_no
+            yield value, line_no, len(raw)
 
 
 def _read_parquet(path: Path, field_name: str, batch_rows: int = 1024) -> Iterator[tuple[str, int]]:
@@ -206,17 +208,17 @@ def iter_documents(files: list[Path], field: str = "text", separator: str | None
         stats.files += 1
         fmt, compression = _kind(path)
         if fmt == ".jsonl":
-            items = ((t, f"{path}:{n}") for t, n in _read_jsonl(path, compression, field, stats))
+            items = ((t, f"{path}:{n}", size) for t, n, size in _read_jsonl(path, compression, field, stats))
         elif fmt == ".parquet":
-            items = ((t, f"{path}:row {n}") for t, n in _read_parquet(path, field))
+            items = ((t, f"{path}:row {n}", None) for t, n in _read_parquet(path, field))
         else:
-            items = ((t, str(path)) for t in _read_text(path, compression, separator, stats))
+            items = ((t, str(path), None) for t in _read_text(path, compression, separator, stats))
         n_docs = 0
-        for text, source in items:
+        for text, source, size in items:
             if not text.strip():
                 continue
             n_docs += 1
-            size = len(text.encode("utf-8", errors="replace"))
+            size = size or len(text.encode("utf-8", errors="replace"))
             stats.documents += 1
             stats.bytes += size
             yield Document(text, source, size)
@@ -225,7 +227,7 @@ def iter_documents(files: list[Path], field: str = "text", separator: str | None
 
 
 def total_input_bytes(files: list[Path]) -> int | None:
-    """Sum of file sizes, or None when some input is compressed (its text size is unknown in advance)."""
+    """Sum of file sizes (the progress bar's total), or None for compressed or parquet inputs (size unknown ahead)."""
     if any(_kind(p)[1] or _kind(p)[0] == ".parquet" for p in files):
         return None
     return sum(os.path.getsize(p) for p in files)
