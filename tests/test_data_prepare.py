@@ -280,3 +280,34 @@ def test_cli_prepare_inspect_and_errors(planted, tmp_path, capsys):
     assert main(["data", "inspect", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "not a prepared data folder" in err
+
+
+KILLED_CHILD = """
+import os, signal, sys
+from dozero.data import shards
+from dozero.data.prepare import PrepareConfig, prepare
+original = shards.ShardWriter.add_document
+def add_then_die(self, ids, calls=[0]):
+    original(self, ids)
+    calls[0] += 1
+    if calls[0] == 8:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs: like a power cut or the OOM killer
+shards.ShardWriter.add_document = add_then_die
+prepare([sys.argv[1]], sys.argv[2], PrepareConfig(workers=1, shard_tokens=2000), progress=False)
+"""
+
+
+def test_killed_prepare_leaves_no_trusted_shard(planted, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "d"
+    shutil.copytree(planted[1], data)  # a good earlier result in the same folder
+    run = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(planted[0] / "corpus.jsonl"), str(data)])
+    assert run.returncode == -9
+    assert not (data / "manifest.json").exists() and list(data.glob(".train_*.bin.tmp"))  # debris, untrusted
+    with pytest.raises(DozeroError, match="interrupted `dozero data prepare`; run it again"):
+        load_split(data, "train")
+    prepare([str(planted[0] / "corpus.jsonl")], data, PrepareConfig(workers=1, val_ratio=0.2), progress=False)
+    assert not list(data.glob(".*.tmp")) and read_manifest(data)["splits"] == planted[2]["splits"]
