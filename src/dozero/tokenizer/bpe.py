@@ -162,9 +162,12 @@ class BPETokenizer(Tokenizer):
                 list(texts), num_threads=num_threads, allowed_special="all", disallowed_special=()
             )
         check_special_mode(special)
-        for text in texts:
-            self._raise_if_special(text)
-        return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        try:  # the same call as tiktoken's default encode_batch: its special-token check runs in the threads
+            return self.encoding.encode_batch(list(texts), num_threads=num_threads, disallowed_special="all")
+        except ValueError:
+            for text in texts:
+                self._raise_if_special(text)
+            raise
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         ids = ids if isinstance(ids, list) else list(ids)
