@@ -77,12 +77,9 @@ def load_corpus(cfg: TrainConfig) -> Corpus:
         return Corpus(tok, train, val, f"packaged {PACKAGED_CORPUS} ({len(text):,} characters)")
     first = Path(cfg.data.split(",")[0].strip()).expanduser()
     if (first / "manifest.json").is_file():
-        from dozero.data import load_split
-        from dozero.tokenizer import has_tokenizer, load_tokenizer
+        from dozero.data.shards import load_data_tokenizer, load_split
 
-        if not has_tokenizer(first):
-            raise DozeroError(f"--data {first}: the prepared folder holds no tokenizer files; prepare it again")
-        tok = load_tokenizer(first)
+        tok = load_data_tokenizer(first)
         return Corpus(tok, load_split(first, "train", tok), load_split(first, "val", tok), f"prepared data {first}")
     files = _text_files(cfg.data)
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]

@@ -36,7 +36,8 @@ from dozero.train.checkpoint import find_resume_point, load_trainer_state, save_
 from dozero.train.config import TrainConfig
 from dozero.train.corpus import load_corpus
 from dozero.train.observe import RunObserver, flops_per_token
-from dozero.train.optim import lr_at, make_optimizer, set_lr
+from dozero.train.optim import make_optimizer
+from dozero.train.step import Stepper
 
 CONFIG_FILE = "train_config.json"
 
@@ -162,37 +163,7 @@ def _train(cfg: TrainConfig, model_overrides: dict, resume, device: torch.device
         f"({cfg.micro_batch_size} x {T} x {world} processes x {accum} accumulation), run folder {run_dir}"
     )
 
-    def train_step(index: int) -> tuple[torch.Tensor, bool]:
-        """Optimizer step number `index` (0-based). Returns its mean loss (on the device) and whether it was applied."""
-        set_lr(optimizer, lr_at(index, cfg))
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = loader.next_batch()  # (B, T) each
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with runtime.no_sync(model, skip_sync=micro < accum - 1):
-                with runtime.autocast(device, dtype):
-                    logits = model(x)  # (B, T, V)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())  # (B*T, V) vs (B*T,)
-                if index + 1 == cfg.inject_nan_at:
-                    loss = loss * float("nan")
-                loss_sum += loss.detach()
-                loss = loss / accum  # the mean over all micro-batches, accumulated into .grad
-                (scaler.scale(loss) if scaler else loss).backward()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = loss_sum  # stands in when there is no clipping: a NaN loss gives NaN gradients
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip, foreach=True)
-        if cfg.on_nan == "skip" and not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):  # a host sync
-            optimizer.zero_grad(set_to_none=True)
-            return loss_sum / accum, False
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss_sum / accum, True
+    train_step = Stepper(model, raw_model, optimizer, loader, cfg, accum, device, dtype, scaler)
 
     stop_signal: list[str] = []
     previous_handlers = _install_stop_handlers(stop_signal)
