@@ -202,3 +202,19 @@ def test_text_files_with_a_bpe_tokenizer(tmp_path):
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["model"]["vocab_size"] == 50257
     assert result.losses[1] == pytest.approx(math.log(50257), abs=0.1)
+
+
+def test_prepared_data_folder(tmp_path, capsys):
+    corpus = tmp_path / "texts"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Now is the winter of our discontent made glorious summer. " * 60)
+    (corpus / "b.txt").write_text("Friends, Romans, countrymen, lend me your ears. " * 60)
+    prepared = tmp_path / "prepared"
+    argv = ["data", "prepare", str(corpus), "--out", str(prepared), "--tokenizer", "gpt2", "--quiet"]
+    assert main(argv + ["--val-ratio", "0.5", "--workers", "1"]) == 0
+    cfg = tiny_config(tmp_path, data=str(prepared), max_steps=2, eval_interval=2, micro_batch_size=2)
+    result = train(cfg, TINY_SHAPE, quiet=True)
+    assert result.step == 2 and result.val_loss is not None
+    from dozero.tokenizer import load_tokenizer
+
+    assert load_tokenizer(tmp_path / "run" / "best").fingerprint() == load_tokenizer("gpt2").fingerprint()

@@ -101,7 +101,9 @@ def run_train(args) -> int:
         f"\ndone: {result.step} steps, validation loss {val} (best {result.best_val_loss:.4f}), "
         f"{result.tokens_per_second:,.0f} tokens/s, {result.seconds:.0f} s. Run folder: {result.run_dir}"
     )
+    tokenizer = load_tokenizer(folder)
+    length = 400 if tokenizer.kind == "char" else 120  # about the same amount of text
     print(f"--- a sample from {folder} ---")
-    print(cfg.sample_prompt + sample_text(model, load_tokenizer(folder), cfg, model.tok_emb.weight.device, 400))
+    print(cfg.sample_prompt + sample_text(model, tokenizer, cfg, model.tok_emb.weight.device, length))
     print(f'---\nmore: dozero generate --model {result.run_dir} "ROMEO:"')
     return 0
