@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from dozero.train.checkpoint import write_text_atomic
+
 
 def flops_per_token(n_params: int, n_layers: int, emb_dim: int, context_length: int) -> float:
     """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's
@@ -46,7 +48,7 @@ class RunObserver:
             return
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         self.records = [r for r in lines if r.get("step", 0) <= start_step]
-        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, records: list[dict]) -> None:
         if not self.enabled or not records:
@@ -122,12 +124,4 @@ class RunObserver:
             lines += ["", "## Sample at the end", "", "```", summary["sample"], "```"]
         lines += ["", "## Loss curve", "", "![loss](loss.png)", "", "## Configuration", "", "```json"]
         lines += [json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=2), "```", ""]
-        _write_atomic(self.run_dir / "report.md", "\n".join(lines))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+        write_text_atomic(self.run_dir / "report.md", "\n".join(lines))
