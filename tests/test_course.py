@@ -180,3 +180,23 @@ def test_doctor_compile_probe_reports_instead_of_failing(monkeypatch):
 def test_doctor_rejects_bad_numbers(capsys):
     assert main(["doctor", "--batch-size", "0", "--skip-compile"]) == 2
     assert "error: --batch-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["dozero", "hf"])
+def test_cli_on_a_saved_model_folder_uses_its_weights_and_tokenizer(fmt, tiny, tmp_path, capsys):
+    from dozero.model.checkpoint import save_model
+
+    model, tokenizer = tiny
+    folder = save_model(model, tmp_path / "model", tokenizer=tokenizer, format=fmt)
+    out = tmp_path / "a.png"
+    code = main(["attention", "--model", str(folder), SENTENCE, "--token", "ball", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "(trained weights)" in captured.out and "RANDOM" not in captured.out
+    # The ranking printed is the one of the model we saved: the same weights, read back.
+    expected = attention.compute_attention(model, tokenizer, SENTENCE)
+    row = expected.average[25]  # "ball" ends at character 25
+    best = int(torch.argmax(row[:25]))
+    assert "token 25 'l' attends most to" in captured.out
+    assert f"{float(row[best]):6.3f}  {best:3d} '{expected.labels[best]}'" in captured.out
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
