@@ -60,6 +60,13 @@ def test_load_hf_safetensors(tmp_path, shape):
     assert_same_logits(ours, theirs, shape[3], shape[4])
 
 
+def test_load_hf_sharded_safetensors(tmp_path):
+    theirs = hf_model(*SHAPES[0])
+    theirs.save_pretrained(tmp_path, max_shard_size="500KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    assert_same_logits(load_model(tmp_path), theirs, 1000, 64)
+
+
 def test_load_hf_pytorch_bin(tmp_path):
     """An older folder: config.json + pytorch_model.bin (read with weights_only=True)."""
     theirs = hf_model(*SHAPES[0])

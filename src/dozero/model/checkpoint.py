@@ -131,16 +131,19 @@ def model_config_from_dict(d, where: str) -> ModelConfig:
 
 def load_config(path: str | Path) -> ModelConfig:
     """Only the ModelConfig of a dozero or Hugging Face folder (no weights are read)."""
+    return _read_config(resolve_model_dir(path))[1]
+
+
+def _read_config(folder: Path) -> tuple[dict, ModelConfig]:
     from dozero.model import hf
 
-    folder = resolve_model_dir(path)
     raw = read_json(folder / CONFIG_FILE)
     where = str(folder / CONFIG_FILE)
     if raw.get("format") == FORMAT:
-        return model_config_from_dict(raw.get("model"), where)
+        return raw, model_config_from_dict(raw.get("model"), where)
     if hf.is_hf_config(raw):
         try:
-            return hf.config_from_hf(raw, where)
+            return raw, hf.config_from_hf(raw, where)
         except DozeroError:
             raise
         except Exception as e:  # e.g. a string where a number belongs
@@ -159,11 +162,10 @@ def load_model(path: str | Path, device=None, dtype=None) -> GPTModel:
     from dozero.model import hf
 
     folder = resolve_model_dir(path)
-    cfg = load_config(folder)
-    raw = read_json(folder / CONFIG_FILE)
+    raw, cfg = _read_config(folder)
     if raw.get("format") == FORMAT:
-        state = read_safetensors(folder / WEIGHTS_FILE)
         where = str(folder / WEIGHTS_FILE)
+        state = read_safetensors(folder / WEIGHTS_FILE)
     else:
         where = str(folder)
         state = hf.state_dict_from_hf(hf.read_hf_weights(folder), cfg, where)  # may untie cfg's head

@@ -123,10 +123,14 @@ def config_to_hf(cfg: ModelConfig, eos_token_id: int | None = None) -> dict:
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of `model.safetensors`, else `pytorch_model.bin` (tensors only, never pickled objects)."""
-    from dozero.model.checkpoint import read_safetensors  # checkpoint imports this module lazily
+    from dozero.model.checkpoint import read_json, read_safetensors  # (checkpoint imports hf lazily)
 
     if (folder / "model.safetensors").is_file():
         return read_safetensors(folder / "model.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # a sharded checkpoint: {"weight_map": {tensor name: shard file}}
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        return {k: v for shard in shards for k, v in read_safetensors(folder / shard).items()}
     path = folder / "pytorch_model.bin"
     if not path.is_file():
         raise DozeroError(f"{folder}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
