@@ -200,3 +200,22 @@ def test_cli_on_a_saved_model_folder_uses_its_weights_and_tokenizer(fmt, tiny, t
     assert "token 25 'l' attends most to" in captured.out
     assert f"{float(row[best]):6.3f}  {best:3d} '{expected.labels[best]}'" in captured.out
     assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_cli_on_gpt2_shape_reads_the_course_sentence_with_bpe(tmp_path, capsys):
+    """The course's own sentence through GPT-2's vocabulary: accents stay readable in the labels."""
+    sentence = "A cachorra correu atrás da bola, mas ela era muito rápida."
+    code = main(["attention", "--model", "gpt2", sentence, "--token", "ela", "--out", str(tmp_path / "g.png")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    # GPT-2 cuts it as 'A' ' c' 'ach' 'or' 'ra' ' cor' 're' 'u' ' at' 'r' 'ás' ' da' ' b' 'ola' ',' ' mas' ' el' 'a' ...
+    assert "27 tokens: 0:A 1:␣c 2:ach" in captured.out and " 10:ás " in captured.out and " 16:␣el 17:a " in captured.out
+    assert "token 17 'a' attends most to" in captured.out  # "ela" is read once its last token 'a' is
+
+
+def test_cli_says_when_the_sentence_is_cropped(tmp_path, capsys):
+    code = main(["attention", "--model", "shakespeare-char", "to be " * 20, "--out", str(tmp_path / "c.png")])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "note: the sentence has 120 tokens but the model's context is 64; only the first 64" in captured.err
+    assert "token 63 " in captured.out  # the default token is the last one that was read

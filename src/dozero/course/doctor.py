@@ -11,6 +11,7 @@ a fact to report, not an error.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
@@ -48,6 +49,7 @@ class Check:
     value: str
 
 
+@functools.cache  # read once per run, so that every line of the report quotes the same numbers
 def system_memory() -> tuple[int | None, int | None]:
     """(total, available) bytes of RAM, or None where the OS does not say (sysconf: Linux, macOS)."""
     try:
