@@ -197,3 +197,17 @@ def test_char_tokenizer_errors():
         CharTokenizer.from_text("")
     with pytest.raises(DozeroError, match="unknown special token '<|endoftext|>'; .* special tokens: none"):
         tok.special_id(ENDOFTEXT)
+
+
+def test_tokenizer_package_stays_light():
+    # dependencies flow one way (config <- tokenizer <- data <- model): no torch, no later stage, no CLI
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dozero.tokenizer; "
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('dozero.data', 'dozero.model', "
+        "'dozero.train', 'dozero.generate', 'dozero.cli'))]; print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -5,7 +5,8 @@
     tok = CharTokenizer.from_text(text)                # the tiny-Shakespeare demo's 65 characters
     tok = train_bpe(["corpus/"], vocab_size=8192)      # your own byte-level BPE
 
-Command line: `dozero tokenizer train|encode|decode|stats --help`.
+Command line: `dozero tokenizer train|encode|decode|stats|export --help`.
+GPT-2's vocabulary ships as dozero/assets/gpt2.tiktoken (from openai-whisper 20250625, MIT; see formats.py).
 """
 
 from dozero.tokenizer.base import ENDOFTEXT, SPECIAL_MODES, Tokenizer
