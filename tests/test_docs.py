@@ -136,6 +136,17 @@ def test_every_page_exists_in_both_languages_and_the_readmes_link_them():
             assert page in (DOCS / lang / "README.md").read_text(encoding="utf-8"), f"{lang} index misses {page}"
 
 
+ANY_LINK = re.compile(r"\]\((?!https?:|#)([^)#\s]+)")
+
+
+@pytest.mark.parametrize("path", [*all_pages(), REPO / "README.pt-BR.md"], ids=lambda p: p.name)
+def test_every_relative_link_and_image_exists(path):
+    if not path.exists():
+        pytest.skip("page missing (reported by another test)")
+    missing = [m for m in ANY_LINK.findall(path.read_text(encoding="utf-8")) if not (path.parent / m).exists()]
+    assert not missing, f"{path.relative_to(REPO)} links to missing files: {missing}"
+
+
 def test_both_languages_use_the_same_verbs_on_each_page():
     for page in PAGES:
         verbs = [{" ".join(c.split()[:2]) for c in commands(DOCS / lang / page)} for lang in LANGUAGES]
