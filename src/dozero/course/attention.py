@@ -190,7 +190,7 @@ def plot_attention(result: AttentionResult, path, title: str = "", highlight: in
     import matplotlib.pyplot as plt
 
     L, nh, T, _ = result.weights.shape
-    cell = 0.55 if L * nh <= 64 else 0.42
+    cell = 1.0 if L * nh <= 16 else 0.55 if L * nh <= 64 else 0.42  # inches per small map
     grid_w, grid_h = nh * cell, L * cell
     avg_size = max(4.0, min(8.0, 0.22 * T + 1.5))
     height = max(avg_size, grid_h)
@@ -225,7 +225,7 @@ def plot_attention(result: AttentionResult, path, title: str = "", highlight: in
                 sub.set_title(f"h{head}", fontsize=7)
             if head == 0:
                 sub.set_ylabel(f"L{layer}", fontsize=7, rotation=0, labelpad=8)
-    fig.suptitle(title or "attention weights (rows: each token; columns: the tokens it looks at)", fontsize=11, y=0.99)
+    fig.text(0.5, 0.98, title or "attention weights", ha="center", va="top", fontsize=11)
     _save_atomically(fig, path)
     plt.close(fig)
 
