@@ -177,9 +177,12 @@ def test_doctor_compile_probe_reports_instead_of_failing(monkeypatch):
     assert doctor.check_compile("cpu", timeout_s=0.01) == "not available: did not finish within 0 s"
 
 
-def test_doctor_rejects_bad_numbers(capsys):
-    assert main(["doctor", "--batch-size", "0", "--skip-compile"]) == 2
+def test_doctor_rejects_bad_input_before_the_slow_checks(monkeypatch, capsys):
+    monkeypatch.setattr(doctor, "environment_checks", lambda *a: pytest.fail("checks ran before validation"))
+    assert main(["doctor", "--batch-size", "0"]) == 2
     assert "error: --batch-size must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["doctor", "--preset", "gpt2-mediun"]) == 2
+    assert "error: unknown model preset 'gpt2-mediun': did you mean 'gpt2-medium'?" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fmt", ["dozero", "hf"])

@@ -256,6 +256,9 @@ def run_doctor(
     log=print,
 ) -> list[Check]:
     """Print the check-up and return its lines (the CLI's `dozero doctor`)."""
+    from dozero.config import get_model_config
+
+    get_model_config(preset)  # a mistyped preset fails now, not after the slow checks
     device = pick_device_type()
     checks = environment_checks(device, skip_compile)
     checks += fit_checks(preset, device, batch_size, context_length)
