@@ -19,6 +19,16 @@ from dozero.tokenizer import CharTokenizer
 GREEDY = {"temperature": 0.0}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second thread only adds waiting, badly so on a busy machine (measured:
+    5 s vs 40-70 s for this file on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(context_length=32, vocab_size=97, seed=0, qkv_bias=True, weight_scale=5.0) -> GPTModel:
     torch.manual_seed(seed)
     cfg = ModelConfig(
@@ -196,3 +206,17 @@ def test_max_new_tokens_zero_and_model_left_as_found(char_model, char_tokenizer)
     char_model.eval()
     with generation_mode(char_model):
         assert not char_model.training
+
+
+def test_compiled_decode_path_gives_the_same_tokens(char_model, monkeypatch):
+    """compile=True decodes over the whole (masked) cache; here the same function runs uncompiled
+    (compiling would take longer than this test budget), so the full-cache arithmetic is what is checked."""
+    from dozero.generate import engine
+
+    monkeypatch.setattr(engine, "compiled_decode_step", lambda device_type: engine.decode_step_full_cache)
+    prompts = [list(range(3, 20)), [7, 8]]  # padded batch, sliding past the context of 32
+    config = GenerationConfig(max_new_tokens=40, stop_at_eot=False, **GREEDY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = generate_ids(char_model, prompts, config)
+        assert generate_ids(char_model, prompts, GenerationConfig(**{**config.__dict__, "compile": True})) == expected

@@ -1,0 +1,134 @@
+"""Generation speed of dozero vs Hugging Face `generate`: greedy decoding with a KV cache, same weights.
+
+Batch 1, a 16-token prompt, 128 new tokens. Both models get identical random weights (through
+dozero's Hugging Face conversion). Each repetition runs ours and theirs back to back, alternating
+which goes first, and the script prints medians and the ratios ours / theirs:
+
+  tokens/s           128 new tokens / wall time of the whole call (prefill included)
+  first token (ms)   wall time of a call with max_new_tokens=1 (prefill + one sampling step)
+
+    flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/generate_speed.py
+    .venv/bin/python benchmarks/generate_speed.py --shapes small --repeats 9
+    .venv/bin/python benchmarks/generate_speed.py --device cuda --dtype bfloat16
+
+Targets (issue 6): >= 1.5x Hugging Face tokens/s at the 124M shape, >= 3x at the small shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dozero.config import ModelConfig, get_model_config
+from dozero.generate.engine import GenerationConfig, generate_ids
+from dozero.model.checkpoint import model_from_state_dict
+from dozero.model.hf import config_to_hf, state_dict_from_hf
+
+SHAPES = {
+    "gpt2": get_model_config("gpt2", qkv_bias=True),
+    # The course's character-level Shakespeare model (preset shakespeare-char: 4 layers, 128 wide, 65
+    # characters), with a 256-token context so that 16 + 128 tokens fit without sliding (Hugging Face
+    # cannot slide). Here the work per token is tiny, so per-token overhead decides the speed.
+    "small": get_model_config("shakespeare-char", context_length=256, qkv_bias=True),
+}
+
+
+def build_pair(cfg: ModelConfig, device, dtype):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf_cfg = GPT2Config(**{k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type")})
+    theirs = GPT2LMHeadModel(hf_cfg).eval()
+    ours = model_from_state_dict(cfg, state_dict_from_hf(theirs.state_dict(), cfg), "benchmark")
+    return ours.to(device=device, dtype=dtype).eval(), theirs.to(device=device, dtype=dtype)
+
+
+def timed(fn, device) -> tuple[float, list[int]]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def run_ours(model, prompt, new_tokens, compile=False):
+    config = GenerationConfig(temperature=0.0, max_new_tokens=new_tokens, stop_at_eot=False, compile=compile)
+    return generate_ids(model, [prompt.tolist()[0]], config)[0]
+
+
+def run_theirs(model, prompt, new_tokens):
+    with torch.inference_mode():
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            use_cache=True,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )
+    return out[0, prompt.shape[1] :].tolist()
+
+
+def bench(name, cfg, prompt_tokens, new_tokens, repeats, device, dtype, compile) -> dict:
+    """{runner: (tokens/s, first-token ms)} medians, and whether all runners gave the same tokens."""
+    ours, theirs = build_pair(cfg, device, dtype)
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
+    prompt = prompt.to(device)
+    runs = {"dozero": lambda n: run_ours(ours, prompt, n)}
+    if compile:
+        runs["dozero compiled"] = lambda n: run_ours(ours, prompt, n, compile=True)
+    runs["Hugging Face"] = lambda n: run_theirs(theirs, prompt, n)
+    for who, fn in runs.items():  # warm-up: allocator, kernels, lazy imports, compilation
+        seconds = timed(lambda fn=fn: fn(new_tokens), device)[0]
+        print(f"  warm-up {who}: {seconds:.1f} s", flush=True)
+    times = {(who, what): [] for who in runs for what in ("full", "first")}
+    same = True
+    for r in range(repeats):
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))
+        outputs = {}
+        for who in order:
+            seconds, outputs[who] = timed(lambda who=who: runs[who](new_tokens), device)
+            times[who, "full"].append(seconds)
+            times[who, "first"].append(timed(lambda who=who: runs[who](1), device)[0])
+        same &= all(out == outputs["Hugging Face"] for out in outputs.values())
+    med = {key: statistics.median(values) for key, values in times.items()}
+    return {who: (new_tokens / med[who, "full"], 1000 * med[who, "first"]) for who in runs}, same
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--compile", action="store_true", help="also time dozero with compile=True")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(
+        f"device {device}, {args.dtype}, torch threads {torch.get_num_threads()}, batch 1, prompt "
+        f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, median of {args.repeats} repetitions"
+    )
+    for name in args.shapes:
+        shape = SHAPES[name]
+        sizes = (args.prompt_tokens, args.new_tokens, args.repeats)
+        results, same = bench(name, shape, *sizes, device, dtype, args.compile)
+        hf_rate, hf_first = results["Hugging Face"]
+        print(f"{name}: {'' if same else 'OUTPUTS DIFFER! '}(ratios: vs Hugging Face, higher is better)")
+        for who, (rate, first) in results.items():
+            print(f"  {who:16} {rate:8.1f} tokens/s ({rate / hf_rate:4.2f}x)   "
+                  f"first token {first:8.1f} ms ({hf_first / first:4.2f}x)", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
