@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -76,6 +78,8 @@ def test_convert_round_trip(capsys, small_folder, tmp_path):
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_config["model_type"] == "gpt2" and hf_config["n_embd"] == 32
     assert (tmp_path / "hf" / "vocab.json").is_file()
+    code, out, _ = run(capsys, "model", "info", str(tmp_path / "hf"))  # a Hugging Face folder reads too
+    assert code == 0 and f"{GPTModel(SMALL).num_parameters():,}" in out
     code, out, _ = run(capsys, "model", "convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "dozero")
     assert code == 0
     a, b = load_model(small_folder), load_model(tmp_path / "back")
@@ -142,3 +146,9 @@ def test_error_bad_numbers(capsys):
 def test_debug_shows_the_exception(tmp_path):
     with pytest.raises(DozeroError):
         main(["--debug", "model", "info", str(tmp_path / "nope")])
+
+
+def test_model_commands_do_not_import_torch():
+    """`dozero --help` stays fast: torch is imported inside the commands that need it."""
+    code = "import sys, dozero.model.commands; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
