@@ -218,3 +218,55 @@ def test_prepared_data_folder(tmp_path, capsys):
     from dozero.tokenizer import load_tokenizer
 
     assert load_tokenizer(tmp_path / "run" / "best").fingerprint() == load_tokenizer("gpt2").fingerprint()
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import dozero.model.checkpoint as model_checkpoint
+
+    cfg = tiny_config(tmp_path, max_steps=8, eval_interval=4)
+    train(dataclasses.replace(cfg, stop_after=4), TINY_SHAPE, quiet=True)
+    run = tmp_path / "run"
+    before = (run / "latest" / "model.safetensors").read_bytes()
+    real_save = model_checkpoint.save_model
+
+    def crash_after_weights(model, folder, tokenizer=None, metadata=None):
+        real_save(model, folder, tokenizer, metadata)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(model_checkpoint, "save_model", crash_after_weights)
+    with pytest.raises(OSError, match="simulated"):
+        train(cfg, resume=run, quiet=True)
+    # latest/ is still the step-4 checkpoint, whole; no half-written folder is left behind.
+    assert json.loads((run / "latest" / "trainer_state.json").read_text())["step"] == 4
+    assert (run / "latest" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000004"]
+    monkeypatch.setattr(model_checkpoint, "save_model", real_save)
+    assert train(cfg, resume=run, quiet=True).step == 8  # and the run goes on from there
+
+
+def test_runtime_precision_and_peak_flops(monkeypatch):
+    from dozero import runtime
+
+    cpu = torch.device("cpu")
+    assert runtime.resolve_dtype("auto", cpu) == torch.float32
+    assert runtime.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(DozeroError, match="float16 needs a GPU"):
+        runtime.resolve_dtype("float16", cpu)
+    with pytest.raises(DozeroError, match="not known"):
+        runtime.resolve_dtype("fp8", cpu)
+    assert runtime.grad_scaler(cpu, torch.bfloat16) is None  # bf16 has float32's range: no scaling
+    assert (runtime.rank(), runtime.world_size(), runtime.is_main()) == (0, 1, True)
+    assert runtime.peak_flops(cpu) is None
+    for name, flops in [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert runtime.peak_flops(torch.device("cuda", 0)) == flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA L4")
+    assert runtime.peak_flops(torch.device("cuda", 0)) == 121e12
+    state = runtime.rng_state()
+    a = torch.rand(3)
+    runtime.set_rng_state(json.loads(json.dumps(state)))  # survives JSON
+    assert torch.equal(torch.rand(3), a)
