@@ -8,7 +8,7 @@
     ...     print(piece, end="", flush=True)
 
 Settings are the fields of `GenerationConfig` (temperature, top_k, top_p, min_p,
-repetition_penalty, frequency_penalty, max_new_tokens, seed, stop, stop_at_eot), given as keyword
+repetition_penalty, frequency_penalty, max_new_tokens, seed, stop, stop_at_eot, compile), given as keyword
 arguments or as `config=GenerationConfig(...)`. The returned text is the continuation only, without
 the prompt. Modules: `sampling` (choosing a token), `engine` (KV-cache loop, batching, sliding
 window), `stream` (incremental text), `commands` (`dozero generate`).

@@ -1,7 +1,7 @@
 """`dozero generate`: continue a prompt with a trained model, printing the text as it is produced.
 
-    dozero generate --model runs/shakespeare "ROMEO:"
-    dozero generate --model runs/shakespeare "ROMEO:" --num-samples 3 --temperature 1.0 --seed 7
+    dozero generate --model runs/shakespeare-char "ROMEO:"
+    dozero generate --model runs/shakespeare-char "ROMEO:" --num-samples 3 --temperature 1.0 --seed 7
     dozero generate --model path/to/hf-gpt2-folder "The meaning of life is" --top-p 0.9 --stop "\\n\\n"
 
 The sampling flags come from `GenerationConfig` (engine.py) and `SamplingConfig` (sampling.py).
@@ -26,9 +26,9 @@ after --max-new-tokens. Past the model's context length the window slides (with 
 
 EXAMPLES = """\
 examples:
-  dozero generate --model runs/shakespeare "ROMEO:"
-  dozero generate --model runs/shakespeare "" --num-samples 3 --seed 1      (empty prompt: start from scratch)
-  dozero generate --model runs/shakespeare "JULIET:" --temperature 0 --max-new-tokens 50   (greedy)
+  dozero generate --model runs/shakespeare-char "ROMEO:"
+  dozero generate --model runs/shakespeare-char "" --num-samples 3 --seed 1      (empty prompt: start from scratch)
+  dozero generate --model runs/shakespeare-char "JULIET:" --temperature 0 --max-new-tokens 50   (greedy)
   dozero generate --model gpt2-folder "Hello, I'm a language model," --top-p 0.9 --stop "\\n\""""
 
 
