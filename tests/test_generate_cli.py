@@ -90,3 +90,10 @@ def test_cli_in_a_real_process(saved):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout == "All:" + generate(model, tokenizer, "All:", seed=4, max_new_tokens=15) + "\n"
+
+
+def test_cli_warns_in_one_line_when_the_window_slides(saved, capsys):
+    code, out, err = run_cli(capsys, "--model", saved[0], "All", "--max-new-tokens", 40, "--seed", 0, "--no-stream")
+    assert code == 0 and len(out) == len("All") + 40 + 1
+    assert err.strip().startswith("[warning: generation reached the context length (32 tokens)")
+    assert "UserWarning" not in err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from dozero.cli_args import add_dataclass_args, apply_args
 from dozero.generate.engine import GenerationConfig
@@ -90,11 +91,14 @@ def run_generate(args) -> int:
     if live:
         out.write(args.prompt)
         out.flush()
-    for b, piece in stream_batch(model, tokenizer, [args.prompt] * args.num_samples, config):
-        texts[b] += piece
-        if live and b == 0:  # the first sample streams; the others are printed when all are done
-            out.write(piece)
-            out.flush()
+    with warnings.catch_warnings():
+        # Warnings (a long prompt cut, the window sliding) as one line of their own, not Python's format.
+        warnings.showwarning = lambda message, *_, **__: print(f"\n[warning: {message}]", file=sys.stderr, flush=True)
+        for b, piece in stream_batch(model, tokenizer, [args.prompt] * args.num_samples, config):
+            texts[b] += piece
+            if live and b == 0:  # the first sample streams; the others are printed when all are done
+                out.write(piece)
+                out.flush()
     for b, text in enumerate(texts):
         if b > 0:
             out.write(f"\n{'-' * 40} sample {b + 1}\n")
