@@ -205,6 +205,7 @@ def test_max_new_tokens_zero_and_model_left_as_found(char_model, char_tokenizer)
     generate(char_model, char_tokenizer, "abc", max_new_tokens=3)
     assert char_model.training  # training mode restored, so a training loop can print samples
     assert all(block.att.kv_cache is None for block in char_model.trf_blocks)
+    assert char_model.out_head.weight is char_model.tok_emb.weight  # the original head, still tied
     char_model.eval()
     with generation_mode(char_model):
         assert not char_model.training
@@ -222,3 +223,14 @@ def test_compiled_decode_path_gives_the_same_tokens(char_model, monkeypatch):
         warnings.simplefilter("ignore")
         expected = generate_ids(char_model, prompts, config)
         assert generate_ids(char_model, prompts, GenerationConfig(**{**config.__dict__, "compile": True})) == expected
+
+
+def test_changed_weights_are_seen_by_the_next_generation():
+    """The transposed output head is cached between calls; a training step must invalidate it."""
+    model, fresh = tiny_model(seed=3), tiny_model(seed=4)
+    config = GenerationConfig(max_new_tokens=10, stop_at_eot=False, **GREEDY)
+    assert generate_ids(model, [[1, 2, 3]], config) != generate_ids(fresh, [[1, 2, 3]], config)
+    with torch.no_grad():  # in place, as an optimizer step does
+        for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+            p.copy_(q)
+    assert generate_ids(model, [[1, 2, 3]], config) == generate_ids(fresh, [[1, 2, 3]], config)

@@ -24,6 +24,7 @@ Shape legend: B batch (prompts), T tokens in this call, S cache slots, V vocab_s
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -234,14 +235,50 @@ def generate_tokens(
 
 @contextmanager
 def generation_mode(model):
-    """Eval mode, and no KV cache left behind, so a model in training can generate and carry on."""
-    was_training = model.training
+    """Eval mode, a CPU-friendly output head, and no KV cache left behind, so a model in training can
+    generate and carry on exactly as it was."""
+    was_training, head = model.training, model.out_head
     model.eval()
+    if head.weight.device.type == "cpu":
+        model.out_head = transposed_head(head)
     try:
         yield model
     finally:
+        model.out_head = head  # the original module: weight tying with tok_emb is untouched
         model.clear_kv_cache()
         model.train(was_training)
+
+
+class TransposedHead(torch.nn.Module):
+    """The output head (no bias) with its weight stored transposed, (C, V), for decoding on a CPU.
+
+    Same numbers as `nn.Linear`, but one token at a time the BLAS here reads the (C, V) layout much
+    faster: the GPT-2 head (768 x 50,257) takes 5.9 instead of 10.5 ms per token, a 128-wide one 0.63
+    instead of 1.7 ms (1 thread, AMD EPYC, measured).
+    """
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        with torch.no_grad():
+            self.weight_t = head.weight.detach().t().contiguous()  # (C, V)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight_t  # (B, T, C) @ (C, V) -> (B, T, V)
+
+
+_TRANSPOSED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def transposed_head(head: torch.nn.Linear) -> TransposedHead:
+    """A `TransposedHead` of `head`, made once and reused while the weight is unchanged: the copy (10 ms
+    for a 25 MB head here) would otherwise add to every call's first token. A training step changes the
+    weight's version, so a model in training gets a fresh copy each time it samples."""
+    weight = head.weight
+    key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+    cached = _TRANSPOSED_HEADS.get(head)
+    if cached is None or cached[0] != key:
+        cached = _TRANSPOSED_HEADS[head] = (key, TransposedHead(head))
+    return cached[1]
 
 
 def generate_ids(model, prompts: list[list[int]], config: GenerationConfig, eot_id=None) -> list[list[int]]:
