@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dozero"
 RANK = {
     "errors": 0,
     "cli_args": 0,
+    "files": 0,
     "config": 1,
     "runtime": 1,
     "tokenizer": 2,

@@ -20,7 +20,6 @@ Shape legend: L n_layers, nh n_heads, T tokens.
 from __future__ import annotations
 
 import inspect
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dozero.errors import DozeroError
+from dozero.files import atomic_path
 
 
 @dataclass
@@ -232,11 +232,8 @@ def plot_attention(result: AttentionResult, path, title: str = "", highlight: in
 
 def _save_atomically(fig, path) -> None:
     """Write the PNG to a temporary file beside `path`, then rename: never a half-written image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
 
 def explain(

@@ -40,7 +40,7 @@ from dozero.data.clean import CleanConfig, CleanReport, CleanResult, Deduplicato
 from dozero.data.ingest import Document, IngestStats, expand_inputs, iter_documents, total_input_bytes
 from dozero.data.shards import FORMAT, ShardWriter, clear_data_dir, token_dtype, write_manifest
 from dozero.errors import DozeroError
-from dozero.tokenizer.base import atomic_write
+from dozero.files import atomic_write
 
 CHAR_SEPARATOR = "\n\n"
 BATCH_BYTES = 1 << 20  # ~1 MB of text per task: large enough that pickling overhead is small

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from dozero.errors import DozeroError
-from dozero.tokenizer.base import atomic_write
+from dozero.files import atomic_write
 
 MANIFEST = "manifest.json"
 FORMAT = "dozero-data"

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from dozero.config import ModelConfig
 from dozero.errors import DozeroError
+from dozero.files import atomic_path
 from dozero.model.gpt import GPTModel
 
 CONFIG_FILE = "config.json"
@@ -40,21 +38,6 @@ RUN_SUBFOLDERS = ("best", "latest")  # in order of preference
 
 
 # ----------------------------------------------------------------------------- files
-
-
-@contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path next to `path`; on success it replaces `path` in one step, so a
-    reader never sees half a file (a crash leaves the old file, or none)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -17,10 +17,8 @@ This follows tiktoken's default (`disallowed_special="all"`), which dozero's fas
 from __future__ import annotations
 
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 from dozero.errors import DozeroError
 
@@ -32,20 +30,6 @@ TOKENIZER_FILE = "dozero_tokenizer.json"  # dozero's own tokenizer description i
 def check_special_mode(special: str) -> None:
     if special not in SPECIAL_MODES:
         raise DozeroError(f"special={special!r} is not one of {', '.join(SPECIAL_MODES)}")
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write `data` to `path` through a temporary file in the same folder, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Tokenizer(ABC):

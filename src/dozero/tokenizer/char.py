@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dozero.errors import DozeroError
-from dozero.tokenizer.base import TOKENIZER_FILE, Tokenizer, atomic_write, check_special_mode
+from dozero.files import atomic_write
+from dozero.tokenizer.base import TOKENIZER_FILE, Tokenizer, check_special_mode
 
 
 class CharTokenizer(Tokenizer):

@@ -27,7 +27,8 @@ from importlib import resources
 from pathlib import Path
 
 from dozero.errors import DozeroError
-from dozero.tokenizer.base import ENDOFTEXT, TOKENIZER_FILE, Tokenizer, atomic_write
+from dozero.files import atomic_write
+from dozero.tokenizer.base import ENDOFTEXT, TOKENIZER_FILE, Tokenizer
 from dozero.tokenizer.bpe import GPT2_PATTERN, BPETokenizer, bytes_to_unicode
 from dozero.tokenizer.char import CharTokenizer
 

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dozero.errors import DozeroError
+from dozero.files import atomic_write
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
@@ -67,22 +68,8 @@ def _json_default(x):
     raise TypeError(f"cannot store {type(x).__name__} in {TRAINER_STATE}")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Text into a temp file in the same folder, then os.replace (atomic on POSIX and Windows)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json_atomic(path: Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=1, default=_json_default))
+    atomic_write(path, json.dumps(data, indent=1, default=_json_default))
 
 
 def _replace_folder(tmp: Path, final: Path) -> None:

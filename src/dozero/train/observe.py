@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dozero.train.checkpoint import write_text_atomic
+from dozero.files import atomic_path, atomic_write
 
 
 def flops_per_token(n_params: int, n_layers: int, emb_dim: int, context_length: int) -> float:
@@ -48,7 +46,7 @@ class RunObserver:
             return
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         self.records = [r for r in lines if r.get("step", 0) <= start_step]
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, records: list[dict]) -> None:
         if not self.enabled or not records:
@@ -91,12 +89,9 @@ class RunObserver:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".loss.", suffix=".png")
-        os.close(fd)
-        fig.savefig(tmp)
+        with atomic_path(self.run_dir / "loss.png") as tmp:
+            fig.savefig(tmp, format="png")
         plt.close(fig)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private (0600)
-        os.replace(tmp, self.run_dir / "loss.png")
 
     def write_report(self, *, cfg, model_cfg, n_params, hardware, source, steps, tokens, seconds, summary) -> None:
         """report.md: what was trained, on what, for how long, and how well."""
@@ -124,4 +119,4 @@ class RunObserver:
             lines += ["", "## Sample at the end", "", "```", summary["sample"], "```"]
         lines += ["", "## Loss curve", "", "![loss](loss.png)", "", "## Configuration", "", "```json"]
         lines += [json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=2), "```", ""]
-        write_text_atomic(self.run_dir / "report.md", "\n".join(lines))
+        atomic_write(self.run_dir / "report.md", "\n".join(lines))
