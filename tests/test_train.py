@@ -136,7 +136,7 @@ def test_adamw_groups_decay_matrices_only():
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert sum(p.numel() for p in decay["params"] + no_decay["params"]) == model.num_parameters()
     opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
-    assert opt.defaults["foreach"] is True and opt.defaults["betas"] == (0.9, 0.99)
+    assert opt.defaults["fused"] is True and opt.defaults["betas"] == (0.9, 0.99)
 
 
 def test_presets_follow_their_sources():
