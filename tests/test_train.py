@@ -112,7 +112,7 @@ def test_on_nan_skip_skips_the_step_and_goes_on(tmp_path):
 
 
 def test_schedules():
-    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule="cosine")
     assert lr_at(0, cfg) == pytest.approx(0.1)  # linear warmup: (step + 1) / warmup
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(10, cfg) == pytest.approx(1.0)  # cosine starts at the peak
@@ -143,11 +143,13 @@ def test_presets_follow_their_sources():
     char = get_train_preset("shakespeare-char")  # nanoGPT's CPU run of train_shakespeare_char.py
     assert (char.micro_batch_size, char.max_steps, char.warmup_steps) == (12, 2000, 100)
     assert (char.lr, char.min_lr) == (1e-3, 1e-4)
+    assert (char.schedule, char.decay_fraction) == ("wsd", 0.2)  # our one change: measured lower final loss
     assert (char.beta2, char.weight_decay, char.grad_clip, char.eval_iters) == (0.99, 0.1, 1.0, 20)
     shape = get_model_config(char.model)
     assert (shape.n_layers, shape.n_heads, shape.emb_dim, shape.context_length, shape.drop_rate) == (4, 4, 128, 64, 0.0)
     gpt2 = get_train_preset("gpt2-124m")  # GPT-3 paper table 2.1, "GPT-3 Small"
     assert gpt2.global_batch_tokens == 524_288 and gpt2.lr == 6e-4 and gpt2.beta2 == 0.95
+    assert gpt2.schedule == get_train_preset("shakespeare-bpe").schedule == "cosine"
     assert gpt2.max_steps * gpt2.global_batch_tokens == pytest.approx(300e9, rel=1e-3)
     with pytest.raises(DozeroError, match="did you mean 'gpt2-124m'"):
         get_train_preset("gpt2-124")
