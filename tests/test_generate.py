@@ -12,7 +12,7 @@ import torch
 from dozero.config import ModelConfig
 from dozero.errors import DozeroError
 from dozero.generate import generate, stream
-from dozero.generate.engine import BatchState, GenerationConfig, generate_ids, generation_mode
+from dozero.generate.engine import BatchState, GenerationConfig, generate_ids, generation_mode, use_decoding_layout
 from dozero.model.gpt import GPTModel
 from dozero.tokenizer import CharTokenizer
 
@@ -114,6 +114,24 @@ def test_greedy_equals_hugging_face_generate(hf_pair):
             )[0, len(prompt) :].tolist()
         assert ours == theirs
         assert generate_ids(model, [prompt], config)[0] == theirs  # batched = one by one
+
+
+def test_decoding_layout_keeps_values_tying_and_hugging_face_parity(hf_pair):
+    """`use_decoding_layout` (the CLI's one-time re-layout) changes how weights sit in memory, nothing else."""
+    hf, model = hf_pair
+    laid_out = copy.deepcopy(model)
+    use_decoding_layout(laid_out)
+    for (name, p), q in zip(laid_out.named_parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert laid_out.out_head.weight is laid_out.tok_emb.weight and not laid_out.tok_emb.weight.is_contiguous()
+    assert not laid_out.trf_blocks[0].ff.fc.weight.is_contiguous()
+    prompt = torch.randint(0, 500, (9,), generator=torch.Generator().manual_seed(5)).tolist()
+    config = GenerationConfig(max_new_tokens=30, stop_at_eot=False, **GREEDY)
+    with torch.no_grad():
+        theirs = hf.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=30, min_new_tokens=30, pad_token_id=0
+        )[0, len(prompt) :].tolist()
+    assert generate_ids(laid_out, [prompt], config)[0] == theirs
 
 
 def test_batched_equals_one_by_one_text(char_model, char_tokenizer):
