@@ -22,6 +22,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -316,7 +317,10 @@ def sample_text(model: GPTModel, tokenizer, cfg: TrainConfig, device, max_new_to
     from dozero.generate import generate
 
     was_training = model.training
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
+        # A sample longer than the context slides its window; expected here, so not worth a warning
+        # in the middle of the progress bar.
+        warnings.filterwarnings("ignore", message="generation reached the context length")
         text = generate(
             model, tokenizer, cfg.sample_prompt, max_new_tokens=max_new_tokens, temperature=0.8, seed=cfg.seed
         )
