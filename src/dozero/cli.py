@@ -19,7 +19,7 @@ import sys
 from dozero import __version__
 from dozero.errors import DozeroError
 
-# (verb, module with register()). Order is the pipeline's order, and `--help` lists them so.
+# Modules with a `register(subparsers)`, in pipeline order: `--help` lists their verbs in this order.
 VERBS = [
     "dozero.model.commands",
     "dozero.tokenizer.commands",
@@ -31,7 +31,7 @@ VERBS = [
 
 EPILOG = """\
 Start here:
-  dozero train                      train a tiny Shakespeare model on this computer (~3 min on CPU)
+  dozero train                      train a tiny Shakespeare model on this computer (~2 min on CPU)
   dozero model info gpt2            how much memory GPT-2 124M needs to train
 Every verb has its own --help, e.g. `dozero train --help`.
 Errors print one line; add --debug to see the full traceback."""
@@ -48,13 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     for module_name in VERBS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:  # TEMPORARY while stages are being written
-            if e.name != module_name:
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(module_name).register(subparsers)
     return parser
 
 
