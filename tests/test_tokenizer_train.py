@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dozero.errors import DozeroError
@@ -41,6 +43,18 @@ def test_count_chunks_cuts_out_specials_and_invalid_bytes():
 def test_learn_merges_runs_out_of_pairs():
     tokens = learn_merges({"ab": 3}, n_tokens=300, progress=False)
     assert tokens[256:] == [b"ab"]  # one pair in the whole corpus: one merge, then stop
+    # A repeated pair: after "ab" and "abab" no pair is left; pairs whose count fell to 0 are never merged.
+    assert learn_merges({"abab": 1}, n_tokens=300, progress=False)[256:] == [b"ab", b"abab"]
+    assert learn_merges({"aaaa": 1}, n_tokens=300, progress=False)[256:] == [b"aa", b"aaaa"]
+
+
+def test_corpus_files_below_a_parent_folder(tmp_path, monkeypatch):
+    (tmp_path / "corpus" / ".git").mkdir(parents=True)
+    (tmp_path / "corpus" / "a.txt").write_text("a")
+    (tmp_path / "corpus" / ".git" / "HEAD").write_text("ref")  # hidden below the folder: left out
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert corpus_files(["../corpus"]) == [Path("../corpus/a.txt")]
 
 
 @pytest.fixture(scope="module")

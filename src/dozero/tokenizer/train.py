@@ -71,7 +71,12 @@ def corpus_files(inputs: list[str | os.PathLike]) -> list[Path]:
         item = str(item)
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts))
+            # hidden means hidden below the folder: "../corpus" and "~/.cache/corpus" are fine
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
+            )
         elif path.is_file():
             found = [path]
         else:
@@ -104,7 +109,7 @@ def _blocks(path: Path):
         while block := f.read(_BLOCK_BYTES):
             data = carry + block
             cut = data.rfind(b"\n")
-            while cut > 0 and not 0x21 <= data[cut - 1] <= 0x7E:  # "\n" after printable ASCII (see _CUT)
+            while cut > 0 and not 0x21 <= data[cut - 1] <= 0x7E:  # "\n" after printable ASCII (see _BLOCK_BYTES)
                 cut = data.rfind(b"\n", 0, cut)
             if cut <= 0:
                 carry = data  # no place to cut yet (e.g. one very long line): read on
@@ -217,6 +222,8 @@ def learn_merges(chunk_counts: Counter, n_tokens: int, progress: bool = True) ->
     while len(tokens) < n_tokens and heap:
         neg, _, _, pair = heapq.heappop(heap)
         count = pair_count.get(pair, 0)
+        if count <= 0:  # the pair no longer occurs (a merge consumed every instance): never merge it
+            continue
         if count != -neg:  # stale entry: counts only fall for old pairs, so push it back as it is now
             if count > 0:
                 heapq.heappush(heap, (-count, tokens[pair[0]], tokens[pair[1]], pair))
