@@ -11,6 +11,7 @@ target (`os.replace` is atomic on POSIX and Windows within one filesystem).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -45,3 +46,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write `data` (text is UTF-8 encoded) to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def write_json(path: str | os.PathLike, obj, **dumps_options) -> None:
+    """`obj` as indented JSON, atomically; `dumps_options` go to `json.dumps` (e.g. default=...)."""
+    atomic_write(path, json.dumps(obj, **{"indent": 2, **dumps_options}) + "\n")

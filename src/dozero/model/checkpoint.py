@@ -27,7 +27,7 @@ import torch
 
 from dozero.config import ModelConfig
 from dozero.errors import DozeroError
-from dozero.files import atomic_path
+from dozero.files import atomic_path, write_json
 from dozero.model.gpt import GPTModel
 
 CONFIG_FILE = "config.json"
@@ -38,11 +38,6 @@ RUN_SUBFOLDERS = ("best", "latest")  # in order of preference
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def write_json(path: str | Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def read_json(path: Path) -> dict:

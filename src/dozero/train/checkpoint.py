@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dozero.errors import DozeroError
-from dozero.files import atomic_write
+from dozero.files import write_json
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
@@ -66,10 +66,6 @@ def _json_default(x):
     if isinstance(x, torch.Tensor):
         return x.tolist()
     raise TypeError(f"cannot store {type(x).__name__} in {TRAINER_STATE}")
-
-
-def write_json_atomic(path: Path, data) -> None:
-    atomic_write(path, json.dumps(data, indent=1, default=_json_default))
 
 
 def _replace_folder(tmp: Path, final: Path) -> None:
@@ -120,7 +116,8 @@ def save_checkpoint(
         save_model(model, tmp, tokenizer=tokenizer, metadata=metadata)
         tensors, groups = optimizer_to_files(optimizer)
         save_file(tensors, str(tmp / OPTIMIZER_STATE))
-        write_json_atomic(tmp / TRAINER_STATE, {**trainer_state, "step": step, "optimizer_param_groups": groups})
+        state = {**trainer_state, "step": step, "optimizer_param_groups": groups}
+        write_json(tmp / TRAINER_STATE, state, indent=1, default=_json_default)
         _replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

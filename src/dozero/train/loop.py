@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from dozero import runtime
 from dozero.config import ModelConfig, get_model_config
 from dozero.errors import DozeroError
+from dozero.files import write_json
 from dozero.model.gpt import GPTModel
 from dozero.train.checkpoint import find_resume_point, load_trainer_state, save_checkpoint
 from dozero.train.config import TrainConfig
@@ -145,13 +146,11 @@ def _train(cfg: TrainConfig, model_overrides: dict, resume, device: torch.device
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         runtime.set_rng_state(state["rng"])
-    elif main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from dozero.train.checkpoint import write_json_atomic
-
-        write_json_atomic(run_dir / CONFIG_FILE, {"train": cfg.to_dict(), "model": model_cfg.to_dict()})
     if step >= cfg.max_steps:
         raise DozeroError(f"{run_dir} already ran {step} of {cfg.max_steps} steps; give a larger --max-steps to go on")
+    if main:  # on resume too, so flags given with --resume (a larger --max-steps) hold for the next resume
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / CONFIG_FILE, {"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=1)
 
     model = torch.compile(raw_model) if cfg.compile else raw_model
     model = runtime.wrap_ddp(model, device)
@@ -236,8 +235,11 @@ def _train(cfg: TrainConfig, model_overrides: dict, resume, device: torch.device
             timer["steps"] += 1
             pending.append((step, loss, optimizer.param_groups[0]["lr"], applied))
             evaluate_now = step % cfg.eval_interval == 0 or step == cfg.max_steps
-            stop_now = runtime.any_rank_true(bool(stop_signal), device) or step == cfg.stop_after
-            if step % cfg.log_interval == 0 or evaluate_now or stop_now:
+            # Ranks agree on a stop signal only at log steps: under DDP the check is an all-reduce and a sync.
+            at_log_step = step % cfg.log_interval == 0
+            signalled = at_log_step and runtime.any_rank_true(bool(stop_signal), device)
+            stop_now = signalled or step == cfg.stop_after
+            if at_log_step or evaluate_now or stop_now:
                 flush()
             if evaluate_now:
                 val_loss = evaluate(raw_model, corpus.val, cfg, T, device, dtype)
