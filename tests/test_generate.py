@@ -224,9 +224,10 @@ def test_max_new_tokens_zero_and_model_left_as_found(char_model, char_tokenizer)
     assert char_model.training  # training mode restored, so a training loop can print samples
     assert all(block.att.kv_cache is None for block in char_model.trf_blocks)
     assert char_model.out_head.weight is char_model.tok_emb.weight  # the original head, still tied
-    char_model.eval()
-    with generation_mode(char_model):
+    with generation_mode(char_model):  # a model in training mode is switched to eval for generation
         assert not char_model.training
+    assert char_model.training
+    char_model.eval()
 
 
 def test_compiled_decode_path_gives_the_same_tokens(char_model, monkeypatch):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dozero.runtime import pick_device
+
 GIB = 1024**3
 
 # torch.compile is tried in a child process so that a compiler that hangs or crashes cannot take
@@ -70,14 +72,6 @@ def system_memory() -> tuple[int | None, int | None]:
         except OSError:
             pass
     return total, available
-
-
-def pick_device_type() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def check_bf16(device: str) -> str:
@@ -259,7 +253,7 @@ def run_doctor(
     from dozero.config import get_model_config
 
     get_model_config(preset)  # a mistyped preset fails now, not after the slow checks
-    device = pick_device_type()
+    device = pick_device().type
     checks = environment_checks(device, skip_compile)
     checks += fit_checks(preset, device, batch_size, context_length)
     width = max(len(c.name) for c in checks)

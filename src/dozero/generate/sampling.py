@@ -94,9 +94,9 @@ def top_p_filter(logits, p: float):
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)  # (B, V)
+    probs = torch.softmax(sorted_logits, dim=-1)  # (B, V)
     # Drop a token when the tokens before it already reach p; the first token is never dropped.
-    drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
