@@ -172,6 +172,12 @@ def test_cli_train_then_generate(tmp_path, capsys):
     text = capsys.readouterr().out
     assert len(text.strip()) > len("ROMEO:")
 
+    # Flags given with --resume hold for the next resume too: 6 -> 8 steps, then resume again to 8 = done.
+    assert main(["train", "--resume", str(run), "--max-steps", "8", "--sample-tokens", "0"]) == 0
+    assert json.loads((run / "train_config.json").read_text())["train"]["max_steps"] == 8
+    assert main(["train", "--resume", str(run)]) == 2  # nothing left to do: one-line error
+    assert "already ran 8 of 8 steps" in capsys.readouterr().err
+
     # A second run into the same --out-dir never overwrites the first.
     assert main(argv + ["--max-steps", "1", "--eval-interval", "1"]) == 0
     assert (tmp_path / "cli-run-2" / "latest" / "model.safetensors").is_file()
