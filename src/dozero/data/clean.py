@@ -313,7 +313,7 @@ class CleanReport:
 
     def __init__(self, cfg: CleanConfig):
         self.cfg = cfg
-        self.documents = self.kept = self.kept_bytes = 0
+        self.documents = self.kept = 0
         self.normalized = self.long_word_lines = self.long_word_docs = self.pii_docs = 0
         self.pii: dict[str, int] = {}
         self.removed: dict[str, int] = {r: 0 for r in (*DROP_REASONS, "exact_duplicate", "near_duplicate")}
@@ -338,7 +338,6 @@ class CleanReport:
             self._example(reason, {"source": source, "text": _snippet(raw_text)})
             return
         self.kept += 1
-        self.kept_bytes += len(raw_text.encode("utf-8", errors="replace"))
         if result.pii:
             self.pii_docs += 1
             for kind, n in result.pii.items():

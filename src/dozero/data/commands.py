@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     prep = sub.add_parser(
         "prepare",
         help="clean and tokenize files into shards",
-        description="Read .txt/.md/.jsonl/.parquet files (optionally .gz/.zst), clean them (normalize, filter, "
+        description="Read .txt/.md/.py/.jsonl/.parquet files (optionally .gz/.zst), clean them (normalize, filter, "
         "scrub personal data, deduplicate) and tokenize them into binary shards with a manifest.",
         epilog=PREPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,4 +1,4 @@
-"""Read documents from files, folders and globs: .txt/.md, .jsonl, .parquet, optionally .gz/.zst compressed.
+"""Read documents from files, folders and globs: .txt/.md/.py, .jsonl, .parquet, optionally .gz/.zst compressed.
 
     files = expand_inputs(["corpus/", "extra/*.jsonl.zst"])
     stats = IngestStats()
@@ -34,7 +34,7 @@ from pathlib import Path
 from dozero.errors import DozeroError
 
 TEXT_SUFFIXES = (".txt", ".md")
-SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet", ".py")  # .py: the benchmark reads the standard library
+SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet", ".py")  # .py: source code as plain text, one document a file
 COMPRESSIONS = (".gz", ".zst")
 CHUNK_BYTES = 8 << 20
 # surrogateescape turns each undecodable byte into one lone surrogate U+DC80..U+DCFF, which we count
