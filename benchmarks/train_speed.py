@@ -58,17 +58,10 @@ def build(kind: str, cfg, corpus, device):
     else:
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        hf_cfg = GPT2Config(
-            vocab_size=shape.vocab_size,
-            n_positions=shape.context_length,
-            n_embd=shape.emb_dim,
-            n_layer=shape.n_layers,
-            n_head=shape.n_heads,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            attn_implementation="sdpa",
-        )
+        from dozero.model.hf import config_to_hf
+
+        # The same shape, GELU and dropout (0) as ours, through the exporter's config mapping.
+        hf_cfg = GPT2Config(**config_to_hf(shape), attn_implementation="sdpa")
         raw = GPT2LMHeadModel(hf_cfg)
         model = HFLogits(raw)
     raw.train()

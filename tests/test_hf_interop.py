@@ -124,11 +124,39 @@ def test_dozero_saves_hf_loads(tmp_path, shape, qkv_bias):
     assert_same_logits(load_model(tmp_path), theirs, vocab, ctx)
 
 
+@pytest.mark.parametrize("gelu, activation", [("tanh", "gelu_new"), ("none", "gelu")])
+def test_gelu_choice_both_ways(tmp_path, gelu, activation):
+    """The exact-GELU character presets export as HF's "gelu"; GPT-2's tanh GELU as "gelu_new"."""
+    n_layer, n_head, n_embd, vocab, ctx = SHAPES[1]
+    torch.manual_seed(3)
+    cfg = ModelConfig(vocab_size=vocab, context_length=ctx, emb_dim=n_embd, n_heads=n_head, n_layers=n_layer,
+                      gelu_approximation=gelu)  # fmt: skip
+    ours = GPTModel(cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # large weights: the two GELUs differ visibly
+    save_model(ours, tmp_path / "hf", format="hf")
+    theirs = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.config.activation_function == activation
+    assert_same_logits(ours, theirs, vocab, ctx)
+    assert load_model(tmp_path / "hf").cfg.gelu_approximation == gelu
+    # The choice matters: the same weights with the other GELU give other logits.
+    theirs.config.activation_function = "gelu" if gelu == "tanh" else "gelu_new"
+    theirs.save_pretrained(tmp_path / "other")
+    with pytest.raises(AssertionError):
+        assert_same_logits(ours, GPT2LMHeadModel.from_pretrained(tmp_path / "other").eval(), vocab, ctx)
+
+
 def test_hf_config_with_unsupported_options(tmp_path):
     theirs = hf_model(*SHAPES[2])
     theirs.config.scale_attn_by_inverse_layer_idx = True
     theirs.save_pretrained(tmp_path)
     with pytest.raises(DozeroError, match="scale_attn_by_inverse_layer_idx"):
+        load_model(tmp_path)
+    theirs.config.scale_attn_by_inverse_layer_idx = False
+    theirs.config.activation_function = "relu"
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(DozeroError, match="activation_function 'relu' unsupported"):
         load_model(tmp_path)
 
 

@@ -40,6 +40,9 @@ class ModelConfig:
     """Share the output head with the token embedding, as GPT-2 does."""
     layer_norm_eps: float = 1e-5
     """Epsilon of every LayerNorm (GPT-2: 1e-5)."""
+    gelu_approximation: str = "tanh"
+    """GELU of the feed-forward: 'tanh' (GPT-2's approximation, needed to load OpenAI's weights) or
+    'none' (the exact erf GELU, as nanoGPT trains; ~3.5x faster than tanh on AVX2 CPUs)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -52,6 +55,10 @@ class ModelConfig:
             raise DozeroError(
                 f"model config: emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}); "
                 f"try n_heads={_nearest_divisor(self.emb_dim, self.n_heads)}"
+            )
+        if self.gelu_approximation not in ("tanh", "none"):
+            raise DozeroError(
+                f"model config: gelu_approximation must be 'tanh' or 'none', got '{self.gelu_approximation}'"
             )
         if not 0.0 <= self.drop_rate < 1.0:
             raise DozeroError(f"model config: drop_rate must be in [0, 1), got {self.drop_rate}")
@@ -79,17 +86,18 @@ def _nearest_divisor(n: int, near: int) -> int:
 
 # Published shapes. GPT-2 sizes: Radford et al. 2019, table 2, and OpenAI's released hparams.json
 # (they all have qkv biases). The character presets are nanoGPT's config/train_shakespeare_char.py:
-# its default GPU shape and the "on a MacBook / CPU" shape from nanoGPT's README.
+# its default GPU shape and the "on a MacBook / CPU" shape from nanoGPT's README, with nanoGPT's
+# exact GELU (nn.GELU()): these are trained from scratch, so nothing ties them to GPT-2's tanh.
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "gpt2": ModelConfig(emb_dim=768, n_heads=12, n_layers=12, qkv_bias=True),
     "gpt2-medium": ModelConfig(emb_dim=1024, n_heads=16, n_layers=24, qkv_bias=True),
     "gpt2-large": ModelConfig(emb_dim=1280, n_heads=20, n_layers=36, qkv_bias=True),
     "gpt2-xl": ModelConfig(emb_dim=1600, n_heads=25, n_layers=48, qkv_bias=True),
     "shakespeare-char": ModelConfig(
-        vocab_size=65, context_length=64, emb_dim=128, n_heads=4, n_layers=4, drop_rate=0.0
+        vocab_size=65, context_length=64, emb_dim=128, n_heads=4, n_layers=4, drop_rate=0.0, gelu_approximation="none"
     ),
     "shakespeare-char-gpu": ModelConfig(
-        vocab_size=65, context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.2
+        vocab_size=65, context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.2, gelu_approximation="none"
     ),
 }
 

@@ -44,15 +44,21 @@ class LayerNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Expand 4x, GELU (tanh approximation, as GPT-2 was trained with), project back."""
+    """Expand 4x, GELU, project back.
+
+    GPT-2 was trained with GELU's tanh approximation; models trained here from scratch may use the
+    exact (erf) GELU, which PyTorch computes several times faster on CPUs (`cfg.gelu_approximation`).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.gelu_approximation = cfg.gelu_approximation
         self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
         self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        hidden = F.gelu(self.fc(x), approximate=self.gelu_approximation)  # (B, T, C) -> (B, T, 4C)
+        return self.proj(hidden)  # (B, T, 4C) -> (B, T, C)
 
 
 class KVCache(nn.Module):

@@ -58,8 +58,16 @@ _UNSUPPORTED = {
     "scale_attn_by_inverse_layer_idx": False,
     "scale_attn_weights": True,
 }
-# GPT-2 was trained with the tanh approximation of GELU; these are its names in transformers.
-_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# transformers' names for the two GELUs -> ModelConfig.gelu_approximation. GPT-2 was trained with
+# the tanh approximation ("gelu_new"); "gelu" is the exact erf GELU.
+_GELU_FROM_HF = {
+    "gelu_new": "tanh",
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_fast": "tanh",
+    "gelu": "none",
+    "gelu_python": "none",
+}
+_GELU_TO_HF = {"tanh": "gelu_new", "none": "gelu"}
 
 
 def is_hf_config(config: dict) -> bool:
@@ -75,8 +83,10 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         if hf.get(key, expected) != expected:
             raise DozeroError(f"{where}: {key}={hf[key]} is not supported by dozero's GPT-2 (only {expected})")
     activation = hf.get("activation_function", "gelu_new")
-    if activation not in _TANH_GELU:
-        raise DozeroError(f"{where}: activation_function '{activation}' unsupported; dozero uses {_TANH_GELU[0]}")
+    if activation not in _GELU_FROM_HF:
+        raise DozeroError(
+            f"{where}: activation_function '{activation}' unsupported; dozero reads {sorted(_GELU_FROM_HF)}"
+        )
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise DozeroError(f"{where}: n_inner={hf['n_inner']} unsupported; dozero's feed-forward is 4 x n_embd")
     return ModelConfig(
@@ -89,6 +99,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         qkv_bias=True,
         tie_weights=bool(hf.get("tie_word_embeddings", True)),
         layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        gelu_approximation=_GELU_FROM_HF[activation],
     )
 
 
@@ -99,7 +110,7 @@ def config_to_hf(cfg: ModelConfig, eos_token_id: int | None = None) -> dict:
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
-        "activation_function": "gelu_new",
+        "activation_function": _GELU_TO_HF[cfg.gelu_approximation],
         "vocab_size": cfg.vocab_size,
         "n_positions": cfg.context_length,
         "n_embd": cfg.emb_dim,
