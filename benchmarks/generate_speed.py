@@ -12,16 +12,13 @@ which goes first, and the script prints medians and the ratios ours / theirs:
     .venv/bin/python benchmarks/generate_speed.py --device cuda --dtype bfloat16
 
 Targets (issue 6): >= 1.5x Hugging Face tokens/s at the 124M shape, >= 3x at the small shape.
-Measured on the 2-core AMD EPYC dev machine (shared, fp32, 2 threads, `--shapes gpt2 small small-bpe
---compile`), tokens/s ratio dozero / Hugging Face:
-    gpt2 124M   eager 1.17x, compiled 1.24x  (HF 25.7 tokens/s; 1 thread: 1.27x / 1.33x, HF 21.5)
-    small       eager 1.73x, compiled 4.10x  (HF 459 tokens/s)
-    small-bpe   eager 2.72x, compiled 3.65x  (HF 156 tokens/s)
-At 124M batch-1 decoding reads ~500 MB of fp32 weights per token and both implementations wait on
-memory; dozero's lead there comes from its output head layout (engine.TransposedHead) and less
-per-token work. Outputs are checked token for token against Hugging Face in every repetition.
-"dozero CLI layout" is the model as `dozero generate` uses it (engine.use_decoding_layout, done once at
-load, untimed): `--shapes gpt2` 1.21x vs plain 1.17x (2 threads), 1.28x vs 1.21x (--threads 1).
+"dozero CLI layout" is the model as `dozero generate` uses it: `layout.use_decoding_layout`, done once
+at load (untimed), stores the weights (in, out) and splits each few-row product over the threads
+(`layout.DecodingLinear`). "dozero" is a model used as it is (Python API; only its head is laid out).
+Latest figures are in the README. At 124M, batch-1 decoding reads ~500 MB of fp32 weights per token:
+memory speed decides, and the split lets both cores read. At the small shape the work per token is
+tiny and per-operation overhead decides; `--compile` removes most of it. Outputs are checked token
+for token against Hugging Face in every repetition ("OUTPUTS DIFFER!" otherwise).
 """
 
 from __future__ import annotations
@@ -34,7 +31,8 @@ import time
 import torch
 
 from dozero.config import ModelConfig, get_model_config
-from dozero.generate.engine import GenerationConfig, generate_ids, use_decoding_layout
+from dozero.generate.engine import GenerationConfig, generate_ids
+from dozero.generate.layout import use_decoding_layout
 from dozero.model.checkpoint import model_from_state_dict
 from dozero.model.hf import config_to_hf, state_dict_from_hf
 

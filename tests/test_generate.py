@@ -12,7 +12,8 @@ import torch
 from dozero.config import ModelConfig
 from dozero.errors import DozeroError
 from dozero.generate import generate, stream
-from dozero.generate.engine import BatchState, GenerationConfig, generate_ids, generation_mode, use_decoding_layout
+from dozero.generate.engine import BatchState, GenerationConfig, generate_ids, generation_mode
+from dozero.generate.layout import DecodingLinear, use_decoding_layout
 from dozero.model.gpt import GPTModel
 from dozero.tokenizer import CharTokenizer
 
@@ -116,15 +117,24 @@ def test_greedy_equals_hugging_face_generate(hf_pair):
         assert generate_ids(model, [prompt], config)[0] == theirs  # batched = one by one
 
 
-def test_decoding_layout_keeps_values_tying_and_hugging_face_parity(hf_pair):
-    """`use_decoding_layout` (the CLI's one-time re-layout) changes how weights sit in memory, nothing else."""
+def test_decoding_layout_keeps_values_tying_and_hugging_face_parity(hf_pair, monkeypatch):
+    """`use_decoding_layout` (the CLI's one-time re-layout) changes how weights sit in memory and how
+    few-row products are split over the threads, nothing else: the same greedy tokens as Hugging Face."""
     hf, model = hf_pair
     laid_out = copy.deepcopy(model)
     use_decoding_layout(laid_out)
     for (name, p), q in zip(laid_out.named_parameters(), model.parameters(), strict=True):
         assert torch.equal(p, q), name
+    assert laid_out.state_dict().keys() == model.state_dict().keys()
     assert laid_out.out_head.weight is laid_out.tok_emb.weight and not laid_out.tok_emb.weight.is_contiguous()
+    assert isinstance(laid_out.trf_blocks[0].ff.fc, DecodingLinear)
     assert not laid_out.trf_blocks[0].ff.fc.weight.is_contiguous()
+    # Split every product over 2 threads, however small (this model's matrices are below the threshold).
+    monkeypatch.setattr(DecodingLinear, "SPLIT_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    bmm_calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: bmm_calls.append(1) or real_bmm(*a))
     prompt = torch.randint(0, 500, (9,), generator=torch.Generator().manual_seed(5)).tolist()
     config = GenerationConfig(max_new_tokens=30, stop_at_eot=False, **GREEDY)
     with torch.no_grad():
@@ -132,6 +142,29 @@ def test_decoding_layout_keeps_values_tying_and_hugging_face_parity(hf_pair):
             torch.tensor([prompt]), do_sample=False, max_new_tokens=30, min_new_tokens=30, pad_token_id=0
         )[0, len(prompt) :].tolist()
     assert generate_ids(laid_out, [prompt], config)[0] == theirs
+    # 2 layers x 4 matrices + the head, for the prompt and each of the 29 decoded tokens.
+    assert len(bmm_calls) == 9 * 30
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 3, 40, 200])
+def test_decoding_linear_equals_linear(rows, bias):
+    """The split product sums in another order: equal to nn.Linear to fp32 rounding, at every row count
+    (200 rows take F.linear itself), for a matrix big enough to be split."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(768, 384, bias=bias)
+    assert 768 * 384 >= DecodingLinear.SPLIT_MIN_WEIGHTS
+    holder = torch.nn.Sequential(copy.deepcopy(linear))
+    use_decoding_layout(holder)
+    x = torch.randn(2, rows, 768) if rows > 1 else torch.randn(1, 1, 768)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                torch.testing.assert_close(holder[0](x), linear(x), atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_batched_equals_one_by_one_text(char_model, char_tokenizer):

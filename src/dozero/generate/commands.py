@@ -14,7 +14,8 @@ import sys
 import warnings
 
 from dozero.cli_args import add_dataclass_args, apply_args
-from dozero.generate.engine import GenerationConfig, use_decoding_layout
+from dozero.generate.engine import GenerationConfig
+from dozero.generate.layout import use_decoding_layout
 
 DESCRIPTION = """\
 Continue PROMPT with a trained model: a training run folder (its best/ or latest/ model), a dozero
@@ -84,7 +85,7 @@ def run_generate(args) -> int:
     tokenizer = load_tokenizer(folder)
     if device.type == "cuda":  # bf16 halves memory traffic, the bottleneck of decoding one token at a time
         model = model.to(torch.bfloat16) if torch.cuda.is_bf16_supported() else model.half()
-    use_decoding_layout(model)  # CPU: weights stored transposed, faster one token at a time (engine.py)
+    use_decoding_layout(model)  # CPU: weights stored transposed, faster one token at a time (layout.py)
 
     live = sys.stdout.isatty() if args.stream is None else args.stream
     out = sys.stdout

@@ -24,7 +24,6 @@ Shape legend: B batch (prompts), T tokens in this call, S cache slots, V vocab_s
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from functools import cache
 import torch
 
 from dozero.errors import DozeroError
+from dozero.generate.layout import is_decoding_layout, transposed_head
 from dozero.generate.sampling import SamplingConfig, sample_next_token
 
 
@@ -247,65 +247,6 @@ def generation_mode(model):
         model.out_head = head  # the original module: weight tying with tok_emb is untouched
         model.clear_kv_cache()
         model.train(was_training)
-
-
-def use_decoding_layout(model) -> None:
-    """Store every linear weight (and so the tied embedding) transposed in memory, once, for a model that
-    is loaded to generate (the CLI does this): same values, same shapes, no second copy.
-
-    One token at a time, `x @ W.T` reads W as a stream of rows of the (in, out) matrix; MKL on this CPU
-    runs that layout faster: the 48 block matrices of GPT-2 124M take ~18 instead of ~21 ms per token
-    (2 threads, AMD EPYC, weights out of cache, microbenchmark), the head 5.9 instead of 10.5 ms. Whole
-    generation (benchmarks/generate_speed.py, 124M): +3% tokens/s on 2 threads, +5% on 1. Embedding
-    lookups then read a strided row, which costs nothing at one token per step; and the head needs no
-    transposed copy (154 MB at 124M).
-
-    It is a one-time cost (~0.25 s at 124M), not done per call: laying out and restoring 340 MB around
-    each `generate` took 230 ms, as long as the time it saved over 128 tokens. A model meant to keep
-    training or to be saved is left as it is (safetensors and optimizers expect contiguous weights);
-    `generation_mode` then uses a cached transposed copy of the head only.
-    """
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight.device.type == "cpu":
-                if not is_decoding_layout(module.weight):
-                    module.weight.data = module.weight.data.t().contiguous().t()  # (out, in) view of (in, out)
-
-
-def is_decoding_layout(weight: torch.Tensor) -> bool:
-    return weight.dim() == 2 and weight.t().is_contiguous() and not weight.is_contiguous()
-
-
-class TransposedHead(torch.nn.Module):
-    """The output head (no bias) with its weight stored transposed, (C, V), for decoding on a CPU.
-
-    Same numbers as `nn.Linear`, but one token at a time the BLAS here reads the (C, V) layout much
-    faster: the GPT-2 head (768 x 50,257) takes 5.9 instead of 10.5 ms per token, a 128-wide one 0.63
-    instead of 1.7 ms (1 thread, AMD EPYC, measured).
-    """
-
-    def __init__(self, head: torch.nn.Linear):
-        super().__init__()
-        with torch.no_grad():
-            self.weight_t = head.weight.detach().t().contiguous()  # (C, V)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight_t  # (B, T, C) @ (C, V) -> (B, T, V)
-
-
-_TRANSPOSED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def transposed_head(head: torch.nn.Linear) -> TransposedHead:
-    """A `TransposedHead` of `head`, made once and reused while the weight is unchanged: the copy (10 ms
-    for a 25 MB head here) would otherwise add to every call's first token. A training step changes the
-    weight's version, so a model in training gets a fresh copy each time it samples."""
-    weight = head.weight
-    key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
-    cached = _TRANSPOSED_HEADS.get(head)
-    if cached is None or cached[0] != key:
-        cached = _TRANSPOSED_HEADS[head] = (key, TransposedHead(head))
-    return cached[1]
 
 
 def generate_ids(model, prompts: list[list[int]], config: GenerationConfig, eot_id=None) -> list[list[int]]:
