@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ def tiny_config(tmp_path, **changes) -> TrainConfig:
         threads=1,
         lr=3e-3,
         min_lr=3e-4,
+        tensorboard="off",
     )
     return dataclasses.replace(base, **changes)
 
@@ -78,6 +80,45 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     # keep_last=1: only the newest numbered checkpoint remains; latest/ and best/ are there.
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step_000010"]
     assert (tmp_path / "cut" / "best" / "model.safetensors").is_file()
+
+
+def test_tensorboard_events_match_metrics_across_a_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(tmp_path, max_steps=8, eval_interval=4, log_interval=1, tensorboard="on", keep_last=2)
+    run = tmp_path / "run"
+    train(dataclasses.replace(cfg, stop_after=6), TINY_SHAPE, quiet=True)  # checkpoints at steps 4 and 6
+    # As after a crash at step 6 with the last checkpoint at step 4: steps 5-6 are redone on resume.
+    shutil.rmtree(run / "latest")
+    shutil.copytree(run / "checkpoints" / "step_000004", run / "latest")
+    train(cfg, resume=run, quiet=True)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    metrics = read_metrics(run)
+    assert [r["step"] for r in metrics if "loss" in r] == [1, 2, 3, 4, 5, 6, 7, 8]
+    for name in ("loss", "lr", "val_loss", "val_perplexity", "tokens_per_second"):
+        expected = [(r["step"], r[name]) for r in metrics if name in r]
+        got = [(e.step, e.value) for e in events.Scalars(name)]
+        assert [s for s, _ in got] == [s for s, _ in expected], name  # each step once, in order
+        assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6), name
+
+
+def test_tensorboard_on_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard") or name.startswith("tensorboard"):
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(DozeroError, match="pip install tensorboard"):
+        train(tiny_config(tmp_path, tensorboard="on"), TINY_SHAPE, quiet=True)
+    result = train(tiny_config(tmp_path, tensorboard="auto", out_dir=str(tmp_path / "auto")), TINY_SHAPE, quiet=True)
+    assert result.step == 8 and not (tmp_path / "auto" / "tensorboard").exists()
 
 
 def test_nan_loss_stops_before_any_checkpoint(tmp_path):

@@ -89,6 +89,9 @@ class TrainConfig:
     """When a loss is NaN/inf: 'stop' (no checkpoint is written) or 'skip' the step."""
     log_interval: int = 10
     """Steps between metrics.jsonl lines and progress-bar updates (each costs a device sync)."""
+    tensorboard: str = "auto"
+    """Also write the metrics as TensorBoard events in RUN/tensorboard (view: tensorboard --logdir runs):
+    auto (when the tensorboard package is installed), on, or off."""
     stop_after: int = 0
     """Stop (with a checkpoint) after this step, as if interrupted; resume later with --resume. 0: off."""
     inject_nan_at: int = 0
@@ -99,6 +102,8 @@ class TrainConfig:
             raise DozeroError(f"--schedule '{self.schedule}' is not known: {suggest(self.schedule, SCHEDULES)}")
         if self.model not in MODEL_PRESETS:
             raise DozeroError(f"--model '{self.model}' is not a model shape: {suggest(self.model, MODEL_PRESETS)}")
+        if self.tensorboard not in ("auto", "on", "off"):
+            raise DozeroError(f"--tensorboard must be 'auto', 'on' or 'off', got '{self.tensorboard}'")
         if self.on_nan not in ("stop", "skip"):
             raise DozeroError(f"--on-nan must be 'stop' or 'skip', got '{self.on_nan}'")
         for name in ("micro_batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval"):

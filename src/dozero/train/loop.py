@@ -154,7 +154,7 @@ def _train(cfg: TrainConfig, model_overrides: dict, resume, device: torch.device
 
     model = torch.compile(raw_model) if cfg.compile else raw_model
     model = runtime.wrap_ddp(model, device)
-    observer = RunObserver(run_dir, main, cfg.max_steps, step, show=not quiet)
+    observer = RunObserver(run_dir, main, cfg.max_steps, step, show=not quiet, tensorboard=cfg.tensorboard)
     n_params = raw_model.num_parameters()
     fpt = flops_per_token(n_params, model_cfg.n_layers, model_cfg.emb_dim, T)
     peak = runtime.peak_flops(device)

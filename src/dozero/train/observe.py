@@ -4,6 +4,8 @@ Only rank 0 writes (the others get a `RunObserver(enabled=False)` that does noth
 `metrics.jsonl` has one JSON object per line: {"step", "loss", "lr"} for every optimizer step,
 {"step", "val_loss", "val_perplexity"} at every evaluation, {"step", "tokens_per_second", ...} at
 log points. Plot it yourself with pandas: `pd.read_json("runs/x/metrics.jsonl", lines=True)`.
+When the tensorboard package is installed, the same numbers also go to RUN/tensorboard, under the
+same names (`tensorboard --logdir runs` compares runs side by side).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from dozero.errors import DozeroError
 from dozero.files import atomic_path, atomic_write
 
 
@@ -25,19 +28,44 @@ def flops_per_token(n_params: int, n_layers: int, emb_dim: int, context_length: 
     return 6 * n_params + 12 * n_layers * emb_dim * context_length
 
 
+def tensorboard_writer(run_dir: Path, mode: str, start_step: int):
+    """A TensorBoard SummaryWriter for RUN/tensorboard, or None (mode 'off', or 'auto' without the
+    package). `purge_step`: on resume, events after the checkpoint's step are dropped, as they are from
+    metrics.jsonl, because the resumed run writes them again."""
+    if mode == "off":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch raises this when the tensorboard package is missing
+        if mode == "on":
+            raise DozeroError("--tensorboard on needs the tensorboard package: pip install tensorboard") from None
+        return None
+    return SummaryWriter(run_dir / "tensorboard", purge_step=start_step + 1 if start_step else None)
+
+
 class RunObserver:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, show: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        show: bool = True,
+        tensorboard: str = "off",
+    ):
         self.run_dir = Path(run_dir)
         self.enabled = enabled  # writes files
         self.show = enabled and show  # prints the bar and messages
         self.records: list[dict] = []
         self.start_time = time.time()
-        self.bar = tqdm(
-            total=total_steps, initial=start_step, disable=not self.show, unit="step", dynamic_ncols=True, leave=True
-        )
+        self.tensorboard = None
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._load_metrics(start_step)
+            self.tensorboard = tensorboard_writer(self.run_dir, tensorboard, start_step)
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, disable=not self.show, unit="step", dynamic_ncols=True, leave=True
+        )
 
     def _load_metrics(self, start_step: int) -> None:
         """On resume keep the lines up to the checkpoint's step; later ones are about to be redone."""
@@ -54,6 +82,11 @@ class RunObserver:
         self.records += records
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in records))
+        if self.tensorboard is not None:
+            for record in records:
+                for name, value in record.items():
+                    if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.tensorboard.add_scalar(name, value, record["step"])
 
     def progress(self, step: int, **postfix) -> None:
         if self.show:
@@ -66,6 +99,8 @@ class RunObserver:
 
     def close(self) -> None:
         self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def plot(self) -> None:
         """loss.png: the train loss of every step and the validation loss at each evaluation."""
