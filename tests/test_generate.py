@@ -121,6 +121,10 @@ def test_decoding_layout_keeps_values_tying_and_hugging_face_parity(hf_pair, mon
     """`use_decoding_layout` (the CLI's one-time re-layout) changes how weights sit in memory and how
     few-row products are split over the threads, nothing else: the same greedy tokens as Hugging Face."""
     hf, model = hf_pair
+    # Lay out and split every product over 2 threads, however small (this model's matrices are below
+    # the threshold).
+    monkeypatch.setattr(DecodingLinear, "SPLIT_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     laid_out = copy.deepcopy(model)
     use_decoding_layout(laid_out)
     for (name, p), q in zip(laid_out.named_parameters(), model.parameters(), strict=True):
@@ -129,9 +133,6 @@ def test_decoding_layout_keeps_values_tying_and_hugging_face_parity(hf_pair, mon
     assert laid_out.out_head.weight is laid_out.tok_emb.weight and not laid_out.tok_emb.weight.is_contiguous()
     assert isinstance(laid_out.trf_blocks[0].ff.fc, DecodingLinear)
     assert not laid_out.trf_blocks[0].ff.fc.weight.is_contiguous()
-    # Split every product over 2 threads, however small (this model's matrices are below the threshold).
-    monkeypatch.setattr(DecodingLinear, "SPLIT_MIN_WEIGHTS", 0)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     bmm_calls = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a: bmm_calls.append(1) or real_bmm(*a))

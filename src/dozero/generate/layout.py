@@ -79,9 +79,11 @@ class DecodingLinear(torch.nn.Module):
 
 
 def use_decoding_layout(model) -> None:
-    """Lay a CPU model out for decoding, once, in place: every `nn.Linear` weight (and so the tied
-    embedding) stored (in, out), and every `nn.Linear` replaced by a `DecodingLinear` holding the same
-    parameters. Same values, same shapes, same state dict, no second copy of any weight.
+    """Lay a CPU model out for decoding, once, in place: every big `nn.Linear` weight (and so the tied
+    embedding) stored (in, out), and its `nn.Linear` replaced by a `DecodingLinear` holding the same
+    parameters. Same values, same shapes, same state dict, no second copy of any weight. Matrices
+    below `DecodingLinear.SPLIT_MIN_WEIGHTS` stay as they are: in cache, their layout does not matter,
+    and a plain `nn.Linear` call costs less Python (the 128-wide model decoded 9% slower laid out).
 
     Whole generation (benchmarks/generate_speed.py, GPT-2 124M, 2 threads): the (in, out) layout alone
     gave +3% tokens/s; with `DecodingLinear`, see the README. Embedding lookups then read a strided row,
@@ -94,10 +96,13 @@ def use_decoding_layout(model) -> None:
     with torch.no_grad():
         for parent in list(model.modules()):
             for name, child in parent.named_children():
-                if type(child) is torch.nn.Linear and child.weight.device.type == "cpu":
-                    if not is_decoding_layout(child.weight):
-                        child.weight.data = child.weight.data.t().contiguous().t()  # (out, in) view of (in, out)
-                    setattr(parent, name, DecodingLinear(child.weight, child.bias))
+                if type(child) is not torch.nn.Linear or child.weight.device.type != "cpu":
+                    continue
+                if child.weight.numel() < DecodingLinear.SPLIT_MIN_WEIGHTS:
+                    continue  # in cache, its layout does not matter, and nn.Linear's call is cheaper
+                if not is_decoding_layout(child.weight):
+                    child.weight.data = child.weight.data.t().contiguous().t()  # (out, in) view of (in, out)
+                setattr(parent, name, DecodingLinear(child.weight, child.bias))
 
 
 _TRANSPOSED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
