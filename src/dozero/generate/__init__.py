@@ -10,17 +10,17 @@
 Settings are the fields of `GenerationConfig` (temperature, top_k, top_p, min_p,
 repetition_penalty, frequency_penalty, max_new_tokens, seed, stop, stop_at_eot, compile), given as keyword
 arguments or as `config=GenerationConfig(...)`. The returned text is the continuation only, without
-the prompt. Modules: `sampling` (choosing a token), `engine` (KV-cache loop, batching, sliding
-window), `stream` (incremental text), `commands` (`dozero generate`).
+the prompt. Modules: `config` (the settings), `sampling` (choosing a token), `engine` (KV-cache
+loop, batching, sliding window), `layout` (weights laid out for CPU decoding), `stream` (incremental
+text), `commands` (`dozero generate`). Importing this package does not import torch (the engine is
+loaded at the first call), so `dozero --help` starts fast.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from dozero.generate.engine import GenerationConfig
-from dozero.generate.sampling import SamplingConfig
-from dozero.generate.stream import stream_batch
+from dozero.generate.config import GenerationConfig, SamplingConfig
 
 __all__ = ["GenerationConfig", "SamplingConfig", "generate", "stream"]
 
@@ -35,6 +35,8 @@ def _config(config: GenerationConfig | None, settings: dict) -> GenerationConfig
 
 def generate(model, tokenizer, prompt: str | list[str], config: GenerationConfig | None = None, **settings):
     """The continuation of `prompt` (a str), or of each prompt in a list (a list of str, one batch)."""
+    from dozero.generate.stream import stream_batch
+
     config = _config(config, settings)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     texts = [""] * len(prompts)
@@ -45,6 +47,8 @@ def generate(model, tokenizer, prompt: str | list[str], config: GenerationConfig
 
 def stream(model, tokenizer, prompt: str, config: GenerationConfig | None = None, **settings) -> Iterator[str]:
     """Yield the continuation of one prompt piece by piece, as the tokens are produced."""
+    from dozero.generate.stream import stream_batch
+
     config = _config(config, settings)
     for _, piece in stream_batch(model, tokenizer, [prompt], config):
         yield piece

@@ -4,7 +4,7 @@
     dozero generate --model runs/shakespeare-char "ROMEO:" --num-samples 3 --temperature 1.0 --seed 7
     dozero generate --model path/to/hf-gpt2-folder "The meaning of life is" --top-p 0.9 --stop "\\n\\n"
 
-The sampling flags come from `GenerationConfig` (engine.py) and `SamplingConfig` (sampling.py).
+The sampling flags come from `GenerationConfig` and `SamplingConfig` (generate/config.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import sys
 import warnings
 
 from dozero.cli_args import add_dataclass_args, apply_args
-from dozero.generate.engine import GenerationConfig
-from dozero.generate.layout import use_decoding_layout
+from dozero.generate.config import GenerationConfig
 
 DESCRIPTION = """\
 Continue PROMPT with a trained model: a training run folder (its best/ or latest/ model), a dozero
@@ -69,6 +68,7 @@ def run_generate(args) -> int:
     import torch
 
     from dozero.errors import DozeroError
+    from dozero.generate.layout import use_decoding_layout
     from dozero.generate.stream import stream_batch
     from dozero.model.checkpoint import load_model, resolve_model_dir
     from dozero.runtime import pick_device

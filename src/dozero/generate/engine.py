@@ -26,41 +26,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import cache
 
 import torch
 
 from dozero.errors import DozeroError
+from dozero.generate.config import GenerationConfig
 from dozero.generate.layout import is_decoding_layout, transposed_head
-from dozero.generate.sampling import SamplingConfig, sample_next_token
-
-
-@dataclass
-class GenerationConfig(SamplingConfig):
-    """Sampling settings plus when to stop."""
-
-    max_new_tokens: int = 200
-    """Generate at most this many tokens after the prompt."""
-    seed: int | None = None
-    """Random seed: the same seed, model and prompt give the same text (None = a fresh random seed)."""
-    stop: tuple[str, ...] = ()
-    """Stop a sample when its new text contains one of these strings (the string itself is not returned)."""
-    stop_at_eot: bool = True
-    """Stop a sample at the end-of-text token, as a document ends in the training data."""
-    compile: bool = False
-    """Compile the one-token decode step with torch.compile: compiling takes ~30 s, then each token is
-    cheaper; pays off for long generations only (benchmarks/generate_speed.py measures it)."""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.max_new_tokens < 0:
-            raise DozeroError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if isinstance(self.stop, str):  # a single stop string given as a plain string
-            self.stop = (self.stop,)
-        self.stop = tuple(self.stop)
-        if any(not isinstance(s, str) or s == "" for s in self.stop):
-            raise DozeroError(f"stop strings must be non-empty text, got {list(self.stop)!r}")
+from dozero.generate.sampling import sample_next_token
 
 
 def encode_prompt(tokenizer, prompt: str, context_length: int) -> list[int]:
