@@ -70,8 +70,10 @@ class GenerationConfig(SamplingConfig):
     stop_at_eot: bool = True
     """Stop a sample at the end-of-text token, as a document ends in the training data."""
     compile: bool = False
-    """Compile the one-token decode step with torch.compile: compiling takes ~30 s, then each token is
-    cheaper; pays off for long generations only (benchmarks/generate_speed.py measures it)."""
+    """Compile the one-token decode step with torch.compile: 10-35 s the first time (a few seconds once
+    PyTorch has cached it on disk), then a small model's tokens cost about a third (4 layers x 128:
+    ~1,900 instead of ~700 tokens/s here); at 124M memory decides and it gains little. Pays off for long
+    generations only (benchmarks/generate_speed.py --compile measures it)."""
 
     def validate(self) -> None:
         super().validate()
