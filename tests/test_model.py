@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dozero.config import MODEL_PRESETS, PUBLISHED_PARAMETER_COUNTS, ModelConfig, get_model_config
 from dozero.errors import DozeroError
 from dozero.model.checkpoint import load_config, load_model, resolve_model_dir, save_model
-from dozero.model.gpt import GPTModel
+from dozero.model.gpt import FeedForward, GPTModel
 from dozero.model.info import activation_bytes, layer_summary, memory_estimate, parameter_breakdown
 
 ODD = ModelConfig(vocab_size=1000, context_length=64, emb_dim=96, n_heads=6, n_layers=3, qkv_bias=True)
@@ -134,6 +134,23 @@ def test_parameter_breakdown_by_part(preset, tie):
 def test_emb_dim_not_divisible_by_heads():
     with pytest.raises(DozeroError, match=r"emb_dim \(100\) must be divisible by n_heads \(3\); try n_heads=2"):
         ModelConfig(emb_dim=100, n_heads=3)
+
+
+def test_gelu_choice():
+    """'none' is the exact erf GELU, 'tanh' GPT-2's approximation: the feed-forward computes the one
+    its config names, and anything else is a one-line error."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16) * 3
+    for choice in ("none", "tanh"):
+        ff = FeedForward(ModelConfig(emb_dim=16, n_heads=2, gelu_approximation=choice))
+        hidden = ff.fc(x)
+        exact = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))
+        tanh = 0.5 * hidden * (1 + torch.tanh(math.sqrt(2 / math.pi) * (hidden + 0.044715 * hidden**3)))
+        torch.testing.assert_close(ff(x), ff.proj(exact if choice == "none" else tanh))
+    assert get_model_config("shakespeare-char").gelu_approximation == "none"  # nanoGPT's nn.GELU()
+    assert get_model_config("gpt2").gelu_approximation == "tanh"  # what OpenAI's weights were trained with
+    with pytest.raises(DozeroError, match="gelu_approximation must be 'tanh' or 'none', got 'erf'"):
+        ModelConfig(gelu_approximation="erf")
 
 
 # ----------------------------------------------------------------------------- memory and layer table
