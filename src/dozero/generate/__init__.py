@@ -7,6 +7,12 @@
     >>> for piece in stream(model, tokenizer, "ROMEO:", max_new_tokens=100):
     ...     print(piece, end="", flush=True)
 
+A model loaded only to generate on a CPU decodes faster laid out once, as `dozero generate` does
+(1.3x at GPT-2 124M; the model should not be trained or saved afterwards):
+
+    >>> from dozero.generate.layout import use_decoding_layout
+    >>> use_decoding_layout(model)
+
 Settings are the fields of `GenerationConfig` (temperature, top_k, top_p, min_p,
 repetition_penalty, frequency_penalty, max_new_tokens, seed, stop, stop_at_eot, compile), given as keyword
 arguments or as `config=GenerationConfig(...)`. The returned text is the continuation only, without
