@@ -8,7 +8,7 @@
     ...     print(piece, end="", flush=True)
 
 A model loaded only to generate on a CPU decodes faster laid out once, as `dozero generate` does
-(1.3x at GPT-2 124M; a model that goes on training is better left as it is):
+(1.3x at GPT-2 124M; for a model that is done training):
 
     >>> from dozero.generate.layout import use_decoding_layout
     >>> use_decoding_layout(model)

@@ -90,9 +90,9 @@ def use_decoding_layout(model) -> None:
     which costs nothing at one token per step.
 
     It is a one-time cost (~0.25 s at 124M), not done per call: laying out and restoring 340 MB around
-    each `generate` took 230 ms, as long as the time it saved over 128 tokens. A model that goes on
-    training is better left as it is: its training-size products run faster in the (out, in) layout.
-    A laid-out model still saves and loads as usual.
+    each `generate` took 230 ms, as long as the time it saved over 128 tokens. A laid-out model still
+    saves and loads as usual. A model in training is not laid out (its optimizer state keeps the
+    weights' first layout); `generation_mode` borrows a transposed copy of its output head only.
     """
     with torch.no_grad():
         for parent in list(model.modules()):
