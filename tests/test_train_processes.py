@@ -24,9 +24,9 @@ def _env() -> dict:
     return env
 
 
-def _losses(run: Path) -> dict[int, float]:
+def _losses(run: Path, name: str = "loss") -> dict[int, float]:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+    return {r["step"]: r[name] for r in lines if name in r}
 
 
 @pytest.mark.slow
@@ -57,6 +57,11 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     for s in one:
         assert two[s] == pytest.approx(one[s], abs=1e-5), f"step {s}"
     assert one[6] < one[1] - 0.1  # and they trained
+    # Evaluation is split the same way: each rank scores its half of every validation batch.
+    one_val, two_val = _losses(single, "val_loss"), _losses(ddp, "val_loss")
+    assert sorted(one_val) == sorted(two_val) == [3, 6]
+    for s in one_val:
+        assert two_val[s] == pytest.approx(one_val[s], abs=1e-5), f"validation at step {s}"
     # Only rank 0 wrote: one run folder, one metrics line per step.
     assert not (tmp_path / "ddp-2").exists()
     assert len([line for line in (ddp / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]) == 6

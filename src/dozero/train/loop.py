@@ -298,10 +298,14 @@ def _train(cfg: TrainConfig, model_overrides: dict, resume, device: torch.device
 def evaluate(model: GPTModel, tokens, cfg: TrainConfig, T: int, device, dtype) -> float:
     """Mean loss on `eval_iters` batches of validation windows. The windows are drawn with a fixed
     seed, so every evaluation of the run scores the same text (comparable numbers, no drift from
-    sampling noise), and the training RNG is left untouched."""
+    sampling noise), and the training RNG is left untouched. Under DDP each rank scores its share of
+    every global batch, as in training, so N ranks x B sequences score the same windows as one
+    process x N*B, in 1/N of the time."""
     from dozero.data.loader import RandomWindowLoader
 
-    loader = RandomWindowLoader(tokens, cfg.micro_batch_size, T, seed=cfg.seed + 1)
+    loader = RandomWindowLoader(
+        tokens, cfg.micro_batch_size, T, seed=cfg.seed + 1, rank=runtime.rank(), world_size=runtime.world_size()
+    )
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device)
@@ -311,7 +315,7 @@ def evaluate(model: GPTModel, tokens, cfg: TrainConfig, T: int, device, dtype) -
             logits = model(x)  # (B, T, V)
         total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
     model.train(was_training)
-    return float(total / cfg.eval_iters)
+    return float(runtime.all_reduce_mean(total) / cfg.eval_iters)
 
 
 def sample_text(model: GPTModel, tokenizer, cfg: TrainConfig, device, max_new_tokens: int) -> str:
