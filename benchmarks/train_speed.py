@@ -6,7 +6,7 @@
 1. Step time, side by side in one process, interleaved (A B A B ...), medians over --rounds of --steps:
    the same `Stepper` (batch 12 x 64 tokens, AdamW with decay groups, clip 1.0) drives
      dozero     GPTModel of the shakespeare-char shape (4 layers, 4 heads, 128 wide, context 64)
-     HF         transformers.GPT2LMHeadModel with the same shape (random init, built offline)
+     HF         transformers.GPT2LMHeadModel with the same shape and GELU (random init, built offline)
    at 1 and 2 CPU threads. Prints ms/step, tokens/s, the ratio HF/dozero, and dozero's tokens/s
    over nanoGPT's published-here reference for the same configuration (about 54 ms/iteration =
    14,200 tokens/s on this kind of 2-core machine; figure from issue 5, not measured here).
