@@ -37,6 +37,20 @@ def hf_model(n_layer, n_head, n_embd, vocab, ctx, tie=True, seed=0) -> GPT2LMHea
     return model
 
 
+def dozero_model(shape, seed: int, noise: float, **config) -> GPTModel:
+    """A dozero model of `shape` (n_layer, n_head, n_embd, vocab, n_positions) with every parameter
+    moved off its initial value by N(0, noise), so biases and norms test the mapping too."""
+    n_layer, n_head, n_embd, vocab, ctx = shape
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, context_length=ctx, emb_dim=n_embd, n_heads=n_head, n_layers=n_layer,
+                      **config)  # fmt: skip
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * noise)
+    return model
+
+
 def assert_same_logits(ours: GPTModel, theirs: GPT2LMHeadModel, vocab: int, ctx: int) -> None:
     torch.manual_seed(1)
     for B, T in [(2, ctx), (3, max(1, ctx // 3))]:
@@ -104,14 +118,8 @@ def test_untied_head_both_ways(tmp_path):
 @pytest.mark.parametrize("qkv_bias", [True, False])
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "L{}h{}C{}V{}T{}".format(*s))
 def test_dozero_saves_hf_loads(tmp_path, shape, qkv_bias):
-    n_layer, n_head, n_embd, vocab, ctx = shape
-    torch.manual_seed(2)
-    cfg = ModelConfig(vocab_size=vocab, context_length=ctx, emb_dim=n_embd, n_heads=n_head, n_layers=n_layer,
-                      qkv_bias=qkv_bias)  # fmt: skip
-    ours = GPTModel(cfg).eval()
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    vocab, ctx = shape[3], shape[4]
+    ours = dozero_model(shape, seed=2, noise=0.05, qkv_bias=qkv_bias)
     save_model(ours, tmp_path, format="hf")
     theirs, info = GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
     # No missing, unexpected or mismatched keys: transformers initialized nothing at random.
@@ -127,14 +135,8 @@ def test_dozero_saves_hf_loads(tmp_path, shape, qkv_bias):
 @pytest.mark.parametrize("gelu, activation", [("tanh", "gelu_new"), ("none", "gelu")])
 def test_gelu_choice_both_ways(tmp_path, gelu, activation):
     """The exact-GELU character presets export as HF's "gelu"; GPT-2's tanh GELU as "gelu_new"."""
-    n_layer, n_head, n_embd, vocab, ctx = SHAPES[1]
-    torch.manual_seed(3)
-    cfg = ModelConfig(vocab_size=vocab, context_length=ctx, emb_dim=n_embd, n_heads=n_head, n_layers=n_layer,
-                      gelu_approximation=gelu)  # fmt: skip
-    ours = GPTModel(cfg).eval()
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(torch.randn_like(p) * 0.5)  # large weights: the two GELUs differ visibly
+    vocab, ctx = SHAPES[1][3], SHAPES[1][4]
+    ours = dozero_model(SHAPES[1], seed=3, noise=0.5, gelu_approximation=gelu)  # large: the GELUs differ visibly
     save_model(ours, tmp_path / "hf", format="hf")
     theirs = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert theirs.config.activation_function == activation
