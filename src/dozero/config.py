@@ -42,7 +42,7 @@ class ModelConfig:
     """Epsilon of every LayerNorm (GPT-2: 1e-5)."""
     gelu_approximation: str = "tanh"
     """GELU of the feed-forward: 'tanh' (GPT-2's approximation, needed to load OpenAI's weights) or
-    'none' (the exact erf GELU, as nanoGPT trains; ~3.5x faster than tanh on AVX2 CPUs)."""
+    'none' (the exact erf GELU, as nanoGPT trains; ~3x faster than tanh on the AVX2 CPU measured)."""
 
     def __post_init__(self) -> None:
         self.validate()
