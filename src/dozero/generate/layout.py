@@ -83,7 +83,8 @@ def use_decoding_layout(model) -> None:
     embedding) stored (in, out), and its `nn.Linear` replaced by a `DecodingLinear` holding the same
     parameters. Same values, same shapes, same state dict, no second copy of any weight. Matrices
     below `DecodingLinear.SPLIT_MIN_WEIGHTS` stay as they are: in cache, their layout does not matter,
-    and a plain `nn.Linear` call costs less Python (the 128-wide model decoded 9% slower laid out).
+    and a plain `nn.Linear` call costs less Python (the 128-wide model decoded 3-8% slower with all of
+    them laid out).
 
     Whole generation (benchmarks/generate_speed.py, GPT-2 124M, 2 threads): the (in, out) layout alone
     gave +3% tokens/s; with `DecodingLinear`, see the README. Embedding lookups then read a strided row,
