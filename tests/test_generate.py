@@ -151,7 +151,7 @@ def test_decoding_layout_keeps_values_tying_and_hugging_face_parity(hf_pair, mon
 @pytest.mark.parametrize("rows", [1, 3, 40, 200])
 def test_decoding_linear_equals_linear(rows, bias):
     """The split product sums in another order: equal to nn.Linear to fp32 rounding, at every row count
-    (200 rows take F.linear itself), for a matrix big enough to be split."""
+    (200 rows take one plain product), for a matrix big enough to be split."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(768, 384, bias=bias)
     assert 768 * 384 >= DecodingLinear.SPLIT_MIN_WEIGHTS
@@ -284,8 +284,10 @@ def test_decode_step_traces_as_one_graph(char_model, monkeypatch):
     fullgraph=True so that a break raises, on a model laid out for decoding as the CLI does."""
     from dozero.generate import engine
 
+    monkeypatch.setattr(DecodingLinear, "SPLIT_MIN_WEIGHTS", 0)  # lay out this small model's matrices too
     model = copy.deepcopy(char_model)
     use_decoding_layout(model)
+    assert isinstance(model.trf_blocks[0].att.qkv, DecodingLinear)
     step = torch.compile(engine.decode_step_full_cache, backend="eager", fullgraph=True, dynamic=False)
     monkeypatch.setattr(engine, "compiled_decode_step", lambda device_type: step)
     config = GenerationConfig(max_new_tokens=6, stop_at_eot=False, **GREEDY)
