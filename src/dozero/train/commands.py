@@ -52,7 +52,10 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in this folder from latest/")
-    add_dataclass_args(p, TrainConfig, group_title="training (defaults: the shakespeare-char preset)")
+    # inject_nan_at is a test hook, set from Python only.
+    add_dataclass_args(
+        p, TrainConfig, skip=("inject_nan_at",), group_title="training (defaults: the shakespeare-char preset)"
+    )
     add_dataclass_args(
         p,
         ModelConfig,
