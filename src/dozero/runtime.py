@@ -183,7 +183,7 @@ def synchronize(device: torch.device) -> None:
 # ---- hardware facts ----------------------------------------------------------------------------
 
 # Dense bf16 tensor-core peak, FLOP/s, without sparsity, from each vendor's data sheet
-# (NVIDIA A100/H100/H200/L4/L40S/A10/T4 data sheets; RTX 3090/4090: Ada/Ampere whitepapers, FP16
+# (NVIDIA A100/H100/H200/L4/L40/L40S/A10/T4 data sheets; RTX 3090/4090: Ada/Ampere whitepapers, FP16
 # accumulate FP32). Matched by substring of torch.cuda.get_device_name(), most specific first.
 PEAK_FLOPS_BF16 = [
     ("H200", 989e12),
@@ -191,6 +191,7 @@ PEAK_FLOPS_BF16 = [
     ("H100", 989e12),
     ("A100", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),  # before "L4": "NVIDIA L40" contains "L4"
     ("L4", 121e12),
     ("A10G", 70e12),
     ("A10", 125e12),
