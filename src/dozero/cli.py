@@ -7,17 +7,19 @@
     dozero generate --model RUN "prompt"
 
 Each stage keeps its argparse wiring in `<stage>/commands.py` (a `register(subparsers)` function);
-this file only collects them, prints user errors as one line, and sets the exit code.
+this file only collects them, prints user errors as one line (`DozeroError`, and the disk and path
+problems of `dozero.errors.os_error_message`), and sets the exit code.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dozero import __version__
-from dozero.errors import DozeroError
+from dozero.errors import DozeroError, os_error_message
 
 # Modules with a `register(subparsers)`, in pipeline order: `--help` lists their verbs in this order.
 VERBS = [
@@ -71,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `dozero generate ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush is silent
+        return 141  # what a shell reports for a process ended by SIGPIPE
+    except OSError as e:  # the disk or a path (read-only, full, no permission, a file in the way)
+        message = os_error_message(e)
+        if args.debug or message is None:  # an unexpected OSError stays a traceback: it may be a bug
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
