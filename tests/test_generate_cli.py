@@ -68,6 +68,10 @@ def test_cli_several_samples_and_stop(saved, capsys):
         (["--max-new-tokens", "-1"], "error: max_new_tokens must be >= 0"),
         (["--stop", ""], "error: stop strings must be non-empty"),
         (["--num-samples", "0"], "error: --num-samples must be >= 1"),
+        (["--temperature", "nan"], "error: temperature must be a finite number, got nan"),
+        (["--top-p", "nan"], "error: top_p must be a finite number"),
+        (["--repetition-penalty", "inf"], "error: repetition_penalty must be a finite number, got inf"),
+        (["--frequency-penalty", "nan"], "error: frequency_penalty must be a finite number"),
     ],
 )
 def test_cli_bad_flags_are_one_line_errors(saved, capsys, flags, message):

@@ -95,6 +95,18 @@ def test_penalties():
         ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
         ({"stop": ("\n", "")}, "stop strings must be non-empty"),
         ({"stop": ""}, "stop strings must be non-empty"),
+        # NaN passes every comparison (nan < 0 is False) and inf turns logits into NaN or zeros
+        ({"temperature": math.nan}, "temperature must be a finite number, got nan"),
+        ({"temperature": math.inf}, "temperature must be a finite number, got inf"),
+        ({"top_p": math.nan}, "top_p must be a finite number"),
+        ({"min_p": math.nan}, "min_p must be a finite number"),
+        ({"repetition_penalty": math.nan}, "repetition_penalty must be a finite number"),
+        ({"repetition_penalty": math.inf}, "repetition_penalty must be a finite number"),
+        ({"frequency_penalty": -math.inf}, "frequency_penalty must be a finite number, got -inf"),
+        ({"top_k": math.nan}, "top_k must be a whole number"),
+        ({"top_k": 2.5}, "top_k must be a whole number"),
+        ({"max_new_tokens": math.inf}, "max_new_tokens must be a whole number"),
+        ({"temperature": "0.8"}, "temperature must be a finite number, got '0.8'"),
     ],
 )
 def test_bad_settings_say_what_is_wrong(settings, message):

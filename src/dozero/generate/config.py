@@ -5,6 +5,7 @@ CLI's flags are these fields (see `dozero.cli_args`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from dozero.errors import DozeroError
@@ -34,6 +35,12 @@ class SamplingConfig:
         self.validate()
 
     def validate(self) -> None:
+        # NaN passes every comparison below (nan < 0 is False), and inf divides logits into NaN or
+        # zeros: both are refused first, for Python callers as for the command line.
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty"):
+            _check_finite(name, getattr(self, name))
+        if self.top_k is not None and not _is_int(self.top_k):
+            raise DozeroError(f"top_k must be a whole number (or None/0 for no limit), got {self.top_k!r}")
         if self.temperature < 0:
             raise DozeroError(
                 f"temperature must be >= 0, got {self.temperature}; use 0 for greedy decoding, about 0.8 for sampling"
@@ -77,6 +84,10 @@ class GenerationConfig(SamplingConfig):
 
     def validate(self) -> None:
         super().validate()
+        if not _is_int(self.max_new_tokens):
+            raise DozeroError(f"max_new_tokens must be a whole number, got {self.max_new_tokens!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise DozeroError(f"seed must be a whole number (or None for a fresh one), got {self.seed!r}")
         if self.max_new_tokens < 0:
             raise DozeroError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if isinstance(self.stop, str):  # a single stop string given as a plain string
@@ -84,3 +95,12 @@ class GenerationConfig(SamplingConfig):
         self.stop = tuple(self.stop)
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise DozeroError(f"stop strings must be non-empty text, got {list(self.stop)!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DozeroError(f"{name} must be a finite number, got {value!r}")
