@@ -20,12 +20,14 @@ from dozero.errors import DozeroError
 
 @dataclass
 class ModelConfig:
-    """The shape of a GPT-2 model, with the course's names for each number."""
+    """The shape of a GPT-2 model, with the course's names for each number, and the options that
+    turn its blocks into Llama-style ones (RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases).
+    The defaults are GPT-2's, so configs saved before these options existed load unchanged."""
 
     vocab_size: int = 50257
     """Number of token ids (GPT-2's BPE: 50,256 merges and bytes + <|endoftext|>)."""
     context_length: int = 1024
-    """Longest sequence the model sees; the size of the learned position embedding."""
+    """Longest sequence the model sees; the size of the learned position embedding (or RoPE table)."""
     emb_dim: int = 768
     """Width of every token vector in the residual stream (d_model)."""
     n_heads: int = 12
@@ -39,10 +41,29 @@ class ModelConfig:
     tie_weights: bool = True
     """Share the output head with the token embedding, as GPT-2 does."""
     layer_norm_eps: float = 1e-5
-    """Epsilon of every LayerNorm (GPT-2: 1e-5)."""
+    """Epsilon of every normalization layer, LayerNorm or RMSNorm (GPT-2: 1e-5)."""
     gelu_approximation: str = "tanh"
     """GELU of the feed-forward: 'tanh' (GPT-2's approximation, needed to load OpenAI's weights) or
     'none' (the exact erf GELU, as nanoGPT trains; ~3x faster than tanh on the AVX2 CPU measured)."""
+    norm: str = "layernorm"
+    """Normalization: 'layernorm' (GPT-2: mean and variance, scale and shift) or 'rmsnorm' (Llama: root
+    mean square only, scale only; Zhang & Sennrich 2019)."""
+    pos_emb: str = "learned"
+    """Positions: 'learned' (GPT-2: a position embedding added to the tokens) or 'rope' (Llama: queries
+    and keys rotated by their position, Su et al. 2021; no position parameters)."""
+    rope_theta: float = 10000.0
+    """RoPE base: the slowest pair of dimensions turns once every ~2*pi*theta positions (Llama 2: 1e4)."""
+    ff: str = "gelu"
+    """Feed-forward: 'gelu' (GPT-2: expand, GELU, project) or 'swiglu' (Llama: proj(silu(gate(x)) * up(x)),
+    Shazeer 2020)."""
+    ff_hidden_dim: int = 0
+    """Width of the feed-forward's hidden layer; 0 = 4 * emb_dim (GPT-2's)."""
+    n_kv_heads: int = 0
+    """Key/value heads (grouped-query attention, Ainslie et al. 2023): each serves n_heads / n_kv_heads
+    query heads, and the KV cache shrinks by that factor. 0 = n_heads (plain multi-head attention)."""
+    bias: bool = True
+    """Biases in the attention output projection and the feed-forward, and LayerNorm's shift (GPT-2: all
+    on; Llama: none). The query/key/value bias is `qkv_bias`."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -60,12 +81,37 @@ class ModelConfig:
             raise DozeroError(
                 f"model config: gelu_approximation must be 'tanh' or 'none', got '{self.gelu_approximation}'"
             )
+        choices = {"norm": ("layernorm", "rmsnorm"), "pos_emb": ("learned", "rope"), "ff": ("gelu", "swiglu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise DozeroError(f"model config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0 <= self.n_kv_heads <= self.n_heads or self.n_heads % self.kv_heads != 0:
+            raise DozeroError(
+                f"model config: n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}); 0 means n_heads"
+            )
+        if self.ff_hidden_dim < 0:
+            raise DozeroError(f"model config: ff_hidden_dim must be >= 0 (0 = 4 * emb_dim), got {self.ff_hidden_dim}")
+        if self.pos_emb == "rope" and (self.head_dim % 2 != 0 or self.rope_theta <= 0):
+            raise DozeroError(
+                f"model config: RoPE needs an even head size and rope_theta > 0; got head size {self.head_dim}, "
+                f"rope_theta {self.rope_theta}"
+            )
         if not 0.0 <= self.drop_rate < 1.0:
             raise DozeroError(f"model config: drop_rate must be in [0, 1), got {self.drop_rate}")
 
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads actually used (n_kv_heads, or n_heads when 0)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """Feed-forward hidden width actually used (ff_hidden_dim, or 4 * emb_dim when 0)."""
+        return self.ff_hidden_dim or 4 * self.emb_dim
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,6 +145,40 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "shakespeare-char-gpu": ModelConfig(
         vocab_size=65, context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.2, gelu_approximation="none"
     ),
+    # shakespeare-char's size with Llama's blocks: RMSNorm, RoPE, SwiGLU, 2 key/value heads for 4 query
+    # heads, no biases. SwiGLU's hidden width is 2/3 * 4C rounded up to a multiple of 64 (384 for
+    # C=128), so its three matrices hold about as many parameters as GPT-2's two (Touvron et al. 2023,
+    # section 2.2; Shazeer 2020).
+    "llama-char": ModelConfig(
+        vocab_size=65,
+        context_length=64,
+        emb_dim=128,
+        n_heads=4,
+        n_layers=4,
+        n_kv_heads=2,
+        norm="rmsnorm",
+        pos_emb="rope",
+        ff="swiglu",
+        ff_hidden_dim=384,
+        bias=False,
+    ),
+    # Hugging Face's HuggingFaceTB/SmolLM2-135M config.json (LlamaForCausalLM): 30 layers, hidden 576,
+    # 9 heads, 3 key/value heads, intermediate 1536, rms_norm_eps 1e-5, rope_theta 1e5, 8192 positions,
+    # vocabulary 49152, tied embeddings, no attention or MLP biases.
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152,
+        context_length=8192,
+        emb_dim=576,
+        n_heads=9,
+        n_layers=30,
+        n_kv_heads=3,
+        norm="rmsnorm",
+        pos_emb="rope",
+        rope_theta=100000.0,
+        ff="swiglu",
+        ff_hidden_dim=1536,
+        bias=False,
+    ),
 }
 
 # Parameter counts with the tied head, as published for OpenAI's checkpoints (Hugging Face's
@@ -108,6 +188,7 @@ PUBLISHED_PARAMETER_COUNTS = {
     "gpt2-medium": 354_823_168,
     "gpt2-large": 774_030_080,
     "gpt2-xl": 1_557_611_200,
+    "smollm2-135m": 134_515_008,  # LlamaForCausalLM(SmolLM2-135M config).num_parameters()
 }
 
 
