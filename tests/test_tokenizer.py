@@ -187,6 +187,25 @@ def test_char_tokenizer_matches_nanogpt(shared_data, tmp_path):
     assert CharTokenizer.from_text("ab").fingerprint() != CharTokenizer.from_text("abc").fingerprint()
 
 
+@pytest.mark.parametrize("make", ["gpt2", "char"])
+def test_decode_takes_one_sequence_of_whole_numbers(gpt2, make):
+    """A batch ([[1, 2]]) or text where ids belong is a one-line error, not a TypeError from deep inside;
+    numpy ints and tensors (anything usable as an index) are ids."""
+    import numpy as np
+    import torch
+
+    tok = gpt2 if make == "gpt2" else CharTokenizer.from_text("abcdef")
+    with pytest.raises(DozeroError, match=r"got list \[1, 2\] at position 0 \(decode takes one sequence; for a batch"):
+        tok.decode([[1, 2]])
+    for bad, shown in [([0, 1.5], "float 1.5 at position 1"), (["a"], "str 'a' at position 0"), ([True], "bool")]:
+        with pytest.raises(DozeroError, match=f"token ids must be whole numbers, got {regex.escape(shown)}"):
+            tok.decode(bad)
+    if make == "gpt2":
+        with pytest.raises(DozeroError, match="at position 0 .decode takes one sequence"):
+            tok.decode_reference([[1, 2]])
+    assert tok.decode(np.array([1, 2])) == tok.decode(torch.tensor([1, 2])) == tok.decode((1, 2)) == tok.decode([1, 2])
+
+
 def test_char_tokenizer_errors():
     tok = CharTokenizer.from_text("abc")
     with pytest.raises(DozeroError, match=r"character 'z' at position 2 is not in this character vocabulary"):

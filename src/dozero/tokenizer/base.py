@@ -16,6 +16,7 @@ This follows tiktoken's default (`disallowed_special="all"`), which dozero's fas
 
 from __future__ import annotations
 
+import operator
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,25 @@ TOKENIZER_FILE = "dozero_tokenizer.json"  # dozero's own tokenizer description i
 def check_special_mode(special: str) -> None:
     if special not in SPECIAL_MODES:
         raise DozeroError(f"special={special!r} is not one of {', '.join(SPECIAL_MODES)}")
+
+
+def as_id_list(ids: Iterable[int]) -> list[int]:
+    """A list of plain ints from any sequence of whole numbers (numpy ints, 0-d tensors included)."""
+    ids = ids if isinstance(ids, list) else list(ids)
+    if all(type(i) is int for i in ids):  # the common case, checked fast
+        return ids
+    out = []
+    for pos, i in enumerate(ids):
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            out.append(operator.index(i))
+        except TypeError:
+            nested = " (decode takes one sequence; for a batch, decode each row)" if isinstance(i, list | tuple) else ""
+            raise DozeroError(
+                f"token ids must be whole numbers, got {type(i).__name__} {i!r:.40} at position {pos}{nested}"
+            ) from None
+    return out
 
 
 class Tokenizer(ABC):
@@ -74,14 +94,17 @@ class Tokenizer(ABC):
             raise DozeroError(f"unknown special token {token!r}; this {self.kind} tokenizer's special tokens: {known}")
         return self.special_tokens[token]
 
-    def check_ids(self, ids: Sequence[int]) -> None:
-        """DozeroError if an id is outside 0 .. vocab_size - 1."""
+    def check_ids(self, ids: Iterable[int]) -> list[int]:
+        """`ids` as a list of ints; DozeroError if one is not a whole number (a nested list: a batch given
+        where one sequence belongs) or is outside 0 .. vocab_size - 1."""
+        ids = as_id_list(ids)
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
             raise DozeroError(
                 f"token id {bad} is out of range for this {self.kind} tokenizer (valid ids: 0..{self.vocab_size - 1}); "
                 "were these ids made with a different tokenizer?"
             )
+        return ids
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_id={self.eot_id})"

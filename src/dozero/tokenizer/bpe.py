@@ -170,8 +170,7 @@ class BPETokenizer(Tokenizer):
             raise
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        ids = ids if isinstance(ids, list) else list(ids)
-        self.check_ids(ids)
+        ids = self.check_ids(ids)
         return self.encoding.decode_bytes(ids)
 
     def encode_bytes(self, data: bytes, special: str = "raise") -> list[int]:
@@ -216,8 +215,7 @@ class BPETokenizer(Tokenizer):
         return ids
 
     def decode_reference(self, ids: Iterable[int]) -> str:
-        ids = list(ids)
-        self.check_ids(ids)
+        ids = self.check_ids(ids)
         return b"".join(self.id_to_bytes[i] for i in ids).decode("utf-8", errors="replace")
 
     @cached_property

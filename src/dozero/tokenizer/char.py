@@ -58,8 +58,7 @@ class CharTokenizer(Tokenizer):
         return self.decode(ids).encode("utf-8")
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = list(ids)
-        self.check_ids(ids)
+        ids = self.check_ids(ids)
         chars = self.chars
         return "".join(chars[i] for i in ids)
 
