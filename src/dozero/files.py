@@ -1,44 +1,140 @@
-"""Atomic file writes: every file dozero writes appears whole or not at all.
+"""Files dozero writes and reads: atomic writes, output folders it may write into, input folders walked safely.
 
-A crash, Ctrl-C or full disk mid-write leaves the previous file (or none), never half of one,
-because the bytes go to a temporary file in the same folder that is then renamed over the
-target (`os.replace` is atomic on POSIX and Windows within one filesystem).
+Every file dozero writes appears whole or not at all: the bytes go to a temporary file in the same
+folder that is then renamed over the target (`os.replace` is atomic on POSIX and Windows within one
+filesystem), so a crash, Ctrl-C or full disk mid-write leaves the previous file (or none).
 
     with atomic_path("runs/x/loss.png") as tmp:
         fig.savefig(tmp)
     atomic_write("manifest.json", text)
+    check_output_folder(out, "data folder", is_ours, force=args.force)   # refuse to clobber foreign folders
+    files = find_files("corpus/")                                         # symlink loops are errors, not hangs
+
+Temporary names carry their owner (".loss.png.HOST-PID.x8k2j1qa.tmp"), so the debris of a process killed
+with `kill -9` is recognized and removed the next time dozero writes into that folder, while the temps
+of a process still running (here or on another machine sharing the disk) are left alone.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
+import glob
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dozero.errors import DozeroError
 
-def _default_mode() -> int:
-    """0o644 under the usual umask: what `open(path, "w")` would have given the file."""
-    umask = os.umask(0)
+
+def _read_umask() -> int:
+    """The process umask. Read once: os.umask can only be read by setting it, which races other threads."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)  # no /proc (macOS, Windows): at import, before any thread of ours writes
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+FILE_MODE = 0o666 & ~_read_umask()  # what `open(path, "w")` would give (0o644 under the usual umask)
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+# ".<target name>.<host>-<pid>.<8 random characters>.tmp" (files and folders alike).
+_TEMP = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.tmp$")
+_swept: set[str] = set()  # folders already cleaned of stale temps by this process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Remove temporary files and folders left in `folder` by dead dozero processes of this machine."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if not m or m["host"] != _HOST or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(entry.name)
+        except OSError:
+            pass  # someone else removed it first, or we may not: not our business to fail over debris
+    return removed
+
+
+def _sweep_once(folder: Path) -> None:
+    key = os.path.abspath(folder)
+    if key not in _swept:
+        _swept.add(key)
+        remove_stale_temps(folder)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+def make_temp_folder(beside: Path) -> Path:
+    """A new empty folder in `beside`'s parent (same filesystem, so it can be renamed onto `beside`)."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(beside.parent)
+    return Path(tempfile.mkdtemp(prefix=_temp_prefix(beside), suffix=".tmp", dir=beside.parent))
+
+
+def os_error(path: str | os.PathLike, e: OSError) -> DozeroError:
+    """A one-line DozeroError for a failed write under `path`: what failed, where, and what to do."""
+    hint = {
+        errno.ENOSPC: "the disk is full; free some space and run again",
+        errno.EDQUOT: "the disk quota is used up; free some space and run again",
+        errno.EROFS: "the filesystem is read-only; choose another output folder",
+        errno.EACCES: "no permission to write there; choose another output folder",
+        errno.EPERM: "no permission to write there; choose another output folder",
+    }.get(e.errno, "check the path and the disk")
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+    return DozeroError(f"cannot write {path}{where}: {e.strerror or e}; {hint}")
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; when the block succeeds it replaces `path` in one step."""
+    """Yield a temporary path beside `path`; when the block succeeds it replaces `path` in one step.
+    An OSError (disk full, read-only folder) becomes a DozeroError naming `path`; the old file stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_once(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
-        os.chmod(tmp, _default_mode())  # mkstemp makes files private (0600)
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes files private (0600)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise os_error(path, e) from e
         raise
 
 
@@ -51,3 +147,69 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
 def write_json(path: str | os.PathLike, obj, **dumps_options) -> None:
     """`obj` as indented JSON, atomically; `dumps_options` go to `json.dumps` (e.g. default=...)."""
     atomic_write(path, json.dumps(obj, **{"indent": 2, **dumps_options}) + "\n")
+
+
+# ---------------------------------------------------------------- output folders
+def check_output_folder(path: str | os.PathLike, what: str, is_ours: Callable[[Path], bool], force: bool) -> None:
+    """Refuse an output `path` that is a file, or a non-empty folder that `is_ours` does not recognize as a
+    `what` written earlier (a model folder, someone's documents), unless `force`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DozeroError(f"output {path} is a file, not a folder; choose another output folder")
+    if force or not path.is_dir() or not any(path.iterdir()) or is_ours(path):
+        return
+    raise DozeroError(
+        f"{path} is not empty and is not a {what}; writing there could replace files that are not dozero's: "
+        "choose another output folder, or pass --force to write into it anyway"
+    )
+
+
+# ---------------------------------------------------------------- input files
+def find_files(folder: str | os.PathLike) -> list[Path]:
+    """Every file below `folder`, sorted, skipping hidden files and folders below it (".git", temporaries).
+    Links to folders are followed once each; a link back to a folder on its own path (a loop, which
+    would make the walk endless) is a DozeroError naming it."""
+    folder = Path(folder)
+    found: list[Path] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = os.path.realpath(dirpath)
+        visited.add(here)
+        keep = []
+        for name in sorted(dirnames):
+            if name.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if here == real or here.startswith(real.rstrip(os.sep) + os.sep):
+                raise DozeroError(
+                    f"{os.path.join(dirpath, name)} is a link back to {real}, a folder above it: a loop that "
+                    "would make the file search endless; remove the link or give the folders you mean"
+                )
+            if real not in visited:  # two links to one folder: read it once
+                visited.add(real)
+                keep.append(name)
+        dirnames[:] = keep
+        found += [Path(dirpath) / f for f in filenames if not f.startswith(".") and os.path.isfile(Path(dirpath) / f)]
+    return sorted(found)
+
+
+def _match(parts: list[str], patterns: list[str]) -> bool:
+    """Path parts against glob parts; "**" matches any number of folders (none included)."""
+    if not patterns:
+        return not parts
+    if patterns[0] == "**":
+        return any(_match(parts[i:], patterns[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], patterns[0]) and _match(parts[1:], patterns[1:])
+
+
+def glob_files(pattern: str) -> list[Path]:
+    """Files matching the glob `pattern`, sorted; "**" spans folders. Python's glob follows links to folders
+    forever on a loop; "**" here walks with `find_files`, which stops at loops."""
+    if "**" not in pattern:
+        return sorted(Path(p) for p in glob.glob(pattern) if os.path.isfile(p))
+    parts = Path(pattern).parts
+    first_magic = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    root = Path(*parts[:first_magic]) if first_magic else Path(".")
+    if not root.is_dir():
+        return []
+    return [p for p in find_files(root) if _match(list(p.relative_to(root).parts), list(parts[first_magic:]))]
