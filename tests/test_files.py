@@ -63,8 +63,8 @@ def test_stale_temps_of_dead_processes_are_swept_live_ones_kept(tmp_path):
     assert (tmp_path / "model.pt").read_bytes() == b"whole"
 
 
-@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "disk is full"), (errno.EROFS, "read-only")])
-def test_a_failed_write_is_one_clean_error_and_the_old_file_stays(tmp_path, monkeypatch, code, words):
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path, monkeypatch, code):
     target = tmp_path / "manifest.json"
     target.write_text("old")
 
@@ -72,9 +72,9 @@ def test_a_failed_write_is_one_clean_error_and_the_old_file_stays(tmp_path, monk
         raise OSError(code, os.strerror(code), str(dst))
 
     monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(DozeroError, match=rf"cannot write {target}.*{words}") as e:
+    with pytest.raises(OSError) as e:
         atomic_write(target, "new")
-    assert "\n" not in str(e.value)
+    assert e.value.errno == code  # `dozero.cli` shows it in one line (errors.os_error_message)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
 
 

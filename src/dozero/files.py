@@ -17,7 +17,6 @@ of a process still running (here or on another machine sharing the disk) are lef
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import glob
 import json
@@ -103,23 +102,11 @@ def make_temp_folder(beside: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=_temp_prefix(beside), suffix=".tmp", dir=beside.parent))
 
 
-def os_error(path: str | os.PathLike, e: OSError) -> DozeroError:
-    """A one-line DozeroError for a failed write under `path`: what failed, where, and what to do."""
-    hint = {
-        errno.ENOSPC: "the disk is full; free some space and run again",
-        errno.EDQUOT: "the disk quota is used up; free some space and run again",
-        errno.EROFS: "the filesystem is read-only; choose another output folder",
-        errno.EACCES: "no permission to write there; choose another output folder",
-        errno.EPERM: "no permission to write there; choose another output folder",
-    }.get(e.errno, "check the path and the disk")
-    where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
-    return DozeroError(f"cannot write {path}{where}: {e.strerror or e}; {hint}")
-
-
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block succeeds it replaces `path` in one step.
-    An OSError (disk full, read-only folder) becomes a DozeroError naming `path`; the old file stays."""
+    On any failure (disk full, read-only folder, Ctrl-C) the temporary goes and the old file stays;
+    `dozero.cli` turns the OSError into one line (`errors.os_error_message`)."""
     path = Path(path)
     tmp = None
     try:
@@ -130,11 +117,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, FILE_MODE)  # mkstemp makes files private (0600)
         os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise os_error(path, e) from e
         raise
 
 
