@@ -304,3 +304,28 @@ def test_changed_weights_are_seen_by_the_next_generation():
         for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
             p.copy_(q)
     assert generate_ids(model, [[1, 2, 3]], config) == generate_ids(fresh, [[1, 2, 3]], config)
+
+
+def test_tokenizer_larger_than_the_model_is_one_clear_error():
+    """A tokenizer whose ids the model has no rows for fails at once, naming both sizes (it was an
+    IndexError inside the embedding)."""
+    from dozero.tokenizer import load_tokenizer
+
+    model = tiny_model(vocab_size=97)
+    with pytest.raises(DozeroError, match=r"tokenizer has 50,257 tokens but the model has only 97 \(its vocab_size\)"):
+        generate(model, load_tokenizer("gpt2"), "Hello", max_new_tokens=3)
+
+
+def test_model_padded_past_the_tokenizer_draws_only_its_ids():
+    """GPT-2 models padded to 50,304 rows have ids no tokenizer decodes; generation never draws them,
+    even when (as here, on purpose) the padding rows would win."""
+    tokenizer = CharTokenizer.from_text("abcdefgh \n")
+    n = tokenizer.vocab_size
+    model = tiny_model(vocab_size=2 * n)
+    with torch.no_grad():  # tied head: padding row n + j = 10 x row j, so the padding copy of the best id wins
+        model.tok_emb.weight[n:] = 10.0 * model.tok_emb.weight[:n]
+    with torch.inference_mode():
+        assert model(torch.tensor([[0, 1, 2]]))[0, -1].argmax() >= tokenizer.vocab_size
+    for settings in (GREEDY, {"temperature": 1.0, "seed": 0, "repetition_penalty": 1.3}):
+        text = generate(model, tokenizer, "abc", max_new_tokens=20, **settings)
+        assert len(text) == 20 and set(text) <= set(tokenizer.chars)

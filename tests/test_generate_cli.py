@@ -101,3 +101,53 @@ def test_cli_warns_in_one_line_when_the_window_slides(saved, capsys):
     assert code == 0 and len(out) == len("All") + 40 + 1
     assert err.strip().startswith("[warning: generation reached the context length (32 tokens)")
     assert "UserWarning" not in err
+
+
+def test_cli_tokenizer_flag_for_a_folder_without_one(saved, tmp_path, capsys):
+    """A model folder with weights only (common for Hugging Face downloads): the error advises
+    --tokenizer, and --tokenizer gives the same text as the API with that tokenizer."""
+    from dozero.model.checkpoint import save_model
+
+    folder, model, tokenizer = saved
+    weights_only = save_model(model, tmp_path / "weights-only")
+    code, out, err = run_cli(capsys, "--model", weights_only, "All")
+    assert code == 2 and err.startswith("error: no tokenizer files in") and "use --tokenizer gpt2" in err
+    code, out, _ = run_cli(capsys, "--model", weights_only, "--tokenizer", folder, "All", "--seed", 5,
+                           "--max-new-tokens", 12)  # fmt: skip
+    assert (code, out) == (0, "All" + generate(model, tokenizer, "All", seed=5, max_new_tokens=12) + "\n")
+
+
+def test_cli_tokenizer_larger_than_the_model(saved, capsys):
+    folder, model, _ = saved
+    code, out, err = run_cli(capsys, "--model", folder, "--tokenizer", "gpt2", "Hello")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"tokenizer has 50,257 tokens but the model in {folder} has only {model.cfg.vocab_size} (its vocab" in err
+
+
+def test_cli_streams_into_a_pipe_before_it_ends(saved):
+    """Output into a pipe (`| tee`, a script) arrives while generating, not only at the end: the first
+    generated text is read while the process still runs."""
+    import os
+    import select
+
+    folder, *_ = saved
+    command = [sys.executable, "-m", "dozero", "generate", "--model", str(folder), "All:", "--seed", "1",
+               "--max-new-tokens", "1000000"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    received = b""
+    try:
+        for _ in range(240):  # at most 2 minutes: importing torch on a busy machine
+            if select.select([proc.stdout], [], [], 0.5)[0]:
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                received += chunk
+                if len(received) > len("All:") + 5:
+                    break
+        still_running = proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert received.startswith(b"All:") and len(received) > len("All:") + 5, received
+    assert still_running  # a million tokens take many minutes: the text came while it ran

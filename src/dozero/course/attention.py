@@ -276,7 +276,9 @@ def load_for_attention(spec: str, device: str = "cpu", seed: int = 0):
         model = load_model(spec, device=torch_device)
         check_attention_support(model)
         folder = resolve_model_dir(spec)
-        return model.float().eval(), load_tokenizer(folder), f"model: {folder} (trained weights)"
+        tokenizer = load_tokenizer(folder)
+        tokenizer.check_fits_model(model.cfg.vocab_size, f"the model in {folder}")
+        return model.float().eval(), tokenizer, f"model: {folder} (trained weights)"
     if spec not in MODEL_PRESETS:
         raise DozeroError(f"--model '{spec}' is neither a folder nor a preset: {suggest(spec, MODEL_PRESETS)}")
     from dozero.model.gpt import GPTModel

@@ -3,6 +3,7 @@
     dozero generate --model runs/shakespeare-char "ROMEO:"
     dozero generate --model runs/shakespeare-char "ROMEO:" --num-samples 3 --temperature 1.0 --seed 7
     dozero generate --model path/to/hf-gpt2-folder "The meaning of life is" --top-p 0.9 --stop "\\n\\n"
+    dozero generate --model path/to/weights-only --tokenizer gpt2 "Hello"
 
 The sampling flags come from `GenerationConfig` and `SamplingConfig` (generate/config.py).
 """
@@ -30,7 +31,8 @@ examples:
   dozero generate --model runs/shakespeare-char "ROMEO:"
   dozero generate --model runs/shakespeare-char "" --num-samples 3 --seed 1      (empty prompt: start from scratch)
   dozero generate --model runs/shakespeare-char "JULIET:" --temperature 0 --max-new-tokens 50   (greedy)
-  dozero generate --model gpt2-folder "Hello, I'm a language model," --top-p 0.9 --stop "\\n\""""
+  dozero generate --model gpt2-folder "Hello, I'm a language model," --top-p 0.9 --stop "\\n"
+  dozero generate --model hf-weights-only/ --tokenizer gpt2 "Hello"     (a folder without tokenizer files)"""
 
 
 def register(subparsers) -> None:
@@ -45,6 +47,13 @@ def register(subparsers) -> None:
     p.add_argument(
         "--model", required=True, metavar="RUN_OR_FOLDER", help="training run folder or model folder to load"
     )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="SPEC",
+        help="the tokenizer, when the model folder has none (e.g. Hugging Face weights only) or to override "
+        "it: 'gpt2', a folder or a tokenizer file (default: the model folder's)",
+    )
     p.add_argument("--num-samples", type=int, default=1, metavar="INT", help="samples of the prompt (default: 1)")
     p.add_argument(
         "--stop",
@@ -56,8 +65,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--stream",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="print text as it is produced (default: on when the output is a terminal)",
+        default=True,
+        help="print the first sample as it is produced, flushed piece by piece even into a pipe or file "
+        "(default: on; --no-stream prints each sample when it is complete)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     add_dataclass_args(p, GenerationConfig, skip=("stop",), group_title="sampling")
@@ -81,13 +91,14 @@ def run_generate(args) -> int:
     config = apply_args(GenerationConfig(stop=stops), args)
     device = pick_device(args.device)
     folder = resolve_model_dir(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or folder)  # first: a missing tokenizer fails before the weights load
     model = load_model(folder, device=device)
-    tokenizer = load_tokenizer(folder)
+    tokenizer.check_fits_model(model.cfg.vocab_size, f"the model in {folder}")
     if device.type == "cuda":  # bf16 halves memory traffic, the bottleneck of decoding one token at a time
         model = model.to(torch.bfloat16) if torch.cuda.is_bf16_supported() else model.half()
     use_decoding_layout(model)  # CPU: weights stored transposed, faster one token at a time (layout.py)
 
-    live = sys.stdout.isatty() if args.stream is None else args.stream
+    live = args.stream  # also into a pipe or a file: a reader (`| tee`, a script) sees the text as it comes
     out = sys.stdout
     texts = [""] * args.num_samples
     if live:

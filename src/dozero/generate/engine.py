@@ -136,14 +136,21 @@ def compiled_decode_step(device_type: str):
 
 
 def generate_tokens(
-    model, prompts: list[list[int]], config: GenerationConfig, eot_id: int | None = None, finished=None
+    model,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    eot_id: int | None = None,
+    finished=None,
+    num_tokens: int | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, step by step, the next token of every row (None for rows that have finished).
 
     `finished` (a list of B bools, made here if not given) is shared with the caller, who may end a
     row early (a stop string in its text) by setting `finished[row] = True` between steps.
+    `num_tokens`: draw only ids below it (the tokenizer's size, when the model has padding rows).
     """
     ctx = model.cfg.context_length
+    n = model.cfg.vocab_size if num_tokens is None else min(num_tokens, model.cfg.vocab_size)
     rows = [list(r[-ctx:]) for r in prompts]  # every row: its prompt and generated tokens so far
     finished = [False] * len(rows) if finished is None else finished
     if config.max_new_tokens == 0:
@@ -170,7 +177,7 @@ def generate_tokens(
         logits = state.prefill()
     for step in range(config.max_new_tokens):
         with torch.inference_mode():
-            tokens = sample_next_token(logits, config, generator, counts)  # (B,)
+            tokens = sample_next_token(logits[:, :n], config, generator, None if counts is None else counts[:, :n])
             ids = tokens.tolist()  # the one host sync per step: the ids decide stopping and streaming
         out = []
         for b, t in enumerate(ids):

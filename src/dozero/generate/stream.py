@@ -56,12 +56,15 @@ class TextSink:
 
 def stream_batch(model, tokenizer, prompts: list[str], config: GenerationConfig) -> Iterator[tuple[int, str]]:
     """Yield (prompt index, new text) as the samples grow; every sample ends with its final piece."""
+    tokenizer.check_fits_model(model.cfg.vocab_size)
     ctx = model.cfg.context_length
     ids = [encode_prompt(tokenizer, p, ctx) for p in prompts]
     sinks = [TextSink(tokenizer, config.stop) for _ in prompts]
     finished = [False] * len(prompts)
     with generation_mode(model):
-        for tokens in generate_tokens(model, ids, config, tokenizer.eot_id, finished):
+        # Only the tokenizer's ids are drawn: a model padded to more rows (50,304) never yields one it cannot decode.
+        steps = generate_tokens(model, ids, config, tokenizer.eot_id, finished, num_tokens=tokenizer.vocab_size)
+        for tokens in steps:
             for b, t in enumerate(tokens):
                 if t is None:
                     continue

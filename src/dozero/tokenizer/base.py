@@ -106,5 +106,17 @@ class Tokenizer(ABC):
             )
         return ids
 
+    def check_fits_model(self, model_vocab_size: int, model: str = "the model") -> None:
+        """DozeroError unless every id this tokenizer produces has a row in the model's embedding
+        (ids 0 .. vocab_size - 1 < model_vocab_size). Called wherever a model and a tokenizer meet
+        (generation, the course's attention maps), so a mismatched pair fails at load, naming both
+        sizes, instead of an IndexError deep in the embedding. A model with MORE rows is fine: GPT-2
+        models are often padded to 50,304 (a multiple of 64) for speed; generation never samples them."""
+        if self.vocab_size > model_vocab_size:
+            raise DozeroError(
+                f"the {self.kind} tokenizer has {self.vocab_size:,} tokens but {model} has only {model_vocab_size:,} "
+                "(its vocab_size): they were not trained together; give the model's own tokenizer (--tokenizer)"
+            )
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
