@@ -3,8 +3,10 @@ like tiktoken, split reproducibly; bad inputs give clear errors or reported beha
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
+import os
 import random
 from pathlib import Path
 
@@ -92,7 +94,7 @@ def planted(tmp_path_factory, tiktoken_gpt2):
     raw, expected, counts = planted_corpus()
     _write_jsonl(tmp / "corpus.jsonl", raw)
     out = tmp / "out"
-    manifest = prepare([str(tmp / "corpus.jsonl")], out, PrepareConfig(workers=1, val_ratio=0.2), progress=False)
+    manifest = prepare([str(tmp / "corpus.jsonl")], out, PrepareConfig(workers=1, val_fraction=0.2), progress=False)
     return tmp, out, manifest, raw, expected, counts
 
 
@@ -123,18 +125,18 @@ def test_manifest_split_and_determinism(planted, tmp_path):
     assert train["tokens"] == len(load_split(out, "train"))
     # The same input and seed give byte-identical shards, with a pool of 2 workers and small shards too.
     again = prepare([str(tmp / "corpus.jsonl")], tmp_path / "again",
-                    PrepareConfig(workers=2, val_ratio=0.2, shard_tokens=1000), progress=False)  # fmt: skip
+                    PrepareConfig(workers=2, val_fraction=0.2, shard_tokens=1000), progress=False)  # fmt: skip
     assert again["splits"]["val"]["documents"] == val["documents"]
     assert len(again["splits"]["train"]["shards"]) == -(-train["tokens"] // 1000)
     assert np.array_equal(load_split(tmp_path / "again", "train")[:], load_split(out, "train")[:])
-    other_seed = prepare([str(tmp / "corpus.jsonl")], tmp_path / "seed", PrepareConfig(workers=1, val_ratio=0.2,
+    other_seed = prepare([str(tmp / "corpus.jsonl")], tmp_path / "seed", PrepareConfig(workers=1, val_fraction=0.2,
                          seed=7), progress=False)  # fmt: skip
     assert other_seed["splits"]["val"]["tokens"] != val["tokens"]
 
 
 def test_val_tokens_caps_the_validation_split(planted, tmp_path):
     tmp = planted[0]
-    m = prepare([str(tmp / "corpus.jsonl")], tmp_path / "o", PrepareConfig(workers=1, val_ratio=0.5, val_tokens=500),
+    m = prepare([str(tmp / "corpus.jsonl")], tmp_path / "o", PrepareConfig(workers=1, val_fraction=0.5, val_tokens=500),
                 CleanConfig(near_dedup=False), progress=False)  # fmt: skip
     val = m["splits"]["val"]
     assert 500 <= val["tokens"] < 500 + 600 and val["documents"] >= 1  # stops at the first document past 500
@@ -169,7 +171,7 @@ def test_undecodable_bytes_and_empty_files_are_counted_not_fatal(tmp_path):
     (tmp_path / "bad.txt").write_bytes(good.encode() + b"\ncaf\xe9 ok \xff\xfe end of the line")
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "blank.md").write_bytes(b"  \n\n ")
-    m = prepare([str(tmp_path)], tmp_path / "out", PrepareConfig(workers=1, val_ratio=0), progress=False)
+    m = prepare([str(tmp_path)], tmp_path / "out", PrepareConfig(workers=1, val_fraction=0), progress=False)
     report = json.loads((tmp_path / "out" / "clean_report.json").read_text())["input"]
     assert report["undecodable_bytes_replaced"] == 3 and report["files_with_undecodable_bytes"] == 1
     assert report["empty_files"] == 2 and m["documents"] == 1
@@ -223,14 +225,24 @@ def test_context_longer_than_val_split(planted):
         RandomWindowLoader(val, 1, len(val), seed=0)
 
 
-def test_interrupted_prepare_leaves_nothing_trusted(planted, tmp_path, monkeypatch):
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_failed_prepare_leaves_the_old_dataset_byte_identical(planted, tmp_path, monkeypatch):
     import shutil
 
     from dozero.data import shards
 
     data = tmp_path / "d"
     shutil.copytree(planted[1], data)
-    (data / ".train_000007.bin.tmp").write_bytes(b"\0" * 10)  # debris of a killed run
+    before = _snapshot(data)
+    # An input error: found while reading, after the old code had already deleted the old manifest and shards.
+    _write_jsonl(tmp_path / "bad.jsonl", ["fine " * 20], field="content")
+    with pytest.raises(DozeroError, match="has no field 'text'"):
+        prepare([str(planted[0] / "corpus.jsonl"), str(tmp_path / "bad.jsonl")], data, progress=False)
+    assert _snapshot(data) == before
+    # Ctrl-C halfway through the shards.
     calls = {"n": 0}
     original = shards.ShardWriter.add_document
 
@@ -243,14 +255,32 @@ def test_interrupted_prepare_leaves_nothing_trusted(planted, tmp_path, monkeypat
     monkeypatch.setattr(shards.ShardWriter, "add_document", crash_after_a_few)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(planted[0] / "corpus.jsonl")], data, PrepareConfig(workers=1, shard_tokens=300), progress=False)
-    assert not (data / "manifest.json").exists()  # the old manifest went first, the new one never came
-    assert not list(data.glob(".*.tmp"))  # the half-written shard was removed (debris too)
-    with pytest.raises(DozeroError, match="interrupted"):
-        load_split(data, "train")
+    assert _snapshot(data) == before and len(load_split(data, "train")) == planted[2]["splits"]["train"]["tokens"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "d"]  # the half-built folder is gone
     monkeypatch.undo()
-    prepare([str(planted[0] / "corpus.jsonl")], data, PrepareConfig(workers=1, val_ratio=0.2), progress=False)
-    assert read_manifest(data)["splits"] == planted[2]["splits"]  # a rerun gives the same result as a clean one
-    assert sorted(p.name for p in data.glob("*.bin")) == ["train_000000.bin", "val_000000.bin"]
+    prepare([str(planted[0] / "corpus.jsonl")], data, PrepareConfig(workers=1, shard_tokens=300), progress=False)
+    assert len(list(data.glob("train_*.bin"))) > 1 and sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "d"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_disk_full_or_read_only_is_one_line_and_loses_nothing(planted, tmp_path, monkeypatch, capsys, code):
+    import shutil
+
+    from dozero.data import shards
+
+    data = tmp_path / "d"
+    shutil.copytree(planted[1], data)
+    before = _snapshot(data)
+
+    def fail(self):
+        raise OSError(code, os.strerror(code), str(self.out_dir / "train_000000.bin"))
+
+    monkeypatch.setattr(shards.ShardWriter, "_open", fail)
+    assert main(["data", "prepare", str(planted[0] / "corpus.jsonl"), "--out", str(data), "--quiet",
+                 "--workers", "1"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and os.strerror(code) in err
+    assert _snapshot(data) == before and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
 def test_char_tokenizer_matches_nanogpt(shared_data, tmp_path):
@@ -271,7 +301,7 @@ def test_char_tokenizer_matches_nanogpt(shared_data, tmp_path):
 def test_cli_prepare_inspect_and_errors(planted, tmp_path, capsys):
     src = str(planted[0] / "corpus.jsonl")
     assert main(["data", "prepare", src, "--out", str(tmp_path / "o"), "--quiet", "--no-near-dedup",
-                 "--val-ratio", "0.2"]) == 0  # fmt: skip
+                 "--val-fraction", "0.2"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "near duplicates removed: 0" in out and "exact duplicates removed: 3" in out
     assert main(["data", "inspect", str(tmp_path / "o"), "--tokens", "16"]) == 0
@@ -297,17 +327,19 @@ prepare([sys.argv[1]], sys.argv[2], PrepareConfig(workers=1, shard_tokens=2000),
 """
 
 
-def test_killed_prepare_leaves_no_trusted_shard(planted, tmp_path):
+def test_killed_prepare_leaves_the_old_dataset_and_its_debris_is_swept(planted, tmp_path):
     import shutil
     import subprocess
     import sys
 
     data = tmp_path / "d"
     shutil.copytree(planted[1], data)  # a good earlier result in the same folder
+    before = _snapshot(data)
     run = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(planted[0] / "corpus.jsonl"), str(data)])
     assert run.returncode == -9
-    assert not (data / "manifest.json").exists() and list(data.glob(".train_*.bin.tmp"))  # debris, untrusted
-    with pytest.raises(DozeroError, match="interrupted `dozero data prepare`; run it again"):
-        load_split(data, "train")
-    prepare([str(planted[0] / "corpus.jsonl")], data, PrepareConfig(workers=1, val_ratio=0.2), progress=False)
-    assert not list(data.glob(".*.tmp")) and read_manifest(data)["splits"] == planted[2]["splits"]
+    assert _snapshot(data) == before and len(load_split(data, "val")) == planted[2]["splits"]["val"]["tokens"]
+    debris = [p.name for p in tmp_path.iterdir() if p.name != "d"]
+    assert len(debris) == 1 and debris[0].startswith(".d.") and debris[0].endswith(".tmp")  # the half-built folder
+    prepare([str(planted[0] / "corpus.jsonl")], data, PrepareConfig(workers=1, val_fraction=0.2), progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]  # the next run in that place removed it
+    assert read_manifest(data)["splits"] == planted[2]["splits"]

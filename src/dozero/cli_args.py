@@ -76,3 +76,14 @@ def apply_args(instance, args: argparse.Namespace):
         if f.init and getattr(args, f.name, None) is not None
     }
     return dataclasses.replace(instance, **given)
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """Expand the escapes a user types in a shell, which passes them as a backslash and a letter:
+    \\n, \\t, \\r and \\\\. One pass, so "\\\\n" stays a backslash followed by n."""
+    import re
+
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m[1]], text)

@@ -49,6 +49,8 @@ FILE_MODE = 0o666 & ~_read_umask()  # what `open(path, "w")` would give (0o644 u
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
 # ".<target name>.<host>-<pid>.<8 random characters>.tmp" (files and folders alike).
 _TEMP = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.tmp$")
+# ".<target name>.<host>-<pid>.old": a folder being replaced (see replace_folder).
+_OLD = re.compile(r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.old$")
 _swept: set[str] = set()  # folders already cleaned of stale temps by this process
 
 
@@ -71,6 +73,9 @@ def remove_stale_temps(folder: Path) -> list[str]:
         return removed
     for entry in entries:
         m = _TEMP.match(entry.name)
+        old = _OLD.match(entry.name)
+        if old and os.path.isdir(os.path.join(folder, old["target"])):
+            m = old  # a replaced folder whose successor is in place: debris (else it is the only copy: kept)
         if not m or m["host"] != _HOST or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
             continue
         try:
@@ -132,6 +137,26 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
 def write_json(path: str | os.PathLike, obj, **dumps_options) -> None:
     """`obj` as indented JSON, atomically; `dumps_options` go to `json.dumps` (e.g. default=...)."""
     atomic_write(path, json.dumps(obj, **{"indent": 2, **dumps_options}) + "\n")
+
+
+def replace_folder(new: Path, target: Path, keep: Callable[[str], bool]) -> None:
+    """Put the complete folder `new` (from `make_temp_folder(target)`) at `target`. An existing `target` is
+    renamed aside, `new` renamed in, the old entries for which `keep(name)` holds (files that are not
+    dozero's) moved into it, and the rest removed. Readers see the old folder or the new one, never a mix."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = target.with_name(f".{target.name}.{_HOST}-{os.getpid()}.old")
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    for entry in os.scandir(old):
+        if keep(entry.name) and not os.path.lexists(target / entry.name):
+            os.rename(entry.path, target / entry.name)
+    shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------- output folders

@@ -19,7 +19,7 @@ _LAZY = {
     "load_split": "dozero.data.shards",
     "read_manifest": "dozero.data.shards",
     "ShardedTokens": "dozero.data.shards",
-    "DataConfig": "dozero.data.prepare",
+    "PrepareConfig": "dozero.data.prepare",
     "prepare": "dozero.data.prepare",
 }
 

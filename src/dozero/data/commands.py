@@ -19,8 +19,10 @@ examples:
   dozero data prepare ../shared/data/tinyshakespeare.txt --out data/shakespeare_char \\
       --tokenizer char --separator '\\n\\n' --no-clean       (nanoGPT's shakespeare_char)
 
-The folder gets train_*.bin / val_*.bin shards, manifest.json (written last), the tokenizer and
-clean_report.json/.txt. Training reads it with `dozero train --data DIR`."""
+The folder gets train_*.bin / val_*.bin shards, manifest.json, the tokenizer and clean_report.json/.txt.
+It is built beside DIR and swapped in when complete: a failed run leaves DIR as it was. DIR must be new,
+empty or a data folder; --force writes into another folder (its own files stay, dozero's are replaced).
+Training reads it with `dozero train --data DIR`."""
 
 
 def register(subparsers) -> None:
@@ -42,11 +44,12 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     prep.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders (searched recursively) or globs")
-    prep.add_argument(
-        "--out", required=True, metavar="DIR", help="output folder (dozero's old files in it are replaced)"
-    )
+    prep.add_argument("--out", required=True, metavar="DIR", help="output folder (a data folder in it is replaced)")
+    prep.add_argument("--force", action="store_true", help="write into DIR even if it is not a data folder")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     add_dataclass_args(prep, PrepareConfig, group_title="preparation")
+    # The flag's name before it matched `dozero train --val-fraction`; old scripts keep working.
+    prep.add_argument("--val-ratio", dest="val_fraction", type=float, help=argparse.SUPPRESS)
     add_dataclass_args(prep, CleanConfig, group_title="cleaning (each step can be switched off)")
     prep.set_defaults(func=run_prepare)
 
@@ -64,7 +67,7 @@ def run_prepare(args) -> int:
     from dozero.data.prepare import PrepareConfig, prepare
 
     cfg, clean_cfg = apply_args(PrepareConfig(), args), apply_args(CleanConfig(), args)
-    manifest = prepare(args.inputs, args.out, cfg, clean_cfg, progress=not args.quiet)
+    manifest = prepare(args.inputs, args.out, cfg, clean_cfg, progress=not args.quiet, force=args.force)
     print(_describe(manifest))
     print((Path(args.out) / "clean_report.txt").read_text(encoding="utf-8"), end="")
     for warning in manifest["warnings"]:
@@ -85,7 +88,6 @@ def _describe(manifest: dict) -> str:
 
 
 def run_inspect(args) -> int:
-
     import numpy as np
 
     from dozero.data.shards import load_data_tokenizer, load_split, read_manifest
@@ -103,12 +105,26 @@ def run_inspect(args) -> int:
     report = Path(args.data_dir) / "clean_report.txt"
     if report.is_file():
         print("\ncleaning report:\n" + report.read_text(encoding="utf-8"), end="")
+    else:
+        print(f"\ncleaning report: none ({report.name} is missing; the shards do not need it)")
     for warning in manifest.get("warnings", []):
         print(f"warning: {warning}")
-    details = json.loads((Path(args.data_dir) / "clean_report.json").read_text(encoding="utf-8"))["input"]
-    if details["undecodable_bytes_replaced"] or details["empty_files"] or details["malformed_json_lines"]:
+    details = _input_details(Path(args.data_dir) / "clean_report.json")
+    if details:
         print(
             f"input: {details['undecodable_bytes_replaced']:,} undecodable bytes replaced by U+FFFD, "
             f"{details['empty_files']:,} empty files skipped, {details['malformed_json_lines']:,} bad JSON lines"
         )
     return 0
+
+
+def _input_details(path: Path) -> dict | None:
+    """The input counts of clean_report.json, or None if it is missing or not what prepare writes."""
+    try:
+        details = json.loads(path.read_text(encoding="utf-8"))["input"]
+        keys = ("undecodable_bytes_replaced", "empty_files", "malformed_json_lines")
+        if all(isinstance(details[k], int) for k in keys) and any(details[k] for k in keys):
+            return details
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # the report is informative only: a missing or damaged one must not stop `inspect`
+    return None

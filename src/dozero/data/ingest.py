@@ -21,7 +21,6 @@ Bad input, by design:
 from __future__ import annotations
 
 import codecs
-import glob
 import gzip
 import io
 import json
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dozero.errors import DozeroError
+from dozero.files import find_files, glob_files
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet", ".py")  # .py: source code as plain text, one document a file
@@ -88,19 +88,20 @@ def is_supported(path: Path) -> bool:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files named directly, files under folders (recursively, supported types only) and glob matches,
-    sorted within each input and without repeats, so the order (and the seeded split) is reproducible."""
+    """Files named directly, files under folders (recursively, supported types only, hidden ones skipped)
+    and glob matches, sorted within each input and without repeats, so the order (and the seeded split)
+    is reproducible. A symbolic-link loop below a folder is a DozeroError (`files.find_files`)."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p))
+            found = [p for p in find_files(path) if is_supported(p)]
             if not found:
                 raise DozeroError(f"folder {item} holds no {'/'.join(SUFFIXES)} files (optionally .gz/.zst)")
         elif path.is_file():
             found = [path]
         else:
-            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            found = glob_files(item)
             if not found:
                 raise DozeroError(f"input {item!r} is not a file or folder and matches no files as a glob pattern")
         for p in found:

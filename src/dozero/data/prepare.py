@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+import shutil
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -36,11 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from dozero import __version__
+from dozero.cli_args import unescape
 from dozero.data.clean import CleanConfig, CleanReport, CleanResult, Deduplicator, clean_document
 from dozero.data.ingest import Document, IngestStats, expand_inputs, iter_documents, total_input_bytes
-from dozero.data.shards import FORMAT, ShardWriter, clear_data_dir, token_dtype, write_manifest
+from dozero.data.shards import FORMAT, ShardWriter, is_data_file, is_data_folder, token_dtype, write_manifest
 from dozero.errors import DozeroError
-from dozero.files import atomic_write
+from dozero.files import atomic_write, check_output_folder, make_temp_folder, replace_folder
 
 CHAR_SEPARATOR = "\n\n"
 BATCH_BYTES = 1 << 20  # ~1 MB of text per task: large enough that pickling overhead is small
@@ -57,7 +59,7 @@ class PrepareConfig:
     separator: str | None = None
     """Split .txt/.md files into documents at this string (backslash escapes work: '\\n\\n' = blank line).
     Default: one document per file."""
-    val_ratio: float = 0.1
+    val_fraction: float = 0.1
     """Share of documents drawn at random (with --seed) for the validation split."""
     val_tokens: int = 0
     """If above 0: validation stops taking documents once it holds this many tokens (a token-count split)."""
@@ -70,9 +72,9 @@ class PrepareConfig:
 
     def __post_init__(self):
         if self.separator:
-            self.separator = self.separator.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r")
-        if not 0 <= self.val_ratio < 1:
-            raise DozeroError(f"--val-ratio must be in [0, 1), got {self.val_ratio}")
+            self.separator = unescape(self.separator)
+        if not 0 <= self.val_fraction < 1:
+            raise DozeroError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_tokens < 1:
             raise DozeroError(f"--shard-tokens must be positive, got {self.shard_tokens}")
 
@@ -179,14 +181,46 @@ def _char_tokenizer(files, cfg, clean_cfg, progress):
 
 
 def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | None = None,
-            clean_cfg: CleanConfig | None = None, progress: bool = True) -> dict:  # fmt: skip
-    """Clean and tokenize `inputs` (files, folders, globs) into shards in `out_dir`; returns the manifest."""
+            clean_cfg: CleanConfig | None = None, progress: bool = True, force: bool = False) -> dict:  # fmt: skip
+    """Clean and tokenize `inputs` (files, folders, globs) into shards in `out_dir`; returns the manifest.
+
+    The dataset is built in a temporary folder beside `out_dir` and swapped in when complete: a failed or
+    interrupted run leaves the old folder exactly as it was. `out_dir` must be new, empty or a data folder
+    written earlier, unless `force` (then its other files stay, and dozero's are replaced)."""
+    cfg, clean_cfg = cfg or PrepareConfig(), clean_cfg or CleanConfig()
+    out = Path(out_dir).expanduser()
+    out = out.resolve() if out.is_symlink() else out  # swap the folder it points to, not the link
+    check_output_folder(out, "dozero data folder", is_data_folder, force)
+    files = _input_files(inputs, out)
+    build = make_temp_folder(out)
+    try:
+        manifest = _build(files, build, cfg, clean_cfg, progress)
+        replace_folder(build, out, keep=lambda name: not is_data_file(name))
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _input_files(inputs: list[str], out: Path) -> list[Path]:
+    """The input files, without any inside `out`: an --out inside an input folder is not read back as input."""
+    out_real = out.resolve()
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.exists() and (path.resolve() == out_real or out_real in path.resolve().parents):
+            raise DozeroError(
+                f"input {item} lies inside --out {out}, which the new data replaces; choose an --out outside the inputs"
+            )
+    files = [f for f in expand_inputs(list(inputs)) if out_real not in f.resolve().parents]
+    if not files:
+        raise DozeroError(f"every input file lies inside --out {out}; choose an --out outside the inputs")
+    return files
+
+
+def _build(files: list[Path], out: Path, cfg: PrepareConfig, clean_cfg: CleanConfig, progress: bool) -> dict:
+    """Write the whole dataset into the (temporary, empty) folder `out`; returns the manifest."""
     from dozero.tokenizer import load_tokenizer
 
-    cfg, clean_cfg = cfg or PrepareConfig(), clean_cfg or CleanConfig()
-    files = expand_inputs(list(inputs))
-    out = Path(out_dir)
-    clear_data_dir(out)  # the old manifest goes first: nothing in `out` is trusted until the new one lands
     if cfg.tokenizer == "char":
         tokenizer = _char_tokenizer(files, cfg, clean_cfg, progress)
     else:
@@ -204,30 +238,34 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     try:
         for _, _, ids in _kept_documents(files, cfg, clean_cfg, spec, stats, report, "prepare", progress):
             # One draw per kept document, in corpus order: the split is reproducible for a seed.
-            to_val = rng.random() < cfg.val_ratio
+            to_val = rng.random() < cfg.val_fraction
             if cfg.val_tokens and writers["val"].tokens >= cfg.val_tokens:
                 to_val = False
             writers["val" if to_val else "train"].add_document(ids)
         splits = {s: w.close() for s, w in writers.items()}
-    except BaseException:
+    finally:
         for w in writers.values():
-            w.abort()
-        raise
+            w.abort()  # closes a shard still open after an error (a no-op after close)
 
-    report_dict = {"input": stats.to_dict(), "cleaning": report.to_dict()}
-    atomic_write(out / "clean_report.json", _json(report_dict))
-    atomic_write(out / "clean_report.txt", report.summary() + "\n")
     if report.kept == 0:
         raise DozeroError(
             f"no documents left after cleaning {len(files)} file(s); nothing written:\n{report.summary()}"
         )
+    atomic_write(out / "clean_report.json", _json({"input": stats.to_dict(), "cleaning": report.to_dict()}))
+    atomic_write(out / "clean_report.txt", report.summary() + "\n")
     warnings = []
-    if cfg.val_ratio > 0 and splits["val"]["documents"] == 0:
+    if cfg.val_fraction > 0 and splits["val"]["documents"] == 0:
         warnings.append(
-            "the validation split is empty (too few documents for --val-ratio); split files into more "
-            "documents with --separator or raise --val-ratio"
+            "the validation split is empty (too few documents for --val-fraction); split files into more "
+            "documents with --separator or raise --val-fraction"
         )
-    manifest = {
+    manifest = _manifest(tokenizer, dtype, splits, files, stats, cfg, clean_cfg, warnings)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _manifest(tokenizer, dtype, splits, files, stats, cfg, clean_cfg, warnings) -> dict:
+    return {
         "format": FORMAT,
         "version": 1,
         "created_by": f"dozero {__version__}",
@@ -249,15 +287,13 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
         ),
         "documents": splits["train"]["documents"] + splits["val"]["documents"],
         "tokens": splits["train"]["tokens"] + splits["val"]["tokens"],
-        "split": {"by": "document", "seed": cfg.seed, "val_ratio": cfg.val_ratio, "val_tokens": cfg.val_tokens},
+        "split": {"by": "document", "seed": cfg.seed, "val_fraction": cfg.val_fraction, "val_tokens": cfg.val_tokens},
         "splits": splits,
         "inputs": {"files": len(files), "bytes": stats.bytes, "first_files": [str(f) for f in files[:5]]},
         "settings": {"prepare": dataclasses.asdict(cfg), "clean": dataclasses.asdict(clean_cfg)},
         "report": "clean_report.json",
         "warnings": warnings,
     }
-    write_manifest(out, manifest)  # last: its presence means every file above is complete
-    return manifest
 
 
 def _json(obj) -> str:

@@ -4,15 +4,16 @@
     tokens[0:10]                                                       # numpy array, read from disk
 
 A data folder holds
-    manifest.json            written LAST: a folder without it is an unfinished prepare and is never read
+    manifest.json            the index: which shards, their sizes and checksums, the tokenizer, the settings
     train_000000.bin, ...    raw little-endian uint16 (vocabulary < 65,536) or uint32 token ids, no header
     val_000000.bin, ...      (nanoGPT's train.bin/val.bin format, cut into shards of --shard-tokens)
     dozero_tokenizer.json    the tokenizer the ids belong to (`load_tokenizer(folder)`, as for a model folder)
     clean_report.json/.txt   what cleaning removed and changed
 
-Shards are written under temporary names (".train_000000.bin.tmp") while they grow, and renamed when
-complete; their sha256 goes in the manifest. `load_split` checks sizes always and checksums by default
-(sha256 reads every byte: ~1 s per GB; pass verify=False to skip it for big folders you trust).
+`prepare` builds the whole folder under a temporary name beside it and renames it into place when
+complete, so a folder holds one whole dataset or none. Each shard's sha256 goes in the manifest.
+`load_split` checks the manifest's shape, sizes always and checksums by default (sha256 reads every
+byte: ~1 s per GB; pass verify=False to skip it for big folders you trust).
 """
 
 from __future__ import annotations
@@ -31,12 +32,24 @@ from dozero.files import atomic_write
 MANIFEST = "manifest.json"
 FORMAT = "dozero-data"
 SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.bin$")
-TEMP_NAME = re.compile(r"^\.(train|val)_\d{6}\.bin\.tmp$")
+REPORTS = ("clean_report.json", "clean_report.txt")
+DTYPES = ("uint16", "uint32")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 while every id fits (GPT-2's 50,257 do), else uint32: half the disk and page cache."""
+    """uint16 while every id fits (GPT-2's 50,257 do), else uint32: half the disk and page cache.
+    The one place this rule lives: anything storing token ids asks here."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def is_data_file(name: str) -> bool:
+    """A name `prepare` writes into a data folder (hidden files, e.g. .DS_Store, count as nobody's)."""
+    return bool(SHARD_NAME.match(name)) or name in (MANIFEST, *REPORTS) or name.startswith(("dozero_tokenizer.", "."))
+
+
+def is_data_folder(path: Path) -> bool:
+    """A folder `prepare` wrote: it has a manifest, or holds nothing but data-folder files (an interrupted run)."""
+    return (path / MANIFEST).is_file() or all(is_data_file(p.name) for p in path.iterdir())
 
 
 class ShardWriter:
@@ -53,15 +66,14 @@ class ShardWriter:
         self._file = None
 
     def _open(self) -> None:
-        name = f"{self.split}_{len(self.shards):06d}.bin"
-        self._name, self._tmp = name, self.out_dir / f".{name}.tmp"
-        self._file = open(self._tmp, "wb")
+        # Final names at once: `out_dir` is the temporary folder of the whole dataset (see prepare).
+        self._name = f"{self.split}_{len(self.shards):06d}.bin"
+        self._file = open(self.out_dir / self._name, "wb")
         self._hash, self._count = hashlib.sha256(), 0
 
     def _finish(self) -> None:
         self._file.close()
         self._file = None
-        os.replace(self._tmp, self.out_dir / self._name)
         self.shards.append({"file": self._name, "tokens": self._count, "sha256": self._hash.hexdigest()})
 
     def add_document(self, ids: np.ndarray) -> None:
@@ -92,20 +104,7 @@ class ShardWriter:
     def abort(self) -> None:
         if self._file is not None:
             self._file.close()
-            Path(self._tmp).unlink(missing_ok=True)
-
-
-def clear_data_dir(out_dir: Path) -> list[str]:
-    """Make `out_dir` safe to write into: the manifest goes FIRST (so nothing old is trusted while we
-    write), then old shards and leftovers of interrupted runs. Only dozero's own file names are touched."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    removed = []
-    for p in out_dir.iterdir():
-        if p.is_file() and (SHARD_NAME.match(p.name) or TEMP_NAME.match(p.name)):
-            p.unlink()
-            removed.append(p.name)
-    return removed
+            self._file = None
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
@@ -113,19 +112,68 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
+    """The manifest of a prepared data folder, checked for shape; any damage is a one-line DozeroError."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         hint = (
-            "it holds shards but no manifest: an interrupted `dozero data prepare`; run it again"
-            if Path(data_dir).is_dir()
-            and any(TEMP_NAME.match(p.name) or SHARD_NAME.match(p.name) for p in Path(data_dir).iterdir())  # fmt: skip
+            "it holds shards but no manifest (an interrupted prepare, or a copy without it); prepare it again"
+            if Path(data_dir).is_dir() and any(SHARD_NAME.match(p.name) for p in Path(data_dir).iterdir())
             else "prepare one with `dozero data prepare INPUT --out DIR`"
         )
         raise DozeroError(f"{data_dir} is not a prepared data folder (no {MANIFEST}); {hint}")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise DozeroError(f"{path} is not a dozero data manifest (format {manifest.get('format')!r})")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DozeroError(f"{path} is not valid JSON ({e}): the file is damaged; prepare the data again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DozeroError(f"{path} is not a dozero data manifest (format {found!r})")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DozeroError(f"{path} is damaged or incomplete: {problem}; prepare the data again")
+    split = manifest.get("split")
+    if isinstance(split, dict) and "val_ratio" in split:  # the name before it matched training's val_fraction
+        split.setdefault("val_fraction", split.pop("val_ratio"))
     return manifest
+
+
+_TOP = {"dtype": str, "document_separator": str, "tokenizer": dict, "splits": dict}
+_TOKENIZER = {"name": str, "kind": str, "vocab_size": int, "fingerprint": str}
+_SPLIT = {"documents": int, "tokens": int, "shards": list}
+_SHARD = {"file": str, "tokens": int, "sha256": str}
+
+
+def _shape_problem(obj, schema: dict, where: str) -> str | None:
+    if not isinstance(obj, dict):
+        return f"{where} is {type(obj).__name__}, not an object"
+    for key, kind in schema.items():
+        if key not in obj:
+            return f"{where} has no {key!r}"
+        if not isinstance(obj[key], kind) or (kind is int and isinstance(obj[key], bool)):
+            return f"{where}[{key!r}] is {type(obj[key]).__name__}, not {kind.__name__}"
+    return None
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What is wrong with the manifest's shape (the keys and types readers use), or None."""
+    problem = _shape_problem(m, _TOP, "the manifest") or _shape_problem(m["tokenizer"], _TOKENIZER, "tokenizer")
+    if problem:
+        return problem
+    if m["dtype"] not in DTYPES:
+        return f"dtype {m['dtype']!r} is not one of {', '.join(DTYPES)}"
+    for split, s in m["splits"].items():
+        if split not in ("train", "val"):
+            return f"unknown split {split!r}"
+        if problem := _shape_problem(s, _SPLIT, f"splits[{split!r}]"):
+            return problem
+        for i, shard in enumerate(s["shards"]):
+            if problem := _shape_problem(shard, _SHARD, f"shard {i} of {split!r}"):
+                return problem
+            if not SHARD_NAME.match(shard["file"]):  # a path like "../x" would read outside the folder
+                return f"shard file {shard['file']!r} is not a shard name like {split}_000000.bin"
+            if shard["tokens"] < 0:
+                return f"shard {shard['file']} has a negative token count"
+    return None
 
 
 def file_sha256(path: Path) -> str:

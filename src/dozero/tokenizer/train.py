@@ -23,7 +23,6 @@ Ids: 0..255 are the bytes (id = byte value), then the merges in order, then the 
 
 from __future__ import annotations
 
-import glob
 import heapq
 import os
 import time
@@ -37,6 +36,7 @@ import regex
 from tqdm.auto import tqdm
 
 from dozero.errors import DozeroError
+from dozero.files import find_files, glob_files
 from dozero.tokenizer.base import ENDOFTEXT
 from dozero.tokenizer.bpe import GPT2_PATTERN, BPETokenizer
 
@@ -65,22 +65,18 @@ class TrainReport:
 
 
 def corpus_files(inputs: list[str | os.PathLike]) -> list[Path]:
-    """Files, folders (every non-hidden file below, sorted) and glob patterns -> a sorted list of files."""
+    """Files, folders (every non-hidden file below, sorted) and glob patterns -> a list of files.
+    A symbolic-link loop below a folder is a DozeroError (`files.find_files`), not an endless walk."""
     files: list[Path] = []
     for item in inputs:
         item = str(item)
         path = Path(item)
         if path.is_dir():
-            # hidden means hidden below the folder: "../corpus" and "~/.cache/corpus" are fine
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
-            )
+            found = find_files(path)  # hidden means hidden below the folder: "~/.cache/corpus" is fine
         elif path.is_file():
             found = [path]
         else:
-            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            found = glob_files(item)
         if not found:
             raise DozeroError(f"no files found for {item!r}; give text files, folders or glob patterns")
         files += found
