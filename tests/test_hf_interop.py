@@ -3,6 +3,8 @@ layout, an untied head) and after dozero writes a folder that transformers loads
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -79,6 +81,47 @@ def test_load_hf_sharded_safetensors(tmp_path):
     theirs.save_pretrained(tmp_path, max_shard_size="500KB")
     assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 1
     assert_same_logits(load_model(tmp_path), theirs, 1000, 64)
+
+
+def test_sharded_index_never_reads_outside_the_folder(tmp_path):
+    """An index naming "../x", "/abs/x", or a shard that is a link out of the folder is refused (before,
+    dozero read whatever file it named); a Hugging Face cache snapshot, whose files all link into the
+    cache's blobs/, still loads."""
+    import json
+    import shutil
+
+    theirs = hf_model(*SHAPES[0])
+    good = tmp_path / "good"
+    theirs.save_pretrained(good, max_shard_size="500KB")
+    index = json.loads((good / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(good / shard, outside / shard)
+
+    def folder_whose_index_names(name: str, link: bool = False):
+        folder = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(good, folder)
+        if link:
+            (folder / shard).unlink()
+            (folder / shard).symlink_to(outside / shard)
+        weight_map = {k: (name if v == shard else v) for k, v in index["weight_map"].items()}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+        return folder
+
+    for name, link in [(f"../outside/{shard}", False), (str(outside / shard), False), (shard, True)]:
+        folder = folder_whose_index_names(name, link)
+        with pytest.raises(DozeroError, match=f"shard '{re.escape(name)}' lies outside the model folder"):
+            load_model(folder)
+
+    cache = tmp_path / "hub" / "models--x--y"  # huggingface_hub's layout: snapshots/<rev>/file -> ../../blobs/<hash>
+    (cache / "blobs").mkdir(parents=True)
+    snapshot = cache / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(good.iterdir())):
+        shutil.copy(f, cache / "blobs" / f"blob{i}")
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{i}")
+    assert_same_logits(load_model(snapshot), theirs, 1000, 64)
 
 
 def test_load_hf_pytorch_bin(tmp_path):

@@ -140,8 +140,8 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         return read_safetensors(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"
     if index.is_file():  # a sharded checkpoint: {"weight_map": {tensor name: shard file}}
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        return {k: v for shard in shards for k, v in read_safetensors(folder / shard).items()}
+        shards = shard_paths(folder, index, read_json(index).get("weight_map", {}))
+        return {k: v for shard in shards for k, v in read_safetensors(shard).items()}
     path = folder / "pytorch_model.bin"
     if not path.is_file():
         raise DozeroError(f"{folder}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
@@ -153,6 +153,29 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DozeroError(f"{path}: expected a dict of tensors (a state_dict)")
     return state
+
+
+def shard_paths(folder: Path, index: Path, weight_map) -> list[Path]:
+    """The shard files an index names, each checked to lie inside `folder`: a downloaded index could
+    name "../../secret" or "/etc/..." and make dozero read files the user never gave it. Paths are
+    resolved, so a symbolic link pointing out of the folder is refused too, except into the `blobs/`
+    of a Hugging Face cache, where every file of a `snapshots/<revision>/` folder is such a link."""
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise DozeroError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    root = folder.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    paths = []
+    for name in sorted(set(weight_map.values())):
+        path = (folder / name).resolve()
+        if Path(name).is_absolute() or not any(path.is_relative_to(a) for a in allowed):
+            raise DozeroError(
+                f"{index}: shard {name!r} lies outside the model folder {folder}; dozero reads only the folder "
+                "it is given (is this index from a trusted source?)"
+            )
+        paths.append(folder / name)
+    return paths
 
 
 def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, where: str = "weights") -> dict:
