@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dozero.errors import DozeroError
-from dozero.tokenizer import ENDOFTEXT, BPETokenizer
+from dozero.tokenizer import ENDOFTEXT, BPETokenizer, load_tokenizer
 from dozero.tokenizer.train import corpus_files, count_chunks, learn_merges, train_bpe
 
 # Sennrich et al. (2016)'s example corpus, as text. GPT-2's regex cuts it into the chunks
@@ -134,3 +134,45 @@ def test_bad_training_input(tmp_path):
         corpus_files([tmp_path / "nothing-here" / "*.txt"])
     with pytest.raises(DozeroError, match="special tokens must be distinct non-empty strings without newlines"):
         train_bpe([tmp_path], vocab_size=300, special_tokens=["<a>", "<a>"], progress=False)
+
+
+def _cli_error(capsys, argv) -> str:
+    from dozero.cli import main
+
+    capsys.readouterr()  # what earlier runs printed (progress bars)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_train_refuses_a_model_folder_without_force(tmp_path, capsys):
+    from dozero.cli import main
+
+    (tmp_path / "corpus.txt").write_text(SENNRICH)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "dozero_tokenizer.json").write_text('{"the model": "tokenizer"}')
+    argv = ["tokenizer", "train", str(tmp_path / "corpus.txt"), "--vocab-size", "270", "--out", str(model)]
+    err = _cli_error(capsys, argv)
+    assert "is not empty and is not a tokenizer folder" in err and "--force" in err
+    assert (model / "dozero_tokenizer.json").read_text() == '{"the model": "tokenizer"}'  # untouched
+    assert main([*argv, "--force"]) == 0 and (model / "model.safetensors").read_bytes() == b"weights"
+    assert load_tokenizer(model).vocab_size == 270
+    tok_dir = tmp_path / "tok"
+    assert main([*argv[:-1], str(tok_dir), "--export", "hf"]) == 0
+    assert main([*argv[:-1], str(tok_dir)]) == 0  # a tokenizer folder may be retrained in place
+    (tmp_path / "a_file").write_text("x")
+    assert "is a file, not a folder" in _cli_error(capsys, [*argv[:-1], str(tmp_path / "a_file")])
+
+
+@pytest.mark.timeout(30)
+def test_train_stops_at_a_symlink_loop(tmp_path, capsys):
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    (tmp_path / "corpus" / "sub" / "a.txt").write_text(SENNRICH)
+    (tmp_path / "corpus" / "sub" / "up").symlink_to(tmp_path / "corpus")
+    (tmp_path / "corpus" / "sub" / "up2").symlink_to(tmp_path / "corpus" / "sub")
+    for item in (tmp_path / "corpus", tmp_path / "corpus" / "**" / "*.txt"):
+        err = _cli_error(capsys, ["tokenizer", "train", str(item), "--vocab-size", "270", "--out", str(tmp_path / "t")])
+        assert "a loop" in err

@@ -190,8 +190,8 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     cfg, clean_cfg = cfg or PrepareConfig(), clean_cfg or CleanConfig()
     out = Path(out_dir).expanduser()
     out = out.resolve() if out.is_symlink() else out  # swap the folder it points to, not the link
-    check_output_folder(out, "dozero data folder", is_data_folder, force)
     files = _input_files(inputs, out)
+    check_output_folder(out, "dozero data folder", is_data_folder, force)
     build = make_temp_folder(out)
     try:
         manifest = _build(files, build, cfg, clean_cfg, progress)

@@ -79,6 +79,7 @@ def register(subparsers) -> None:
         help="a special token (repeatable; default: <|endoftext|>; --special '' for none)",
     )
     train.add_argument("--out", required=True, metavar="DIR", help="folder to write the tokenizer into")
+    train.add_argument("--force", action="store_true", help="write into DIR even if it holds other files (a model)")
     train.add_argument("--export", choices=["hf", "gpt2", "tiktoken"], action="append", help="also write this format")
     train.add_argument("--workers", type=int, default=None, help="processes for pre-tokenizing (default: all cores)")
     train.set_defaults(func=run_train)
@@ -136,10 +137,24 @@ def _encode(tok, data: bytes, special: str) -> list[int]:
     return tok.encode(text, special=special)
 
 
+# What a tokenizer folder may hold: dozero's files and the exported formats (`--export`, `tokenizer export`).
+TOKENIZER_FOLDER_FILES = ("dozero_tokenizer.json", "dozero_tokenizer.tiktoken", "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                          "tokenizer.tiktoken")  # fmt: skip
+
+
+def is_tokenizer_folder(path: Path) -> bool:
+    """Holds tokenizer files only (hidden files aside): replacing them loses nothing else."""
+    return all(p.name in TOKENIZER_FOLDER_FILES or p.name.startswith(".") for p in path.iterdir())
+
+
 def run_train(args) -> None:
+    from dozero.files import check_output_folder
     from dozero.tokenizer.formats import export_tokenizer
     from dozero.tokenizer.train import train_bpe
 
+    # Before training (minutes), not after: a model folder's tokenizer is not replaced without --force.
+    check_output_folder(args.out, "tokenizer folder", is_tokenizer_folder, args.force)
     specials = [s for s in (args.special if args.special is not None else ["<|endoftext|>"]) if s]
     tok, report = train_bpe(args.inputs, args.vocab_size, specials, name=Path(args.out).name, workers=args.workers)
     tok.save(args.out)
