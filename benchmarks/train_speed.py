@@ -1,28 +1,54 @@
-"""Training speed on the shakespeare-char preset: dozero's step vs Hugging Face GPT2LMHeadModel's.
+"""Training speed on the shakespeare-char recipe: dozero vs nanoGPT, run live, and Hugging Face.
 
-    flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/train_speed.py [--rounds 7] [--steps 20]
-    flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/train_speed.py --full   # + the 2000-step run
+    flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/train_speed.py                 # step times
+    flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/train_speed.py --to-loss       # + time to val 1.886
+    .venv/bin/python benchmarks/train_speed.py --rounds 2 --steps 5 --warmup 2              # a quick check
 
-1. Step time, side by side in one process, interleaved (A B A B ...), medians over --rounds of --steps:
-   the same `Stepper` (batch 12 x 64 tokens, AdamW with decay groups, clip 1.0) drives
-     dozero     GPTModel of the shakespeare-char shape (4 layers, 4 heads, 128 wide, context 64)
-     HF         transformers.GPT2LMHeadModel with the same shape and GELU (random init, built offline)
-   at 1 and 2 CPU threads. Prints ms/step, tokens/s, the ratio HF/dozero, and dozero's tokens/s
-   over nanoGPT's published-here reference for the same configuration (about 54 ms/iteration =
-   14,200 tokens/s on this kind of 2-core machine; figure from issue 5, not measured here).
-2. --full: `dozero train` with no arguments (the preset as shipped), timed end to end in this
-   process: wall time, validation loss at step 2000 on the preset's 20 batches (target <= 1.886,
-   nanoGPT's in ~2 minutes) and on the whole validation split, and the run folder with loss.png.
+nanoGPT is never copied into dozero: its own `model.py` (the GPT module and `configure_optimizers`)
+and `train.py` are used from a checkout of karpathy/nanoGPT, by default `../shared/reference/nanogpt`
+beside the repository (override: `--nanogpt DIR` or the NANOGPT_DIR environment variable). Without
+one, the nanoGPT parts are skipped with a message. To get it:
+
+    git clone https://github.com/karpathy/nanoGPT ../nanogpt   # then --nanogpt ../nanogpt
+
+1. Step time (always). One process builds, with the same seed, on the same batches:
+     dozero   GPTModel of the shakespeare-char shape, dozero's training Stepper (AdamW, clip 1.0)
+     nanoGPT  its GPT (n_layer 4, n_head 4, n_embd 128, block_size 64, bias False, dropout 0), its
+              configure_optimizers (weight decay 0.1, lr 1e-3, betas 0.9/0.99), and the body of its
+              train.py loop on a CPU: forward with targets, backward, clip 1.0, step, zero_grad
+     HF       transformers.GPT2LMHeadModel of the same shape and GELU, driven by dozero's Stepper
+   Each draws 12 x 64-token windows from its own copy of the same seeded loader, so step i sees the
+   same batch in all three. After --warmup untimed steps each, --rounds rounds run a block of
+   --steps steps of each model in turn (the order rotates every round, so a drift in the machine's
+   load falls on all of them); each block's ms/step is printed, then the medians and the median of
+   the per-round ratios nanoGPT ms / dozero ms (above 1: dozero is faster).
+2. --to-loss: time to nanoGPT's validation loss. nanoGPT's own train.py (its README's CPU recipe) and
+   `dozero train` (the shakespeare-char preset) run back to back as child processes on the same
+   characters (dozero's 90/10 split written as nanoGPT's train.bin/val.bin). Each one's eval lines
+   ("step N: ... val loss X") are timed as they arrive: the time to the first val loss <= 1.886 (the
+   figure nanoGPT's recipe reaches at step 2000) from the process's start, the whole run's wall
+   time, and the ratio nanoGPT time / dozero time. --dozero-args tries another dozero recipe
+   (e.g. '--max-steps 1500'); both processes' start (imports) is in their times, and is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import os
+import re
+import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from dozero import runtime
@@ -31,11 +57,35 @@ from dozero.data.loader import RandomWindowLoader
 from dozero.model.gpt import GPTModel
 from dozero.train.config import get_train_preset
 from dozero.train.corpus import load_corpus
-from dozero.train.optim import make_optimizer
+from dozero.train.optim import lr_at, make_optimizer, set_lr
 from dozero.train.step import Stepper
 
-NANOGPT_TOKENS_PER_SECOND = 12 * 64 / 0.054  # 54 ms per 768-token iteration (issue 5's reference)
-NANOGPT_VAL_LOSS, NANOGPT_SECONDS = 1.886, 120.0
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_NANOGPT = REPO.parent / "shared" / "reference" / "nanogpt"
+TARGET_VAL_LOSS = 1.886  # nanoGPT's CPU recipe at step 2000 (1.8857 on this project's machines)
+CPU = torch.device("cpu")
+EVAL_LINE = re.compile(r"^step (\d+): .*?val loss (\d+\.\d+)")
+
+
+def nanogpt_dir(flag: str) -> Path | None:
+    """The nanoGPT checkout to use, or None (with the reason printed) when there is none."""
+    folder = Path(flag or os.environ.get("NANOGPT_DIR") or DEFAULT_NANOGPT).expanduser()
+    if not (folder / "model.py").is_file():
+        print(f"nanoGPT not found at {folder} (no model.py): the nanoGPT comparison is skipped.")
+        print("Get it with `git clone https://github.com/karpathy/nanoGPT` and pass --nanogpt DIR.\n")
+        return None
+    return folder
+
+
+def import_nanogpt(folder: Path):
+    """nanoGPT's model.py as a module named `nanogpt_model` (its own name, `model`, is too generic)."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model", folder / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- 1. step time ------------------------------------------------------------------------------
 
 
 class HFLogits(torch.nn.Module):
@@ -49,115 +99,224 @@ class HFLogits(torch.nn.Module):
         return self.hf(input_ids=x).logits
 
 
-def build(kind: str, cfg, corpus, device):
+def dozero_step(cfg, corpus, shape):
     torch.manual_seed(cfg.seed)
-    shape = dataclasses.replace(get_model_config(cfg.model), vocab_size=corpus.tokenizer.vocab_size)
-    if kind == "dozero":
-        raw = GPTModel(shape)
-        model = raw
-    else:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        from dozero.model.hf import config_to_hf
-
-        # The same shape, GELU and dropout (0) as ours, through the exporter's config mapping.
-        hf_cfg = GPT2Config(**config_to_hf(shape), attn_implementation="sdpa")
-        raw = GPT2LMHeadModel(hf_cfg)
-        model = HFLogits(raw)
-    raw.train()
-    optimizer = make_optimizer(raw, cfg, device)
+    model = GPTModel(shape).train()
     loader = RandomWindowLoader(corpus.train, cfg.micro_batch_size, shape.context_length, cfg.seed)
-    return Stepper(model, raw, optimizer, loader, cfg, 1, device, torch.float32)
+    stepper = Stepper(model, model, make_optimizer(model, cfg, CPU), loader, cfg, 1, CPU, torch.float32)
+    return model, lambda index: stepper(index)[0]
 
 
-def run_steps(stepper: Stepper, index: dict, kind: str, n: int) -> float:
-    """Seconds per step over `n` steps (the step counter goes on across rounds, as in training)."""
-    start = time.perf_counter()
-    for _ in range(n):
-        loss, _ = stepper(index[kind])
-        index[kind] += 1
-    float(loss)  # make sure the work is done (a no-op sync on CPU)
-    return (time.perf_counter() - start) / n
+def hf_step(cfg, corpus, shape):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dozero.model.hf import config_to_hf
+
+    torch.manual_seed(cfg.seed)
+    # The same shape, GELU and dropout (0) as dozero's, through the exporter's config mapping.
+    raw = GPT2LMHeadModel(GPT2Config(**config_to_hf(shape), attn_implementation="sdpa")).train()
+    loader = RandomWindowLoader(corpus.train, cfg.micro_batch_size, shape.context_length, cfg.seed)
+    stepper = Stepper(HFLogits(raw), raw, make_optimizer(raw, cfg, CPU), loader, cfg, 1, CPU, torch.float32)
+    return raw, lambda index: stepper(index)[0]
+
+
+def nanogpt_step(cfg, corpus, shape, nanogpt):
+    """nanoGPT's model and optimizer, and its train.py loop body as it runs on a CPU (no autocast; the
+    GradScaler is disabled there, so scaler.step is optimizer.step). The learning rate follows its
+    cosine schedule (dozero's formula; the lr value does not change a step's time)."""
+    torch.manual_seed(cfg.seed)
+    conf = nanogpt.GPTConfig(
+        block_size=shape.context_length,
+        vocab_size=shape.vocab_size,
+        n_layer=shape.n_layers,
+        n_head=shape.n_heads,
+        n_embd=shape.emb_dim,
+        dropout=0.0,
+        bias=False,
+    )
+    with redirect_stdout(StringIO()):  # it prints its parameter counts
+        model = nanogpt.GPT(conf).train()
+        optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), "cpu")
+    loader = RandomWindowLoader(corpus.train, cfg.micro_batch_size, shape.context_length, cfg.seed)
+    cosine = dataclasses.replace(cfg, schedule="cosine")
+
+    def step(index: int) -> torch.Tensor:
+        set_lr(optimizer, lr_at(index, cosine))
+        x, y = loader.next_batch()  # (B, T) each
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return model, step
+
+
+def time_block(step, start: int, n: int) -> float:
+    """Milliseconds per step over steps start .. start+n-1."""
+    begin = time.perf_counter()
+    for index in range(start, start + n):
+        loss = step(index)
+    float(loss)  # the work is done (a no-op sync on CPU, a real one elsewhere)
+    return 1e3 * (time.perf_counter() - begin) / n
+
+
+def build_all(args, cfg, corpus, shape) -> dict:
+    """name -> (model, step function), each built from the same seed."""
+    runners = {"dozero": dozero_step(cfg, corpus, shape)}
+    folder = nanogpt_dir(args.nanogpt)
+    if folder is not None:
+        runners["nanoGPT"] = nanogpt_step(cfg, corpus, shape, import_nanogpt(folder))
+    if not args.no_hf:
+        runners["HF"] = hf_step(cfg, corpus, shape)
+    return runners
 
 
 def step_times(args) -> None:
     cfg = get_train_preset("shakespeare-char")
     corpus = load_corpus(cfg)
-    device = torch.device("cpu")
-    tokens = cfg.micro_batch_size * get_model_config(cfg.model).context_length
-    print(f"{runtime.describe_hardware(device)}; torch {torch.__version__}")
-    print(f"step = {cfg.micro_batch_size} x 64 tokens, forward + backward + clip + AdamW\n")
-    print(f"{'threads':>7}  {'dozero ms':>9}  {'HF ms':>7}  {'HF/dozero':>9}  {'dozero tok/s':>12}  {'vs nanoGPT':>10}")
-    best = 0.0
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        steppers = {kind: build(kind, cfg, corpus, device) for kind in ("dozero", "hf")}
-        index = {kind: 0 for kind in steppers}
-        times: dict[str, list[float]] = {kind: [] for kind in steppers}
-        for kind in steppers:  # warm-up
-            run_steps(steppers[kind], index, kind, 5)
-        for _ in range(args.rounds):
-            for kind in steppers:
-                times[kind].append(run_steps(steppers[kind], index, kind, args.steps))
-        ours, hf = statistics.median(times["dozero"]), statistics.median(times["hf"])
-        best = max(best, tokens / ours)
-        print(
-            f"{threads:>7}  {1e3 * ours:>9.1f}  {1e3 * hf:>7.1f}  {hf / ours:>9.2f}x  {tokens / ours:>12,.0f}  "
-            f"{tokens / ours / NANOGPT_TOKENS_PER_SECOND:>9.2f}x"
-        )
-    print(f"\nbest dozero: {best:,.0f} tokens/s = {best / NANOGPT_TOKENS_PER_SECOND:.2f}x nanoGPT's reference")
-
-
-def full_validation_loss(run_dir, cfg, corpus) -> float:
-    """Loss of the run's final model over every non-overlapping window of the validation split: the
-    20-batch estimate (nanoGPT's eval_iters at --device=cpu) moves by about +-0.01 with the batches drawn."""
-    import torch.nn.functional as F
-
-    from dozero.data.loader import SequentialWindowLoader
-    from dozero.model.checkpoint import load_model
-
-    model = load_model(f"{run_dir}/latest").eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, y in SequentialWindowLoader(corpus.val, 64, model.cfg.context_length):  # x, y (B, T)
-            total += float(F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum"))
-            count += y.numel()
-    return total / count
-
-
-def full_run(args) -> None:
-    from dozero.train.loop import train
-
-    out = args.out_dir or tempfile.mkdtemp(prefix="dozero-train-bench-")
-    cfg = dataclasses.replace(get_train_preset("shakespeare-char"), out_dir=out, seed=args.seed)
+    shape = dataclasses.replace(get_model_config(cfg.model), vocab_size=corpus.tokenizer.vocab_size)
     if args.threads:
-        cfg = dataclasses.replace(cfg, threads=args.threads)
+        torch.set_num_threads(args.threads)
+    tokens = cfg.micro_batch_size * shape.context_length
+    print(f"{runtime.describe_hardware(torch.device('cpu'))}; torch {torch.__version__}")
+    runners = build_all(args, cfg, corpus, shape)
+    names = list(runners)
+    for name, (model, step) in runners.items():
+        n_params = sum(p.numel() for p in model.parameters())
+        first = float(step(0))  # the same batch for all: about ln(65) = 4.17 from a fresh init
+        print(f"{name:>8}: {n_params:,} parameters, first loss {first:.3f}")
+    print(f"step = {cfg.micro_batch_size} x {shape.context_length} tokens: forward, backward, clip, AdamW")
+    print(f"{args.warmup} warm-up steps each, then {args.rounds} rounds of {args.steps} steps each; ms/step:\n")
+    for _, step in runners.values():
+        time_block(step, 1, args.warmup)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    index = 1 + args.warmup
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            times[name].append(time_block(runners[name][1], index, args.steps))
+        index += args.steps
+        cells = "  ".join(f"{name} {times[name][-1]:6.1f}" for name in names)
+        ratio = f"  nanoGPT/dozero {times['nanoGPT'][-1] / times['dozero'][-1]:.2f}x" if "nanoGPT" in times else ""
+        print(f"round {r + 1:>2}: {cells}{ratio}")
+    summarize(times, tokens)
+
+
+def summarize(times: dict[str, list[float]], tokens: int) -> None:
+    print()
+    for name, ms in times.items():
+        median = statistics.median(ms)
+        spread = f"{min(ms):.1f}-{max(ms):.1f}"
+        print(f"{name:>8}: median {median:.1f} ms/step ({spread}), {1e3 * tokens / median:,.0f} tokens/s")
+    for other in ("nanoGPT", "HF"):
+        if other in times:
+            ratios = [o / d for o, d in zip(times[other], times["dozero"], strict=True)]
+            print(
+                f"{other}/dozero ms per step: median {statistics.median(ratios):.2f}x "
+                f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x; above 1: dozero is faster)"
+            )
+
+
+# ---- 2. time to nanoGPT's validation loss ------------------------------------------------------
+
+
+def write_nanogpt_data(folder: Path, corpus) -> None:
+    """nanoGPT's data/shakespeare_char: the same 90/10 character split as dozero's, as uint16 ids
+    (its prepare script's format). meta.pkl carries only the vocabulary size, which its train.py reads."""
+    import pickle
+
+    folder.mkdir(parents=True)
+    np.asarray(corpus.train, dtype=np.uint16).tofile(folder / "train.bin")
+    np.asarray(corpus.val, dtype=np.uint16).tofile(folder / "val.bin")
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": corpus.tokenizer.vocab_size}, f)
+
+
+def nanogpt_command(folder: Path, steps: int, eval_interval: int) -> list[str]:
+    """nanoGPT's README CPU recipe for shakespeare_char, with config/train_shakespeare_char.py's
+    settings spelled out (that file is not needed)."""
+    recipe = dict(
+        device="cpu", compile=False, eval_iters=20, log_interval=1, block_size=64, batch_size=12, n_layer=4,
+        n_head=4, n_embd=128, max_iters=steps, lr_decay_iters=steps, dropout=0.0,
+        # config/train_shakespeare_char.py:
+        out_dir="out-shakespeare-char", eval_interval=eval_interval, always_save_checkpoint=False,
+        dataset="shakespeare_char", gradient_accumulation_steps=1, learning_rate=1e-3, min_lr=1e-4,
+        beta2=0.99, warmup_iters=100,
+    )  # fmt: skip
+    return [sys.executable, "-u", str(folder / "train.py"), *(f"--{k}={v}" for k, v in recipe.items())]
+
+
+def timed_run(name: str, command: list[str], cwd: Path, env: dict) -> dict:
+    """Run `command`, timing its eval lines from the process's start."""
     start = time.perf_counter()
-    result = train(cfg)
+    evals, reached, first_line = [], None, None
+    with subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        for line in proc.stdout:
+            if first_line is None:  # imports done: what the process's start costs before any work
+                first_line = time.perf_counter() - start
+                print(f"  {name}: first output at {first_line:.1f} s", flush=True)
+            match = EVAL_LINE.match(line)
+            if match:
+                step, loss, at = int(match.group(1)), float(match.group(2)), time.perf_counter() - start
+                evals.append((step, loss, at))
+                print(f"  {name}: step {step:>5}  val loss {loss:.4f}  at {at:6.1f} s", flush=True)
+                if reached is None and loss <= TARGET_VAL_LOSS:
+                    reached = at
     wall = time.perf_counter() - start
-    full = full_validation_loss(result.run_dir, cfg, load_corpus(cfg))
-    print(
-        f"\nfull run (seed {cfg.seed}): {result.step} steps in {wall:.1f} s wall ({result.tokens_per_second:,.0f} "
-        f"tokens/s while training), validation loss {result.val_loss:.4f} on {cfg.eval_iters} batches, {full:.4f} on "
-        f"the whole validation split (nanoGPT: {NANOGPT_VAL_LOSS} in ~{NANOGPT_SECONDS:.0f} s); wall-time ratio "
-        f"nanoGPT/dozero {NANOGPT_SECONDS / wall:.2f}x; curve: {result.run_dir}/loss.png"
-    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} exited {proc.returncode}: {' '.join(command)}")
+    return {"wall": wall, "reached": reached, "final": evals[-1][1] if evals else float("nan")}
+
+
+def time_to_loss(args) -> None:
+    folder = nanogpt_dir(args.nanogpt)
+    if folder is None:
+        return
+    cfg = get_train_preset("shakespeare-char")
+    corpus = load_corpus(cfg)
+    work = Path(tempfile.mkdtemp(prefix="dozero-train-bench-"))
+    write_nanogpt_data(work / "data" / "shakespeare_char", corpus)
+    (work / "configurator.py").symlink_to(folder / "configurator.py")  # train.py execs it from its cwd
+    env = dict(os.environ, TQDM_DISABLE="1")
+    dozero = [sys.executable, "-u", "-m", "dozero", "train", "--out-dir", str(work / "runs" / "dozero")]
+    dozero += ["--max-steps", str(args.to_loss_steps), "--eval-interval", str(args.eval_interval)]
+    dozero += shlex.split(args.dozero_args)
+    commands = {"nanoGPT": nanogpt_command(folder, args.to_loss_steps, args.eval_interval), "dozero": dozero}
+    print(f"\ntime to val loss <= {TARGET_VAL_LOSS}, back to back, {args.to_loss_steps} steps each (folder {work}):")
+    results = {name: timed_run(name, command, work, env) for name, command in commands.items()}
+    for name, r in results.items():
+        reached = f"{r['reached']:.1f} s" if r["reached"] is not None else "not reached"
+        print(
+            f"{name:>8}: to {TARGET_VAL_LOSS}: {reached}; whole run {r['wall']:.1f} s, final val loss {r['final']:.4f}"
+        )
+    n, d = results["nanoGPT"], results["dozero"]
+    if n["reached"] is not None and d["reached"] is not None:
+        print(f"time to {TARGET_VAL_LOSS}: nanoGPT / dozero = {n['reached'] / d['reached']:.2f}x (goal: 2x)")
+    print(f"whole run: nanoGPT / dozero = {n['wall'] / d['wall']:.2f}x")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per model (default 7)")
-    p.add_argument("--steps", type=int, default=20, help="steps per round (default 20)")
-    p.add_argument("--full", action="store_true", help="also run the whole 2000-step preset, timed")
-    p.add_argument("--out-dir", default="", help="run folder for --full (default: a temporary folder)")
-    p.add_argument("--threads", type=int, default=0, help="threads for --full (default: PyTorch's choice)")
-    p.add_argument("--seed", type=int, default=1337, help="seed for --full (default: the preset's 1337)")
-    p.add_argument("--skip-steps", action="store_true", help="only the --full run")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    p.add_argument("--steps", type=int, default=20, help="steps per model per round (default 20)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps per model first (default 10)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for the step times (default: PyTorch's)")
+    p.add_argument("--no-hf", action="store_true", help="leave out Hugging Face's model")
+    p.add_argument("--nanogpt", default="", help=f"nanoGPT checkout (default: $NANOGPT_DIR or {DEFAULT_NANOGPT})")
+    p.add_argument("--to-loss", action="store_true", help="also time both full runs to nanoGPT's val loss")
+    p.add_argument("--skip-steps", action="store_true", help="only the --to-loss runs")
+    p.add_argument("--to-loss-steps", type=int, default=2000, help="--to-loss: steps of each run (default 2000)")
+    p.add_argument("--eval-interval", type=int, default=250, help="--to-loss: steps between evals (default 250)")
+    p.add_argument("--dozero-args", default="", help="--to-loss: more `dozero train` flags, e.g. '--max-steps 1500'")
     args = p.parse_args()
     if not args.skip_steps:
         step_times(args)
-    if args.full:
-        full_run(args)
+    if args.to_loss:
+        time_to_loss(args)
 
 
 if __name__ == "__main__":
