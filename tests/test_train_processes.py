@@ -86,7 +86,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_resumes(tmp_path):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)  # mid-run: no checkpoint exists yet (eval_interval is huge)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 143, err[-3000:]  # 128 + 15, as a shell reports a run ended by SIGTERM
     assert "SIGTERM); resume: dozero train --resume" in out
     state = json.loads((run / "latest" / "trainer_state.json").read_text())
     assert state["step"] >= 5

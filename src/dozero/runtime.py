@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -23,7 +25,12 @@ def pick_device(requested: str | None = None) -> torch.device:
 
     Under torchrun each process takes the GPU of its local rank."""
     if requested and requested != "auto":
-        device = torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:  # torch's message lists two dozen device types dozero does not run on
+            raise DozeroError(f"--device '{requested}' is not known; choose auto, cpu, cuda, cuda:N or mps") from None
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise DozeroError(f"--device '{requested}' is not supported; choose auto, cpu, cuda, cuda:N or mps")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise DozeroError(f"device '{requested}' asked for, but CUDA is not available here; use --device cpu")
         if device.type == "mps" and not torch.backends.mps.is_available():
@@ -41,6 +48,18 @@ def pick_device(requested: str | None = None) -> torch.device:
 # ---- ranks -------------------------------------------------------------------------------------
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise DozeroError(
+            f"the environment variable {name}={value!r} is not a whole number; launch with torchrun, or unset {name}"
+        ) from None
+
+
 def is_distributed_launch() -> bool:
     """True when started by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -50,19 +69,19 @@ def rank() -> int:
     """This process's global rank (0 without torchrun)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", 0))
+    return _env_int("RANK", 0) if is_distributed_launch() else 0
 
 
 def world_size() -> int:
     """Number of training processes (1 without torchrun)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
+    return _env_int("WORLD_SIZE", 1) if is_distributed_launch() else 1
 
 
 def local_rank() -> int:
     """This process's index on its own machine (which GPU it takes)."""
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return _env_int("LOCAL_RANK", 0)
 
 
 def is_main() -> bool:
@@ -70,17 +89,42 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def print0(*args, **kwargs) -> None:
-    """print() on rank 0 only."""
-    if is_main():
-        print(*args, **kwargs)
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_cpu_group = None  # a gloo group beside NCCL, for small host-side agreements (see any_rank_max)
+
+
+def check_launch() -> None:
+    """One-line errors for a distributed environment that cannot work, before anything waits on it.
+    Without these a stray WORLD_SIZE=2 left in a shell made init_process_group wait, silently, for
+    processes that never come."""
+    present = {v: os.environ[v] for v in LAUNCH_VARS if v in os.environ}
+    given = ", ".join(f"{k}={v}" for k, v in present.items())
+    world, rank_ = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+    _env_int("LOCAL_RANK", 0)
+    if world <= 1 and "RANK" not in present:
+        return
+    if world < 1 or not 0 <= rank_ < world:
+        raise DozeroError(f"RANK must be in 0..WORLD_SIZE-1 and WORLD_SIZE >= 1 (found {given})")
+    if world == 1:
+        return
+    unset = f"or unset {', '.join(present)} for a single process"
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in present]
+    if missing:
+        raise DozeroError(f"{given} is set but not {', '.join(missing)}: launch with torchrun {unset}")
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        raise DozeroError(
+            f"{given} is set, but this process was not started by torchrun (no TORCHELASTIC_RUN_ID), so it would "
+            f"wait for {world - 1} other process(es) that may never come: use torchrun --nproc_per_node=N {unset}"
+        )
 
 
 def init_distributed(device: torch.device) -> bool:
     """Join the process group if launched by torchrun: NCCL between GPUs, gloo on CPU.
 
     Returns True if this is a distributed run. A no-op for a single process."""
-    if not is_distributed_launch() or int(os.environ["WORLD_SIZE"]) == 1:
+    global _cpu_group
+    check_launch()
+    if world_size() == 1:
         return False
     if dist.is_initialized():
         return True
@@ -88,12 +132,15 @@ def init_distributed(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend)
+    _cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
     return True
 
 
 def destroy_distributed() -> None:
+    global _cpu_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _cpu_group = None
 
 
 def barrier() -> None:
@@ -110,13 +157,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def any_rank_true(flag: bool, device: torch.device) -> bool:
-    """True if `flag` is True on any rank (e.g. a stop signal seen by one process only)."""
+def any_rank_max(value: int) -> int:
+    """The largest `value` over all ranks (e.g. a stop signal seen by one process only). Cheap enough
+    for every step: a CPU tensor all-reduced over gloo, so no device sync (under NCCL a separate
+    gloo group carries it)."""
     if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-    return flag
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group)
+        return int(t.item())
+    return value
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -174,10 +223,37 @@ def grad_scaler(device: torch.device, dtype: torch.dtype):
     return None
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work (for honest timings)."""
+@contextlib.contextmanager
+def torch_settings(device: torch.device, threads: int = 0):
+    """Inside: `threads` CPU threads (0: unchanged) and TF32 matmuls for the float32 parts on
+    CUDA (Ampere+). Both are process-wide switches, so they are put back on exit: a Python caller
+    of train() finds torch as it left it."""
+    saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:]
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for this process: on CUDA the device's free memory; on CPU the machine's
+    MemAvailable shared among the processes of this machine; None where unknown."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    return available // max(1, _env_int("LOCAL_WORLD_SIZE", 1))
 
 
 # ---- hardware facts ----------------------------------------------------------------------------
@@ -262,3 +338,43 @@ def _to_jsonable(x):
 
 def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+# ---- stop signals ------------------------------------------------------------------------------
+
+
+class StopFlag:
+    signum: int = 0
+    """The number of the first SIGINT/SIGTERM received (0: none)."""
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While inside: the first SIGINT/SIGTERM asks the loop to stop after the current step (with a
+    checkpoint); the handlers that were there before come back at once, so a second signal acts as
+    it would have (Ctrl-C: KeyboardInterrupt; SIGTERM: the process ends), even in a step that hangs."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield flag
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    # None: a handler set outside Python; the default action is the closest stand-in.
+    previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in sigs}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def handler(signum, frame):
+        flag.signum = signum
+        restore()
+        # os.write, not print: a handler may run in the middle of another write to the same stream.
+        name = signal.Signals(signum).name
+        os.write(2, f"\n{name}: stopping after this step with a checkpoint (again: stop at once)\n".encode())
+
+    for sig in sigs:
+        signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        restore()

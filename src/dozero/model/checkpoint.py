@@ -32,6 +32,7 @@ from dozero.model.gpt import GPTModel
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CHECKSUMS_FILE = "checksums.json"  # written by training checkpoints, verified by load_model when present
 FORMAT = "dozero"
 FORMAT_VERSION = 1
 RUN_SUBFOLDERS = ("best", "latest")  # in order of preference
@@ -69,6 +70,40 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own error type (and OSError) for bad files
         raise DozeroError(f"{path} is truncated or corrupt ({e}); re-save or re-download it") from None
+
+
+def write_checksums(folder: Path, **extra) -> None:
+    """checksums.json: the sha256 of every file in `folder` (plus `extra` JSON fields). Written last,
+    so a folder with a checksums.json is complete, and any later change to a file shows on load."""
+    from dozero.data.shards import file_sha256
+
+    files = sorted(f for f in Path(folder).iterdir() if f.is_file() and not f.name.startswith("."))
+    write_json(
+        Path(folder) / CHECKSUMS_FILE,
+        {"sha256": {f.name: file_sha256(f) for f in files if f.name != CHECKSUMS_FILE}, **extra},
+    )
+
+
+def verify_checksums(folder: Path, only: tuple[str, ...] | None = None) -> bool:
+    """Check the files of `folder` (or the `only` ones) against its checksums.json; DozeroError naming
+    the first damaged or missing file. False when the folder has no checksums.json (written before
+    dozero kept them, or by another tool): nothing to check against."""
+    from dozero.data.shards import file_sha256
+
+    folder = Path(folder)
+    if not (folder / CHECKSUMS_FILE).exists():
+        return False
+    recorded = read_json(folder / CHECKSUMS_FILE).get("sha256")
+    if not isinstance(recorded, dict):
+        raise DozeroError(f"{folder / CHECKSUMS_FILE} is damaged (no 'sha256' table)")
+    for name, digest in recorded.items():
+        if only is not None and name not in only:
+            continue
+        if not (folder / name).is_file():
+            raise DozeroError(f"{folder} is damaged: {name} is missing")
+        if file_sha256(folder / name) != digest:
+            raise DozeroError(f"{folder} is damaged: {name} does not match its sha256 in {CHECKSUMS_FILE}")
+    return True
 
 
 # ----------------------------------------------------------------------------- folders
@@ -140,6 +175,7 @@ def load_model(path: str | Path, device=None, dtype=None) -> GPTModel:
     from dozero.model import hf
 
     folder = resolve_model_dir(path)
+    verify_checksums(folder, only=(CONFIG_FILE, WEIGHTS_FILE))  # a damaged file is an error, not NaN logits
     raw, cfg = _read_config(folder)
     if raw.get("format") == FORMAT:
         where = str(folder / WEIGHTS_FILE)
@@ -173,6 +209,7 @@ def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], wher
     model.load_state_dict(state, assign=True)
     if cfg.tie_weights:  # assign=True gave the two names two Parameter objects; make them one again
         model.out_head.weight = model.tok_emb.weight
+    model.reset_buffers()  # RoPE's tables are not stored: compute them where the weights now are
     return model
 
 

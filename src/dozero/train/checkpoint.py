@@ -1,21 +1,24 @@
-"""Training checkpoints: a model folder plus everything needed to continue exactly.
+"""Training run folders and checkpoints: a model folder plus everything needed to continue exactly.
 
 A run folder holds
 
+    train_config.json          the run's TrainConfig and ModelConfig (what --resume continues)
     checkpoints/step_000500/   the last `keep_last` checkpoints
-    latest/                    the newest checkpoint (what --resume continues from)
-    best/                      the checkpoint with the lowest validation loss so far
+    latest/                    a copy of the newest checkpoint (what --resume RUN continues from)
+    best/                      a copy of the checkpoint with the lowest validation loss so far
 
-Each is a model folder (`config.json`, `model.safetensors`, tokenizer files; loadable with
+Each checkpoint is a model folder (`config.json`, `model.safetensors`, tokenizer files; loadable with
 `dozero.model.checkpoint.load_model`) and the trainer state beside it:
 
     optimizer.safetensors      AdamW's moments and step counts
     trainer_state.json         step, RNG states (python, numpy, torch, cuda), data-loader position,
                                best validation loss, grad-scaler state
+    checksums.json             the sha256 of every other file, written last, checked on resume
 
 Nothing is unpickled: tensors go through safetensors, everything else is JSON. A checkpoint is
 written into a temporary folder and renamed into place, so a crash mid-write leaves either the old
-checkpoint or the new one, never half of one.
+checkpoint or the new one, never half of one. latest/ and best/ are copies, not hard links, so a
+damaged file in one does not damage the other, and resume can fall back to checkpoints/.
 """
 
 from __future__ import annotations
@@ -28,13 +31,70 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from dozero.config import ModelConfig
 from dozero.errors import DozeroError
 from dozero.files import write_json
+from dozero.model.checkpoint import (
+    CHECKSUMS_FILE,
+    model_config_from_dict,
+    read_json,
+    read_safetensors,
+    verify_checksums,
+    write_checksums,
+)
+from dozero.train.config import TrainConfig
 
+RUN_CONFIG_FILE = "train_config.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+
+def choose_run_dir(out_dir: str) -> Path:
+    """`out_dir`, or `out_dir-2`, `-3`... if a run already lives there (never overwrite a run)."""
+    base = Path(out_dir)
+    candidate, n = base, 1
+    while (candidate / RUN_CONFIG_FILE).exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def run_dir_of(resume: str | Path) -> Path:
+    """The run folder of `--resume PATH`: PATH itself, or for a checkpoint inside a run
+    (RUN/latest, RUN/best, RUN/checkpoints/step_N) the run folder around it."""
+    path = Path(resume)
+    if (path / TRAINER_STATE).is_file() or (path / CHECKSUMS_FILE).is_file():
+        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return path
+
+
+def read_run_config(resume: str | Path) -> tuple[TrainConfig, ModelConfig]:
+    """The validated settings saved in the run folder of `resume`; every error names the file."""
+    run_dir = run_dir_of(resume)
+    path = run_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise DozeroError(f"--resume {resume}: no {RUN_CONFIG_FILE} in {run_dir}; is it a dozero run folder?")
+    saved = read_json(path)
+    for section in ("train", "model"):
+        if not isinstance(saved.get(section), dict):
+            raise DozeroError(f"{path}: no '{section}' object; the file is damaged (it is written by dozero train)")
+    try:
+        cfg = TrainConfig.from_dict(saved["train"])
+    except DozeroError as e:
+        raise DozeroError(f"{path}: {e}") from None
+    return cfg, model_config_from_dict(saved["model"], str(path))
+
+
+def write_run_config(run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    write_json(run_dir / RUN_CONFIG_FILE, {"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=1)
+
+
+# ----------------------------------------------------------------------------- writing
 
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -45,17 +105,6 @@ def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
         for name, value in state.items():
             tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
     return tensors, sd["param_groups"]
-
-
-def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]):
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _json_default(x):
@@ -82,14 +131,17 @@ def _replace_folder(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _link_or_copy_tree(src: Path, dst: Path) -> None:
-    """Hard links where the file system allows (no extra disk for latest/ and best/), else copies."""
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        try:
-            os.link(f, dst / f.name)
-        except OSError:
-            shutil.copy2(f, dst / f.name)
+def _write_folder(final: Path, fill) -> None:
+    """Create `final` atomically: `fill(tmp)` writes into a temporary folder beside it, which is
+    then renamed into place; on any error the temporary folder goes and `final` is untouched."""
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); a checkpoint is shared like any folder
+    try:
+        fill(tmp)
+        _replace_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_checkpoint(
@@ -103,33 +155,37 @@ def save_checkpoint(
     is_best: bool,
     keep_last: int,
 ) -> Path:
-    """Write checkpoints/step_XXXXXX, point latest/ (and best/ if `is_best`) at it, prune old ones."""
+    """Write checkpoints/step_XXXXXX, copy it to latest/ (and best/ if `is_best`), prune old ones."""
     from dozero.model.checkpoint import save_model
 
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step_{step:06d}."))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); a checkpoint is shared like any folder
-    try:
+
+    def fill(tmp: Path) -> None:
         save_model(model, tmp, tokenizer=tokenizer, metadata=metadata)
         tensors, groups = optimizer_to_files(optimizer)
         save_file(tensors, str(tmp / OPTIMIZER_STATE))
         state = {**trainer_state, "step": step, "optimizer_param_groups": groups}
         write_json(tmp / TRAINER_STATE, state, indent=1, default=_json_default)
-        _replace_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_checksums(tmp, step=step)  # last: a folder with checksums.json is complete
+
+    _write_folder(final, fill)
     for name in ["latest"] + (["best"] if is_best else []):
-        link_tmp = run_dir / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(link_tmp, ignore_errors=True)
-        _link_or_copy_tree(final, link_tmp)
-        _replace_folder(link_tmp, run_dir / name)
+        # Copies, not hard links: a hard link is the same bytes, so one damaged file would damage both.
+        _write_folder(run_dir / name, lambda tmp: _copy_files(final, tmp))
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _copy_files(src: Path, dst: Path) -> None:
+    for f in sorted(src.iterdir(), key=lambda f: f.name == CHECKSUMS_FILE):  # checksums.json last
+        shutil.copy2(f, dst / f.name)
+
+
+# ----------------------------------------------------------------------------- choosing one to resume
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -140,28 +196,146 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / TRAINER_STATE).is_file())
 
 
-def find_resume_point(run_dir: Path) -> Path:
-    """The checkpoint folder to resume from: latest/, else the newest of checkpoints/."""
-    run_dir = Path(run_dir)
+def verify_checkpoint(folder: Path) -> None:
+    """DozeroError if `folder` is not a whole, undamaged checkpoint (checksums of every file)."""
+    for name in (TRAINER_STATE, OPTIMIZER_STATE):
+        if not (folder / name).is_file():
+            raise DozeroError(f"{folder} is not a whole checkpoint: {name} is missing")
+    verify_checksums(folder)
+
+
+def find_resume_point(resume: str | Path) -> tuple[Path, str | None]:
+    """The checkpoint folder to continue from, and a note to show (or None).
+
+    `resume` names a checkpoint (used as asked) or a run folder (its latest/). When latest/ is
+    damaged and checkpoints/ holds an intact copy of the same step, that copy is used: it is the
+    same state, so nothing is lost. An older checkpoint is never taken without being asked for
+    (that would silently drop steps); the error lists them instead."""
+    path, run_dir = Path(resume), run_dir_of(resume)
     if not run_dir.is_dir():
-        raise DozeroError(f"--resume {run_dir}: no such run folder")
-    candidates = [run_dir / "latest"] if (run_dir / "latest" / TRAINER_STATE).is_file() else []
-    candidates += list_checkpoints(run_dir)[::-1]
-    if not candidates:
-        raise DozeroError(
-            f"--resume {run_dir}: no checkpoint found (looked for latest/{TRAINER_STATE} and checkpoints/step_*); "
-            "start a new run without --resume"
-        )
-    return candidates[0]
+        raise DozeroError(f"--resume {resume}: no such run folder")
+    if path != run_dir:
+        _verify_or_explain(path, run_dir)
+        return path, None
+    latest = run_dir / "latest"
+    if not latest.exists():  # between the two renames of a save, or removed: the newest numbered one
+        newest = list_checkpoints(run_dir)[-1:]
+        if not newest:
+            raise DozeroError(
+                f"--resume {run_dir}: no checkpoint found (looked for latest/ and checkpoints/step_*); "
+                "start a new run without --resume"
+            )
+        _verify_or_explain(newest[0], run_dir)
+        return newest[0], None
+    try:
+        verify_checkpoint(latest)
+        return latest, None
+    except DozeroError as damage:
+        twin = _same_step_copy(latest, run_dir)
+        if twin is None:
+            _verify_or_explain(latest, run_dir, damage)
+        return twin, f"warning: {damage}; resuming from its intact copy {twin}"
+
+
+def _same_step_copy(latest: Path, run_dir: Path) -> Path | None:
+    """checkpoints/step_N for the step that latest/checksums.json names, if it verifies."""
+    try:
+        step = int(json.loads((latest / CHECKSUMS_FILE).read_text())["step"])
+        twin = run_dir / "checkpoints" / f"step_{step:06d}"
+        verify_checkpoint(twin)
+        return twin
+    except (OSError, ValueError, KeyError, TypeError, DozeroError):
+        return None
+
+
+def _verify_or_explain(folder: Path, run_dir: Path, damage: DozeroError | None = None) -> None:
+    """Verify `folder`; if damaged, one line: what is damaged and which checkpoints to try instead."""
+    try:
+        if damage is None:
+            verify_checkpoint(folder)
+            return
+    except DozeroError as e:
+        damage = e
+    others = [p for p in list_checkpoints(run_dir)[::-1] if p.resolve() != folder.resolve()]
+    if others:
+        advice = f"older checkpoints: {', '.join(p.name for p in others)}; resume from one with --resume {others[0]}"
+    else:
+        advice = "no other checkpoint is left; start a new run"
+    raise DozeroError(f"{damage}; {advice}")
+
+
+def set_aside_later_checkpoints(run_dir: Path, step: int) -> list[Path]:
+    """Resuming from step N abandons what came after it: checkpoints/step_M (M > N) are renamed to
+    checkpoints/abandoned_step_M (kept, not deleted) so they are neither resumed from nor pruned
+    in place of the new ones."""
+    moved = []
+    for folder in list_checkpoints(run_dir):
+        if int(folder.name.removeprefix("step_")) > step:
+            target = folder.with_name(f"abandoned_{folder.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(folder, target)
+            moved.append(target)
+    return moved
+
+
+# ----------------------------------------------------------------------------- reading
 
 
 def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
     """Restore the optimizer in place from `folder`; return the rest of the trainer state."""
     folder = Path(folder)
-    try:
-        state = json.loads((folder / TRAINER_STATE).read_text())
-        tensors = load_file(str(folder / OPTIMIZER_STATE))
-    except (OSError, ValueError) as e:
-        raise DozeroError(f"cannot read the trainer state in {folder}: {e}; resume from another checkpoint") from e
-    optimizer_from_files(optimizer, tensors, state.pop("optimizer_param_groups"))
+    state = read_json(folder / TRAINER_STATE)
+    tensors = read_safetensors(folder / OPTIMIZER_STATE)
+    groups = state.pop("optimizer_param_groups", None)
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
+        raise DozeroError(f"{folder / TRAINER_STATE}: no valid 'optimizer_param_groups'; the file is damaged")
+    optimizer_from_files(optimizer, tensors, groups, folder / OPTIMIZER_STATE)
+    for key in ("step", "loader", "rng"):
+        if key not in state:
+            raise DozeroError(f"{folder / TRAINER_STATE}: no '{key}'; the file is damaged")
     return state
+
+
+def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict, groups: list[dict], where) -> None:
+    """Load a state split by `optimizer_to_files`, after checking that it fits this optimizer: the
+    same groups, and for every parameter moments of its shape and dtype. (load_state_dict checks
+    only the group sizes: a state of another shape trained on silently, or crashed the fused kernel.)"""
+    own = [len(g["params"]) for g in optimizer.param_groups]
+    saved = [len(g["params"]) for g in groups]
+    if own != saved:
+        raise DozeroError(
+            f"{where}: parameter groups of sizes {saved}, but this model's optimizer has {own}; "
+            "the checkpoint is from another model shape"
+        )
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        if not index.isdigit() or int(index) >= len(params):
+            raise DozeroError(f"{where}: '{key}' names no parameter of this model ({len(params)} parameters)")
+        p = params[int(index)]
+        expected = ((), torch.float32) if name == "step" else (tuple(p.shape), p.dtype)
+        if (tuple(value.shape), value.dtype) != expected:
+            raise DozeroError(
+                f"{where}: '{key}' is {tuple(value.shape)} {value.dtype}, but this model needs {expected[0]} "
+                f"{expected[1]}; the checkpoint is from another model shape"
+            )
+        state.setdefault(int(index), {})[name] = value
+    names = {frozenset(s) for s in state.values()}
+    if state and (len(state) != len(params) or len(names) != 1):
+        raise DozeroError(f"{where}: the optimizer state covers {len(state)} of {len(params)} parameters unevenly")
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def check_finite(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A checkpoint holding NaN/inf (a damage the checksums cannot see: written that way) is an error
+    now, not a NaN loss later."""
+    tensors = {f"weight {n}": p for n, p in model.named_parameters()}
+    for i, s in enumerate(optimizer.state.values()):
+        tensors.update({f"optimizer {i}.{n}": t for n, t in s.items() if torch.is_tensor(t)})
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise DozeroError(f"{folder}: {name} holds NaN or inf values; resume from an older checkpoint")

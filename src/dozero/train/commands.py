@@ -24,7 +24,8 @@ dozero, 2,000 steps, then prints a sample.
 
 Start from a --preset and change any setting with its flag. Each run gets a folder (--out-dir) with
 latest/ and best/ models (loadable by `dozero generate --model RUN`), checkpoints/, metrics.jsonl,
-loss.png and report.md. Ctrl-C or SIGTERM saves a checkpoint; --resume RUN continues exactly."""
+loss.png and report.md. Ctrl-C or SIGTERM stops after the current step with a checkpoint (exit
+status 130 or 143; a second one stops at once); --resume RUN continues exactly."""
 
 EXAMPLES = (
     """\
@@ -37,6 +38,7 @@ examples:
   dozero train --max-steps 200 --eval-interval 50    a quick look
   dozero train --preset shakespeare-bpe --data ../shared/data/shakespeare
   dozero train --resume runs/shakespeare-char --max-steps 4000    go on training a finished run
+  dozero train --resume runs/shakespeare-char/checkpoints/step_001500   go on from an older checkpoint
   dozero generate --model runs/shakespeare-char "ROMEO:"          use the result"""
 )
 
@@ -51,11 +53,16 @@ def register(subparsers) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in this folder from latest/")
-    # inject_nan_at is a test hook, set from Python only.
-    add_dataclass_args(
-        p, TrainConfig, skip=("inject_nan_at",), group_title="training (defaults: the shakespeare-char preset)"
+    p.add_argument(
+        "--resume",
+        metavar="PATH",
+        default=None,
+        help="continue a run exactly: a run folder (from its latest/ checkpoint) or one of its checkpoints, "
+        "e.g. RUN/checkpoints/step_000500 to go on from an older step (later checkpoints are renamed "
+        "abandoned_step_*). Checkpoints are verified (sha256); a damaged latest/ is replaced by its intact "
+        "copy in checkpoints/ if there is one, else the error lists the older checkpoints",
     )
+    add_dataclass_args(p, TrainConfig, group_title="training (defaults: the shakespeare-char preset)")
     add_dataclass_args(
         p,
         ModelConfig,
@@ -68,8 +75,8 @@ def register(subparsers) -> None:
 
 def build_config(args) -> tuple[TrainConfig, dict]:
     """The preset named by --preset with every given flag applied, and the model-shape overrides."""
+    from dozero.train.checkpoint import read_run_config
     from dozero.train.config import get_train_preset
-    from dozero.train.loop import read_run_config
 
     if args.resume:
         base, _ = read_run_config(args.resume)
@@ -83,16 +90,16 @@ def build_config(args) -> tuple[TrainConfig, dict]:
 def run_train(args) -> int:
     from dozero import runtime
     from dozero.errors import DozeroError
-    from dozero.train.loop import train
+    from dozero.train.loop import EXIT_CODES, train
 
     cfg, overrides = build_config(args)
     if args.resume and overrides:
         raise DozeroError(f"--resume keeps the run's model shape; drop {', '.join(overrides)}")
     result = train(cfg, overrides, resume=args.resume)
+    if result.stopped != "done":
+        return EXIT_CODES.get(result.stopped, 0)  # the loop printed how to resume
     if not runtime.is_main():
         return 0
-    if result.stopped != "done":
-        return 0  # the loop printed how to resume
     from dozero.model.checkpoint import load_model, resolve_model_dir
     from dozero.tokenizer import load_tokenizer
     from dozero.train.loop import sample_text

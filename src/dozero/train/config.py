@@ -11,7 +11,7 @@ here only. A preset is a `TrainConfig` plus the name of a model shape in `dozero
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from dataclasses import dataclass
 
 from dozero.config import MODEL_PRESETS, suggest
@@ -94,38 +94,87 @@ class TrainConfig:
     auto (when the tensorboard package is installed), on, or off."""
     stop_after: int = 0
     """Stop (with a checkpoint) after this step, as if interrupted; resume later with --resume. 0: off."""
-    inject_nan_at: int = 0
-    """Testing hook: make the loss of this step NaN (0: off)."""
 
     def validate(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise DozeroError(f"--schedule '{self.schedule}' is not known: {suggest(self.schedule, SCHEDULES)}")
-        if self.model not in MODEL_PRESETS:
-            raise DozeroError(f"--model '{self.model}' is not a model shape: {suggest(self.model, MODEL_PRESETS)}")
-        if self.tensorboard not in ("auto", "on", "off"):
-            raise DozeroError(f"--tensorboard must be 'auto', 'on' or 'off', got '{self.tensorboard}'")
-        if self.on_nan not in ("stop", "skip"):
-            raise DozeroError(f"--on-nan must be 'stop' or 'skip', got '{self.on_nan}'")
+        """Refuse a setting that cannot work, naming its flag: the same checks for the command line,
+        Python and a run folder's train_config.json."""
+        _check_types(self)
+        choices = {"schedule": SCHEDULES, "model": tuple(MODEL_PRESETS), "tensorboard": ("auto", "on", "off")}
+        choices["on_nan"] = ("stop", "skip")
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                what = "is not a model shape" if name == "model" else "is not known"
+                raise DozeroError(f"{_flag(name)} '{value}' {what}: {suggest(value, allowed)}")
         for name in ("micro_batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval"):
-            if getattr(self, name) < 1:
-                raise DozeroError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.val_fraction < 1:
-            raise DozeroError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+            _check_range(self, name, getattr(self, name) >= 1, ">= 1")
+        for name in (
+            "global_batch_tokens",
+            "warmup_steps",
+            "sample_tokens",
+            "threads",
+            "keep_last",
+            "stop_after",
+            "seed",
+        ):
+            _check_range(self, name, getattr(self, name) >= 0, ">= 0")
+        for name in ("grad_clip", "weight_decay", "min_lr"):
+            _check_range(self, name, getattr(self, name) >= 0, ">= 0")
+        _check_range(self, "lr", self.lr > 0, "> 0")
+        _check_range(self, "val_fraction", 0 < self.val_fraction < 1, "between 0 and 1 (exclusive)")
+        _check_range(self, "decay_fraction", 0 <= self.decay_fraction <= 1, "between 0 and 1")
+        for name in ("beta1", "beta2"):
+            _check_range(self, name, 0 <= getattr(self, name) < 1, "in [0, 1)")
+        if not all(math.isfinite(getattr(self, f.name)) for f in dataclasses.fields(self) if _kind(f) is float):
+            raise DozeroError("learning rates, betas and fractions must be finite numbers (not nan or inf)")
         if self.min_lr > self.lr:
             raise DozeroError(f"--min-lr ({self.min_lr}) is above --lr ({self.lr})")
-        if self.warmup_steps < 0:
-            raise DozeroError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        """A validated TrainConfig from a JSON dict. Unknown keys are refused, as ModelConfig does;
+        keys absent from `d` take their defaults (a run folder from before a field was added)."""
+        if not isinstance(d, dict):
+            raise DozeroError("the training settings should be a JSON object of TrainConfig fields")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        unknown = sorted(set(d) - known - RETIRED_KEYS)
+        if unknown:
+            raise DozeroError(f"training config: unknown keys {unknown}; known keys are {sorted(known)}")
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.validate()
+        return cfg
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+
+# Fields that older versions wrote into train_config.json and that are dropped on load:
+# inject_nan_at was a test hook (the tests now patch the loss function instead).
+RETIRED_KEYS = {"inject_nan_at"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _kind(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Each field holds its declared type (an int is a float too; a bool is not an int)."""
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), _kind(f)
+        ok = isinstance(value, (int, float) if kind is float else kind) and not (
+            kind in (int, float) and isinstance(value, bool)
+        )
+        if not ok:
+            raise DozeroError(f"{_flag(f.name)} should be {kind.__name__}, got {value!r}")
+
+
+def _check_range(cfg: TrainConfig, name: str, ok: bool, rule: str) -> None:
+    if not ok:
+        raise DozeroError(f"{_flag(name)} must be {rule}, got {getattr(cfg, name)}")
 
 
 # nanoGPT's README "I only have a macbook" run of config/train_shakespeare_char.py:

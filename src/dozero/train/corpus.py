@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dozero.errors import DozeroError
+from dozero.files import input_path
 from dozero.train.config import TrainConfig
 
 PACKAGED_CORPUS = "tinyshakespeare.txt"  # karpathy/char-rnn data/tinyshakespeare/input.txt, public domain
@@ -37,7 +38,7 @@ def packaged_text() -> str:
 def _text_files(spec: str) -> list[Path]:
     files: list[Path] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        path = Path(part).expanduser()
+        path = Path(input_path(part)).expanduser()  # "tinyshakespeare": the text shipped with dozero
         if path.is_dir():
             found = sorted(path.rglob("*.txt"))
             if not found:
@@ -61,8 +62,9 @@ def _make_tokenizer(spec: str, text: str):
 
 
 def _split(ids: list[int] | np.ndarray, vocab_size: int, val_fraction: float, where: str):
-    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32  # half the memory of int32 for GPT-2's 50257
-    ids = np.asarray(ids, dtype=dtype)
+    from dozero.data.shards import token_dtype
+
+    ids = np.asarray(ids, dtype=token_dtype(vocab_size))  # uint16 for GPT-2's 50257: half of int32's memory
     n_train = int(len(ids) * (1 - val_fraction))
     if n_train < 2 or len(ids) - n_train < 2:
         raise DozeroError(f"{where}: only {len(ids):,} tokens, too few to split into train and validation")

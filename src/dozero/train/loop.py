@@ -9,7 +9,11 @@ One optimizer step (course chapter 5; nanoGPT train.py):
     clip the gradient norm; set the learning rate for this step; AdamW step; zero the gradients.
 Every `eval_interval` steps: validation loss and perplexity, a sampled line of text, loss.png, and
 a checkpoint (latest/, best/ if improved). The loss of every step is kept on the device and read
-in groups of `log_interval` (one host sync per group instead of one per step).
+in groups of `log_interval` (one host sync per group instead of one per step). SIGINT/SIGTERM are
+looked at after every step: the run saves a checkpoint there and stops (a second one stops at once).
+
+The code reads top to bottom: `train` -> `_setup` (a `Run` holding the session's state) -> `_loop`
+(`_step`, `_flush`, `_evaluate`, `_save`) -> `_finish`.
 
 Legend for shapes: B micro-batch size, T context length, V vocabulary size.
 """
@@ -17,10 +21,9 @@ Legend for shapes: B micro-batch size, T context length, V vocabulary size.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
-import threading
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,16 +35,16 @@ import torch.nn.functional as F
 from dozero import runtime
 from dozero.config import ModelConfig, get_model_config
 from dozero.errors import DozeroError
-from dozero.files import write_json
 from dozero.model.gpt import GPTModel
-from dozero.train.checkpoint import find_resume_point, load_trainer_state, save_checkpoint
+from dozero.train import checkpoint as ckpt
 from dozero.train.config import TrainConfig
-from dozero.train.corpus import load_corpus
-from dozero.train.observe import RunObserver, flops_per_token
+from dozero.train.corpus import Corpus, load_corpus
+from dozero.train.observe import RunObserver, disk_error, flops_per_token
 from dozero.train.optim import make_optimizer
 from dozero.train.step import Stepper
 
-CONFIG_FILE = "train_config.json"
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+"""Exit status of a run stopped by a signal (128 + the signal's number, as shells report it)."""
 
 
 @dataclass
@@ -59,60 +62,129 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def choose_run_dir(out_dir: str) -> Path:
-    """`out_dir`, or `out_dir-2`, `-3`... if a run already lives there (never overwrite a run)."""
-    base = Path(out_dir)
-    candidate, n = base, 1
-    while (candidate / CONFIG_FILE).exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
+@dataclass
+class Run:
+    """One training session: what `_setup` builds and the step, log, evaluation and save functions share."""
 
-
-def read_run_config(run_dir: Path) -> tuple[TrainConfig, ModelConfig]:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise DozeroError(f"--resume {run_dir}: no {CONFIG_FILE} there; is it a dozero run folder?")
-    saved = json.loads(path.read_text())
-    return TrainConfig.from_dict(saved["train"]), ModelConfig.from_dict(saved["model"])
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    run_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    corpus: Corpus
+    raw_model: GPTModel
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    loader: object
+    stepper: Stepper
+    observer: RunObserver
+    tokens_per_step: int
+    result: TrainResult
+    step: int = 0
+    pending: list = field(default_factory=list)
+    """(step, loss on the device, lr, applied) of the steps not yet logged."""
+    clock: dict = field(default_factory=dict)
+    """Timing of the steps since the last log: start, steps; and the session's train_seconds, start."""
 
 
 def train(
     cfg: TrainConfig, model_overrides: dict | None = None, resume: str | Path | None = None, quiet: bool = False
 ) -> TrainResult:
-    """Train per `cfg` (model shape: `cfg.model` plus `model_overrides`), or continue the run in
-    folder `resume` (its saved settings; `cfg` may change max_steps and the like)."""
+    """Train per `cfg` (model shape: `cfg.model` plus `model_overrides`), or continue the run that
+    `resume` names: a run folder (from its latest/) or one of its checkpoints (RUN/checkpoints/step_N).
+    The run's saved settings hold; `cfg` may change max_steps and the like. Torch's thread count
+    and TF32 switches are restored on return."""
     cfg.validate()
     device = runtime.pick_device(cfg.device)
-    distributed = runtime.init_distributed(device)
-    try:
-        return _train(cfg, model_overrides or {}, resume, device, quiet)
-    finally:
-        if distributed:
-            runtime.destroy_distributed()
+    with runtime.torch_settings(device, cfg.threads):
+        distributed = runtime.init_distributed(device)
+        try:
+            run = _setup(cfg, model_overrides or {}, resume, device, quiet)
+            _loop(run)
+            return _finish(run)
+        finally:
+            if distributed:
+                runtime.destroy_distributed()
 
 
-def _train(cfg: TrainConfig, model_overrides: dict, resume, device: torch.device, quiet: bool) -> TrainResult:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for the float32 parts (Ampere+)
-        torch.backends.cudnn.allow_tf32 = True
+# ----------------------------------------------------------------------------- setup
+
+
+def _setup(cfg: TrainConfig, overrides: dict, resume, device: torch.device, quiet: bool) -> Run:
+    """Data, model, optimizer, loader and observer; on resume, their state from the checkpoint."""
     main = runtime.is_main()
     torch.manual_seed(cfg.seed)
     corpus = load_corpus(cfg)
-    tokenizer = corpus.tokenizer
+    run_dir, model_cfg = _run_folder_and_model(cfg, overrides, resume, corpus.tokenizer.vocab_size, main)
+    accum, tokens_per_step = _accumulation(cfg, model_cfg.context_length)
+    raw_model = GPTModel(model_cfg).to(device)
+    optimizer = make_optimizer(raw_model, cfg, device)
+    dtype = runtime.resolve_dtype(cfg.dtype, device)
+    scaler = runtime.grad_scaler(device, dtype)
+    from dozero.data.loader import RandomWindowLoader
 
+    T, world = model_cfg.context_length, runtime.world_size()
+    loader_device = device if device.type != "cpu" else None
+    loader = RandomWindowLoader(corpus.train, cfg.micro_batch_size, T, cfg.seed, runtime.rank(), world, loader_device)
+    result = TrainResult(run_dir=run_dir, step=0)
+    notes = _restore(resume, run_dir, raw_model, optimizer, loader, scaler, result) if resume else []
+    if result.step >= cfg.max_steps:
+        raise DozeroError(
+            f"{run_dir} already ran {result.step} of {cfg.max_steps} steps; give a larger --max-steps to go on"
+        )
+    if main:  # on resume too, so flags given with --resume (a larger --max-steps) hold for the next resume
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.write_run_config(run_dir, cfg, model_cfg)
+        except OSError as e:
+            raise disk_error(e, run_dir) from None
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    model = runtime.wrap_ddp(model, device)
+    stepper = Stepper(model, raw_model, optimizer, loader, cfg, accum, device, dtype, scaler)
+    observer = RunObserver(run_dir, main, cfg.max_steps, result.step, show=not quiet, tensorboard=cfg.tensorboard)
+    run = Run(
+        cfg,
+        model_cfg,
+        run_dir,
+        device,
+        dtype,
+        corpus,
+        raw_model,
+        optimizer,
+        scaler,
+        loader,
+        stepper,
+        observer,
+        tokens_per_step,
+        result,
+        step=result.step,
+    )
+    for note in notes:
+        observer.write(note)
+    observer.write(
+        f"training {raw_model.num_parameters():,} parameters on {runtime.describe_hardware(device)}, "
+        f"{tokens_per_step:,} tokens/step ({cfg.micro_batch_size} x {T} x {world} processes x {accum} "
+        f"accumulation), run folder {run_dir}"
+    )
+    if main:
+        _warn_if_too_big(run)
+    return run
+
+
+def _run_folder_and_model(cfg, overrides: dict, resume, vocab_size: int, main: bool) -> tuple[Path, ModelConfig]:
     if resume:
-        run_dir = Path(resume)
-        _, model_cfg = read_run_config(run_dir)
+        run_dir = ckpt.run_dir_of(resume)
+        _, model_cfg = ckpt.read_run_config(resume)
     else:
-        run_dir = choose_run_dir(cfg.out_dir) if main else Path(cfg.out_dir)
-        base = get_model_config(cfg.model)
-        model_cfg = dataclasses.replace(base, **{**model_overrides, "vocab_size": tokenizer.vocab_size})
-    if model_cfg.vocab_size < tokenizer.vocab_size:
+        run_dir = ckpt.choose_run_dir(cfg.out_dir) if main else Path(cfg.out_dir)
+        model_cfg = dataclasses.replace(get_model_config(cfg.model), **{**overrides, "vocab_size": vocab_size})
+    if model_cfg.vocab_size < vocab_size:
         raise DozeroError(f"the model's vocabulary ({model_cfg.vocab_size}) is smaller than the tokenizer's")
-    T = model_cfg.context_length
+    return run_dir, model_cfg
+
+
+def _accumulation(cfg: TrainConfig, T: int) -> tuple[int, int]:
+    """Micro-batches per optimizer step on each process, and the tokens of one optimizer step."""
     world = runtime.world_size()
     tokens_per_micro_step = cfg.micro_batch_size * T * world
     accum = 1
@@ -123,155 +195,197 @@ def _train(cfg: TrainConfig, model_overrides: dict, resume, device: torch.device
                 f"context_length x processes = {cfg.micro_batch_size} x {T} x {world} = {tokens_per_micro_step:,}"
             )
         accum = cfg.global_batch_tokens // tokens_per_micro_step
-    tokens_per_step = accum * tokens_per_micro_step
+    return accum, accum * tokens_per_micro_step
 
-    raw_model = GPTModel(model_cfg).to(device)
-    optimizer = make_optimizer(raw_model, cfg, device)
-    dtype = runtime.resolve_dtype(cfg.dtype, device)
-    scaler = runtime.grad_scaler(device, dtype)
-    from dozero.data.loader import RandomWindowLoader
 
-    loader_device = device if device.type != "cpu" else None
-    loader = RandomWindowLoader(corpus.train, cfg.micro_batch_size, T, cfg.seed, runtime.rank(), world, loader_device)
+def _restore(resume, run_dir: Path, model, optimizer, loader, scaler, result: TrainResult) -> list[str]:
+    """Load the checkpoint `resume` names into the fresh objects; return lines to show."""
+    from dozero.model.checkpoint import load_model
 
-    step, best_val = 0, None
-    if resume:
-        from dozero.model.checkpoint import load_model
-
-        folder = find_resume_point(run_dir)
-        raw_model.load_state_dict(load_model(folder).state_dict())
-        state = load_trainer_state(folder, optimizer)
-        step, best_val = state["step"], state.get("best_val_loss")
-        loader.load_state_dict(state["loader"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        runtime.set_rng_state(state["rng"])
-    if step >= cfg.max_steps:
-        raise DozeroError(f"{run_dir} already ran {step} of {cfg.max_steps} steps; give a larger --max-steps to go on")
-    if main:  # on resume too, so flags given with --resume (a larger --max-steps) hold for the next resume
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / CONFIG_FILE, {"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=1)
-
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    model = runtime.wrap_ddp(model, device)
-    observer = RunObserver(run_dir, main, cfg.max_steps, step, show=not quiet, tensorboard=cfg.tensorboard)
-    n_params = raw_model.num_parameters()
-    fpt = flops_per_token(n_params, model_cfg.n_layers, model_cfg.emb_dim, T)
-    peak = runtime.peak_flops(device)
-    observer.write(
-        f"training {n_params:,} parameters on {runtime.describe_hardware(device)}, {tokens_per_step:,} tokens/step "
-        f"({cfg.micro_batch_size} x {T} x {world} processes x {accum} accumulation), run folder {run_dir}"
-    )
-
-    train_step = Stepper(model, raw_model, optimizer, loader, cfg, accum, device, dtype, scaler)
-
-    stop_signal: list[str] = []
-    previous_handlers = _install_stop_handlers(stop_signal)
-    result = TrainResult(run_dir=run_dir, step=step, best_val_loss=best_val)
-    pending: list[tuple[int, torch.Tensor, float, bool]] = []
-    timer = {"start": time.perf_counter(), "steps": 0, "train_seconds": 0.0, "session_start": time.perf_counter()}
-
-    def flush() -> None:
-        """Read the pending losses from the device (mean over ranks), log them, and stop on NaN/inf."""
-        if not pending:
-            return
-        values = runtime.all_reduce_mean(torch.stack([p[1] for p in pending]).float()).tolist()
-        records = []
-        for (s, _, lr, applied), value in zip(pending, values, strict=True):
-            finite = math.isfinite(value)
-            records.append({"step": s, "loss": value if finite else None, "lr": lr})
-            if not applied:
-                records[-1]["skipped"] = True
-            if finite:
-                result.losses[s] = value
-            elif cfg.on_nan == "stop":
-                observer.log(records)
-                raise DozeroError(
-                    f"the training loss became {value} at step {s}; stopped without writing a checkpoint "
-                    f"(the last good one is in {run_dir}/latest, if any). Lower --lr, check the data, or pass "
-                    "--on-nan skip to skip such steps"
-                )
-        pending.clear()
-        elapsed = time.perf_counter() - timer["start"]
-        timer["train_seconds"] += elapsed
-        tokens_per_second = timer["steps"] * tokens_per_step / max(elapsed, 1e-9)
-        result.tokens_per_second = tokens_per_second
-        postfix = {"loss": f"{values[-1]:.4f}", "tok/s": f"{tokens_per_second:,.0f}"}
-        record = {"step": s, "tokens_per_second": round(tokens_per_second, 1)}
-        if peak:
-            mfu = fpt * tokens_per_second / (peak * world)
-            postfix["mfu"] = f"{100 * mfu:.1f}%"
-            record["mfu"] = round(mfu, 4)
-        observer.log(records + [record])
-        observer.progress(s, **postfix)
-        timer["start"], timer["steps"] = time.perf_counter(), 0
-
-    def save(at_step: int, is_best: bool, val_loss: float | None) -> None:
-        if main:
-            trainer_state = {
-                "loader": loader.state_dict(),
-                "rng": runtime.rng_state(),
-                "best_val_loss": result.best_val_loss,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "tokens_seen": at_step * tokens_per_step,
-            }
-            metadata = {"train": {"step": at_step, "val_loss": val_loss, "preset": cfg.preset}}
-            save_checkpoint(
-                run_dir, at_step, raw_model, tokenizer, optimizer, trainer_state, metadata, is_best, cfg.keep_last
+    folder, note = ckpt.find_resume_point(resume)
+    saved = load_model(folder)
+    if saved.cfg != model.cfg:
+        changed = [
+            f.name for f in dataclasses.fields(ModelConfig) if getattr(saved.cfg, f.name) != getattr(model.cfg, f.name)
+        ]
+        raise DozeroError(
+            f"{folder} holds another model shape than {run_dir / ckpt.RUN_CONFIG_FILE} ({', '.join(changed)} differ); "
+            "the run folder mixes two runs"
+        )
+    model.load_state_dict(saved.state_dict())
+    state = ckpt.load_trainer_state(folder, optimizer)
+    ckpt.check_finite(folder, model, optimizer)
+    result.step, result.best_val_loss = state["step"], state.get("best_val_loss")
+    loader.load_state_dict(state["loader"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    runtime.set_rng_state(state["rng"])
+    notes = [note] if note else []
+    if runtime.is_main():
+        moved = ckpt.set_aside_later_checkpoints(run_dir, result.step)
+        if moved:
+            notes.append(
+                f"resuming from step {result.step}: later checkpoints renamed {', '.join(p.name for p in moved)}"
             )
-        runtime.barrier()
+    return notes
 
+
+def _warn_if_too_big(run: Run) -> None:
+    """One line before the first step if its memory estimate (weights, gradients, AdamW moments,
+    activations; dozero.model.info) exceeds what the device has free."""
+    from dozero.model.info import human_bytes, memory_estimate
+
+    precision = "fp32" if run.dtype == torch.float32 else "bf16"
+    need = memory_estimate(run.model_cfg, run.cfg.micro_batch_size)[precision]["training"]
+    free = runtime.free_memory(run.device)
+    if free is not None and need > free:
+        print(
+            f"warning: one training step needs about {human_bytes(need)} (model.info estimate) but "
+            f"{run.device.type} has {human_bytes(free)} free; it may run out of memory: lower --micro-batch-size",
+            file=sys.stderr,
+        )
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _loop(run: Run) -> None:
+    cfg = run.cfg
+    now = time.perf_counter()
+    run.clock.update(start=now, steps=0, train_seconds=0.0, session_start=now)
+    with runtime.stop_signals() as stop:
+        try:
+            while run.step < cfg.max_steps:
+                _step(run)
+                # Every step: free in one process; under DDP a small all-reduce on the CPU (no device sync),
+                # so every rank stops after the same step.
+                signum = runtime.any_rank_max(stop.signum)
+                stop_now = bool(signum) or run.step == cfg.stop_after
+                evaluate_now = run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps
+                if run.step % cfg.log_interval == 0 or evaluate_now or stop_now:
+                    _flush(run)
+                if evaluate_now:
+                    _evaluate(run)
+                elif stop_now:
+                    _save(run, is_best=False, val_loss=None)
+                if stop_now:
+                    run.result.stopped = signal.Signals(signum).name if signum else "stop_after"
+                    resume = f"dozero train --resume {run.run_dir}"
+                    run.observer.write(f"stopped at step {run.step} ({run.result.stopped}); resume: {resume}")
+                    break
+                if evaluate_now:  # evaluation time is not training speed
+                    run.clock.update(start=time.perf_counter(), steps=0)
+        finally:
+            run.observer.close()
+
+
+def _step(run: Run) -> None:
     oom = getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError", RuntimeError))
     try:
-        while step < cfg.max_steps:
-            try:
-                loss, applied = train_step(step)
-            except oom as e:
-                raise DozeroError(
-                    f"out of memory at step {step + 1} with --micro-batch-size {cfg.micro_batch_size}: use a smaller "
-                    "micro-batch; set --global-batch-tokens to keep the same batch through gradient accumulation"
-                ) from e
-            step += 1
-            timer["steps"] += 1
-            pending.append((step, loss, optimizer.param_groups[0]["lr"], applied))
-            evaluate_now = step % cfg.eval_interval == 0 or step == cfg.max_steps
-            # Ranks agree on a stop signal only at log steps: under DDP the check is an all-reduce and a sync.
-            at_log_step = step % cfg.log_interval == 0
-            signalled = at_log_step and runtime.any_rank_true(bool(stop_signal), device)
-            stop_now = signalled or step == cfg.stop_after
-            if at_log_step or evaluate_now or stop_now:
-                flush()
-            if evaluate_now:
-                val_loss = evaluate(raw_model, corpus.val, cfg, T, device, dtype)
-                result.val_loss = val_loss
-                is_best = result.best_val_loss is None or val_loss < result.best_val_loss
-                if is_best:
-                    result.best_val_loss = val_loss
-                record = {"step": step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
-                observer.log([record])
-                line = f"step {step}: train loss {result.losses.get(step, math.nan):.4f}, val loss {val_loss:.4f}"
-                if cfg.sample_tokens and main:
-                    line += " | " + sample_text(raw_model, tokenizer, cfg, device, cfg.sample_tokens).replace("\n", " ")
-                observer.write(line)
-                observer.plot()
-                save(step, is_best, val_loss)
-            elif stop_now:
-                save(step, False, None)
-            if stop_now:
-                result.stopped = stop_signal[0] if stop_signal else "stop_after"
-                observer.write(f"stopped at step {step} ({result.stopped}); resume: dozero train --resume {run_dir}")
-                break
-            if evaluate_now:
-                timer["start"], timer["steps"] = time.perf_counter(), 0  # evaluation time is not training speed
-    finally:
-        _restore_handlers(previous_handlers)
-        observer.close()
-    result.step = step
-    result.seconds = time.perf_counter() - timer["session_start"]
-    if timer["train_seconds"] > 0:
-        session_steps = len(result.losses)
-        result.tokens_per_second = session_steps * tokens_per_step / timer["train_seconds"]
-    last = [result.losses[s] for s in sorted(result.losses)[-cfg.log_interval :]]
+        loss, applied = run.stepper(run.step)
+    except oom as e:
+        raise DozeroError(
+            f"out of memory at step {run.step + 1} with --micro-batch-size {run.cfg.micro_batch_size}: use a "
+            "smaller micro-batch; set --global-batch-tokens to keep the same batch through gradient accumulation"
+        ) from e
+    run.step += 1
+    run.clock["steps"] += 1
+    run.pending.append((run.step, loss, run.optimizer.param_groups[0]["lr"], applied))
+
+
+def _flush(run: Run) -> None:
+    """Read the pending losses from the device (mean over ranks), log them, and stop on NaN/inf."""
+    if not run.pending:
+        return
+    values = runtime.all_reduce_mean(torch.stack([p[1] for p in run.pending]).float()).tolist()
+    records = []
+    for (s, _, lr, applied), value in zip(run.pending, values, strict=True):
+        finite = math.isfinite(value)
+        records.append(
+            {"step": s, "loss": value if finite else None, "lr": lr, **({} if applied else {"skipped": True})}
+        )
+        if finite:
+            run.result.losses[s] = value
+        elif run.cfg.on_nan == "stop":
+            run.observer.log(records)
+            raise DozeroError(
+                f"the training loss became {value} at step {s}; stopped without writing a checkpoint "
+                f"(the last good one is in {run.run_dir}/latest, if any). Lower --lr, check the data, or pass "
+                "--on-nan skip to skip such steps"
+            )
+    run.pending.clear()
+    elapsed = time.perf_counter() - run.clock["start"]
+    run.clock["train_seconds"] += elapsed
+    tokens_per_second = run.clock["steps"] * run.tokens_per_step / max(elapsed, 1e-9)
+    run.result.tokens_per_second = tokens_per_second
+    postfix = {"loss": f"{values[-1]:.4f}", "tok/s": f"{tokens_per_second:,.0f}"}
+    record = {"step": s, "tokens_per_second": round(tokens_per_second, 1)}
+    peak = runtime.peak_flops(run.device)
+    if peak:
+        fpt = flops_per_token(
+            run.raw_model.num_parameters(), run.model_cfg.n_layers, run.model_cfg.emb_dim, run.model_cfg.context_length
+        )
+        mfu = fpt * tokens_per_second / (peak * runtime.world_size())
+        postfix["mfu"] = f"{100 * mfu:.1f}%"
+        record["mfu"] = round(mfu, 4)
+    run.observer.log(records + [record])
+    run.observer.progress(s, **postfix)
+    run.clock.update(start=time.perf_counter(), steps=0)
+
+
+def _evaluate(run: Run) -> None:
+    """Validation loss, a sample line, loss.png, and a checkpoint (best/ too if the loss improved)."""
+    cfg, result = run.cfg, run.result
+    val_loss = evaluate(run.raw_model, run.corpus.val, cfg, run.model_cfg.context_length, run.device, run.dtype)
+    result.val_loss = val_loss
+    is_best = result.best_val_loss is None or val_loss < result.best_val_loss
+    if is_best:
+        result.best_val_loss = val_loss
+    run.observer.log([{"step": run.step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}])
+    line = f"step {run.step}: train loss {result.losses.get(run.step, math.nan):.4f}, val loss {val_loss:.4f}"
+    if cfg.sample_tokens and runtime.is_main():
+        sample = sample_text(run.raw_model, run.corpus.tokenizer, cfg, run.device, cfg.sample_tokens)
+        line += " | " + sample.replace("\n", " ")
+    run.observer.write(line)
+    run.observer.plot()
+    _save(run, is_best, val_loss)
+
+
+def _save(run: Run, is_best: bool, val_loss: float | None) -> None:
+    if runtime.is_main():
+        trainer_state = {
+            "loader": run.loader.state_dict(),
+            "rng": runtime.rng_state(),
+            "best_val_loss": run.result.best_val_loss,
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "tokens_seen": run.step * run.tokens_per_step,
+        }
+        metadata = {"train": {"step": run.step, "val_loss": val_loss, "preset": run.cfg.preset}}
+        try:
+            ckpt.save_checkpoint(
+                run.run_dir,
+                run.step,
+                run.raw_model,
+                run.corpus.tokenizer,
+                run.optimizer,
+                trainer_state,
+                metadata,
+                is_best,
+                run.cfg.keep_last,
+            )
+        except OSError as e:
+            raise disk_error(e, run.run_dir / "checkpoints", "the previous checkpoints are intact") from None
+    runtime.barrier()
+
+
+def _finish(run: Run) -> TrainResult:
+    """Totals of the session into the result and report.md."""
+    result, clock = run.result, run.clock
+    result.step = run.step
+    result.seconds = time.perf_counter() - clock["session_start"]
+    if clock["train_seconds"] > 0:
+        result.tokens_per_second = len(result.losses) * run.tokens_per_step / clock["train_seconds"]
+    last = [result.losses[s] for s in sorted(result.losses)[-run.cfg.log_interval :]]
     summary = {
         "stopped": result.stopped,
         "val_loss": result.val_loss,
@@ -280,14 +394,14 @@ def _train(cfg: TrainConfig, model_overrides: dict, resume, device: torch.device
         "train_loss": sum(last) / len(last) if last else math.nan,
         "train_window": len(last),
     }
-    observer.write_report(
-        cfg=cfg,
-        model_cfg=model_cfg,
-        n_params=n_params,
-        hardware=runtime.describe_hardware(device),
-        source=corpus.source,
-        steps=step,
-        tokens=step * tokens_per_step,
+    run.observer.write_report(
+        cfg=run.cfg,
+        model_cfg=run.model_cfg,
+        n_params=run.raw_model.num_parameters(),
+        hardware=runtime.describe_hardware(run.device),
+        source=run.corpus.source,
+        steps=run.step,
+        tokens=run.step * run.tokens_per_step,
         seconds=result.seconds,
         summary=summary,
     )
@@ -332,21 +446,3 @@ def sample_text(model: GPTModel, tokenizer, cfg: TrainConfig, device, max_new_to
         )
     model.train(was_training)
     return text
-
-
-def _install_stop_handlers(flag: list[str]):
-    """SIGINT/SIGTERM ask the loop to finish the current step, save a checkpoint and return."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def handler(signum, frame):
-        if flag:  # a second Ctrl-C: stop now, without a checkpoint
-            raise KeyboardInterrupt
-        flag.append(signal.Signals(signum).name)
-
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _restore_handlers(previous: dict) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)

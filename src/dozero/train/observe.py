@@ -14,6 +14,7 @@ import json
 import math
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -43,6 +44,21 @@ def tensorboard_writer(run_dir: Path, mode: str, start_step: int):
     return SummaryWriter(run_dir / "tensorboard", purge_step=start_step + 1 if start_step else None)
 
 
+def disk_error(e: OSError, path: Path, note: str = "") -> DozeroError:
+    """A failed write as one line: where, why (no space, read-only...), and what is still safe."""
+    why = e.strerror or str(e)
+    note = f"; {note}" if note else ""
+    return DozeroError(f"cannot write {path}: {why}{note}; free space or fix the permissions, then --resume the run")
+
+
+@contextmanager
+def _disk_errors(path: Path):
+    try:
+        yield
+    except OSError as e:
+        raise disk_error(e, path) from None
+
+
 class RunObserver:
     def __init__(
         self,
@@ -57,7 +73,6 @@ class RunObserver:
         self.enabled = enabled  # writes files
         self.show = enabled and show  # prints the bar and messages
         self.records: list[dict] = []
-        self.start_time = time.time()
         self.tensorboard = None
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,19 +83,30 @@ class RunObserver:
         )
 
     def _load_metrics(self, start_step: int) -> None:
-        """On resume keep the lines up to the checkpoint's step; later ones are about to be redone."""
+        """On resume keep the lines up to the checkpoint's step; later ones are about to be redone.
+        A torn last line (the process was killed mid-write) is dropped; a damaged line before it is
+        an error, since dropping it would lose a record that cannot be redone."""
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        self.records = [r for r in lines if r.get("step", 0) <= start_step]
-        atomic_write(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise DozeroError(f"{path}, line {number}, is not JSON; fix or delete that line") from None
+        self.records = [r for r in records if isinstance(r, dict) and r.get("step", 0) <= start_step]
+        with _disk_errors(path):
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, records: list[dict]) -> None:
         if not self.enabled or not records:
             return
         self.records += records
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        path = self.run_dir / "metrics.jsonl"
+        with _disk_errors(path), open(path, "a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in records))
         if self.tensorboard is not None:
             for record in records:
@@ -124,7 +150,7 @@ class RunObserver:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        with atomic_path(self.run_dir / "loss.png") as tmp:
+        with _disk_errors(self.run_dir / "loss.png"), atomic_path(self.run_dir / "loss.png") as tmp:
             fig.savefig(tmp, format="png")
         plt.close(fig)
 
@@ -150,8 +176,7 @@ class RunObserver:
             lines.append(f"- final validation loss: {val:.4f} (perplexity {math.exp(val):.2f})")
         if summary.get("best_val_loss") is not None:
             lines.append(f"- best validation loss: {summary['best_val_loss']:.4f} (kept in best/)")
-        if summary.get("sample"):
-            lines += ["", "## Sample at the end", "", "```", summary["sample"], "```"]
         lines += ["", "## Loss curve", "", "![loss](loss.png)", "", "## Configuration", "", "```json"]
         lines += [json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=2), "```", ""]
-        atomic_write(self.run_dir / "report.md", "\n".join(lines))
+        with _disk_errors(self.run_dir / "report.md"):
+            atomic_write(self.run_dir / "report.md", "\n".join(lines))

@@ -55,8 +55,6 @@ class Stepper:
                 # Flattened to (B*T, V) vs (B*T,): one mean over every position of every sequence.
                 # .float(): under autocast the softmax is computed in float32 (no-op in float32).
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-                if index + 1 == cfg.inject_nan_at:  # test hook
-                    loss = loss * float("nan")
                 loss_sum += loss.detach()
                 loss = loss / accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
