@@ -9,6 +9,7 @@ filesystem), so a crash, Ctrl-C or full disk mid-write leaves the previous file 
     atomic_write("manifest.json", text)
     check_output_folder(out, "data folder", is_ours, force=args.force)   # refuse to clobber foreign folders
     files = find_files("corpus/")                                         # symlink loops are errors, not hangs
+    input_path("tinyshakespeare")            # the text shipped with dozero, unless ./tinyshakespeare exists
 
 Temporary names carry their owner (".loss.png.HOST-PID.x8k2j1qa.tmp"), so the debris of a process killed
 with `kill -9` is recognized and removed the next time dozero writes into that folder, while the temps
@@ -175,6 +176,22 @@ def check_output_folder(path: str | os.PathLike, what: str, is_ours: Callable[[P
 
 
 # ---------------------------------------------------------------- input files
+# Texts shipped inside the package, addressable by name wherever dozero reads text, so that every
+# example in the README and the guide runs on a fresh clone with nothing downloaded.
+BUNDLED_TEXTS = {"tinyshakespeare": "tinyshakespeare.txt"}  # karpathy/char-rnn's input.txt, public domain
+
+
+def input_path(item: str | os.PathLike) -> str:
+    """`item`, or the path of the bundled text it names when no file or folder of that name exists
+    here (a user's own ./tinyshakespeare always wins)."""
+    item = os.fspath(item)
+    if item in BUNDLED_TEXTS and not os.path.exists(item):
+        from importlib import resources
+
+        return str(resources.files("dozero") / "assets" / BUNDLED_TEXTS[item])
+    return item
+
+
 def find_files(folder: str | os.PathLike) -> list[Path]:
     """Every file below `folder`, sorted, skipping hidden files and folders below it (".git", temporaries).
     Links to folders are followed once each; a link back to a folder on its own path (a loop, which

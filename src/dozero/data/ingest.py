@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dozero.errors import DozeroError
-from dozero.files import find_files, glob_files
+from dozero.files import find_files, glob_files, input_path
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet", ".py")  # .py: source code as plain text, one document a file
@@ -93,6 +93,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     is reproducible. A symbolic-link loop below a folder is a DozeroError (`files.find_files`)."""
     files: list[Path] = []
     for item in inputs:
+        item = input_path(item)  # "tinyshakespeare": the text shipped with dozero
         path = Path(item)
         if path.is_dir():
             found = [p for p in find_files(path) if is_supported(p)]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from dozero.errors import DozeroError
+from dozero.files import input_path
 
 VERB_EPILOG = """\
 examples:
@@ -122,7 +123,7 @@ def _read_input(file: str | None) -> bytes:
     if file is None:
         return sys.stdin.buffer.read()
     try:
-        return Path(file).read_bytes()
+        return Path(input_path(file)).read_bytes()  # "tinyshakespeare": the text shipped with dozero
     except OSError as e:
         raise DozeroError(f"cannot read {file}: {e.strerror}") from None
 

@@ -36,7 +36,7 @@ import regex
 from tqdm.auto import tqdm
 
 from dozero.errors import DozeroError
-from dozero.files import find_files, glob_files
+from dozero.files import find_files, glob_files, input_path
 from dozero.tokenizer.base import ENDOFTEXT
 from dozero.tokenizer.bpe import GPT2_PATTERN, BPETokenizer
 
@@ -69,7 +69,7 @@ def corpus_files(inputs: list[str | os.PathLike]) -> list[Path]:
     A symbolic-link loop below a folder is a DozeroError (`files.find_files`), not an endless walk."""
     files: list[Path] = []
     for item in inputs:
-        item = str(item)
+        item = input_path(item)  # "tinyshakespeare": the text shipped with dozero
         path = Path(item)
         if path.is_dir():
             found = find_files(path)  # hidden means hidden below the folder: "~/.cache/corpus" is fine
