@@ -19,26 +19,43 @@ from dozero.config import ModelConfig
 BYTES = {"fp32": 4, "bf16": 2}
 
 
+def _qkv_width(cfg: ModelConfig) -> int:
+    """Rows of the fused qkv projection: queries C, keys and values nkv * hs each (3C without GQA)."""
+    return cfg.emb_dim + 2 * cfg.kv_heads * cfg.head_dim
+
+
+def _fc_width(cfg: ModelConfig) -> int:
+    """Rows of ff.fc: the hidden width H, twice that for SwiGLU (gate and up stacked)."""
+    return 2 * cfg.hidden_dim if cfg.ff == "swiglu" else cfg.hidden_dim
+
+
+def _norm_parameters(cfg: ModelConfig) -> int:
+    """One norm layer: scale, plus LayerNorm's shift when biases are on (RMSNorm has none)."""
+    return cfg.emb_dim * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+
+
 def _block_parameters(cfg: ModelConfig) -> dict[str, int]:
-    C = cfg.emb_dim
-    attention = C * 3 * C + (3 * C if cfg.qkv_bias else 0) + C * C + C  # qkv (+bias), out_proj + bias
-    feed_forward = C * 4 * C + 4 * C + 4 * C * C + C  # fc + bias, proj + bias
-    norms = 2 * 2 * C  # norm1, norm2: scale + shift
+    C, H, qkv, fc, b = cfg.emb_dim, cfg.hidden_dim, _qkv_width(cfg), _fc_width(cfg), int(cfg.bias)
+    attention = C * qkv + (qkv if cfg.qkv_bias else 0) + C * C + b * C  # qkv (+bias), out_proj (+bias)
+    feed_forward = C * fc + b * fc + H * C + b * C  # fc (+bias), proj (+bias)
+    norms = 2 * _norm_parameters(cfg)  # norm1, norm2
     return {"attention": attention, "feed_forward": feed_forward, "norms": norms}
 
 
 def parameter_breakdown(cfg: ModelConfig) -> dict:
     """Parameter counts by part, each parameter counted once.
 
-    Keys: embeddings (token + position), attention, feed_forward, norms (all LayerNorms incl. the
-    final one), head (0 when tied: the head *is* the token embedding), head_tied (bool), total.
+    Keys: embeddings (token + learned position; RoPE has no parameters), attention, feed_forward,
+    norms (all LayerNorms/RMSNorms incl. the final one), head (0 when tied: the head *is* the token
+    embedding), head_tied (bool), total.
     """
     block = _block_parameters(cfg)
+    positions = cfg.context_length * cfg.emb_dim if cfg.pos_emb == "learned" else 0
     parts = {
-        "embeddings": cfg.vocab_size * cfg.emb_dim + cfg.context_length * cfg.emb_dim,
+        "embeddings": cfg.vocab_size * cfg.emb_dim + positions,
         "attention": cfg.n_layers * block["attention"],
         "feed_forward": cfg.n_layers * block["feed_forward"],
-        "norms": cfg.n_layers * block["norms"] + 2 * cfg.emb_dim,
+        "norms": cfg.n_layers * block["norms"] + _norm_parameters(cfg),
         "head": 0 if cfg.tie_weights else cfg.vocab_size * cfg.emb_dim,
     }
     return {**parts, "head_tied": cfg.tie_weights, "total": sum(parts.values())}
@@ -56,6 +73,10 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, context_length: int, pre
         attention output C, fc input C, GELU input 4C, GELU output 4C = 16C (34 bytes minus the two
         dropout masks, halved). Under bf16 autocast the residual stream and LayerNorm inputs stay
         fp32 (2C x 4 bytes), the other 14C values are bf16.
+      * Llama-style options (measured the same way): the qkv output is C + 2 nkv hs values, and RoPE
+        keeps the rotated q and k beside it (C + nkv hs; v stays a view of the qkv output); SwiGLU
+        keeps gate and up (2H), silu(gate) (H) and their product (H) instead of GELU's 2H; PyTorch's
+        CPU RMSNorm is not one fused kernel and keeps its normalized input too (C, fp32 here).
       * Dropout masks (1 byte per value: two residual ones per layer, one on the embeddings) only
         when drop_rate > 0.
       * Outside the blocks: final norm input and output (2C), the logits (V, in the activation dtype;
@@ -64,9 +85,13 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, context_length: int, pre
     """
     C, V, nh, L = cfg.emb_dim, cfg.vocab_size, cfg.n_heads, cfg.n_layers
     low = BYTES[precision]  # bytes of a matmul input/output value
-    per_layer = 14 * C * low + 2 * C * 4 + 4 * nh
+    feed_forward = (4 if cfg.ff == "swiglu" else 2) * cfg.hidden_dim
+    rotated = C + cfg.kv_heads * cfg.head_dim if cfg.pos_emb == "rope" else 0
+    per_layer = (3 * C + _qkv_width(cfg) + rotated + feed_forward) * low + 2 * C * 4 + 4 * nh
     per_layer += 2 * C if cfg.drop_rate > 0 else 0
-    outside = 2 * C * low + V * (low + 4) + (C if cfg.drop_rate > 0 else 0)
+    rms = C * 4 if cfg.norm == "rmsnorm" else 0  # per norm layer
+    per_layer += 2 * rms
+    outside = 2 * C * low + V * (low + 4) + (C if cfg.drop_rate > 0 else 0) + rms
     return batch_size * context_length * (L * per_layer + outside)
 
 
@@ -82,7 +107,7 @@ def memory_estimate(cfg: ModelConfig, batch_size: int, context_length: int | Non
       activations  saved for the backward pass, see `activation_bytes`
       training     weights + gradients + optimizer + activations
       inference_weights  the model cast to this precision: 4N or 2N
-      kv_cache     keys and values of B sequences of T tokens: 2 * L * B * T * C values
+      kv_cache     keys and values of B sequences of T tokens: 2 * L * B * T * nkv * hs values
       inference    inference_weights + kv_cache + one (B, T, V) logits tensor (the prompt's forward)
     Not counted: framework overhead (CUDA context ~0.5 GB), allocator fragmentation, temporary
     buffers inside kernels; plan for 10-20% more.
@@ -96,7 +121,7 @@ def memory_estimate(cfg: ModelConfig, batch_size: int, context_length: int | Non
         row["activations"] = activation_bytes(cfg, batch_size, T, precision)
         row["training"] = sum(row.values())
         row["inference_weights"] = size * N
-        row["kv_cache"] = 2 * cfg.n_layers * batch_size * T * cfg.emb_dim * size
+        row["kv_cache"] = 2 * cfg.n_layers * batch_size * T * cfg.kv_heads * cfg.head_dim * size
         row["inference"] = row["inference_weights"] + row["kv_cache"] + batch_size * T * cfg.vocab_size * size
         out[precision] = row
     return out
@@ -117,11 +142,16 @@ def layer_summary(cfg: ModelConfig, batch_size: int = 1, tokens: int | None = No
     Depth-0 rows add up to the parameter count. Blocks listed in `expand_blocks` (default: the
     first; "all" for every one) also get depth-1 rows for each step inside them.
     """
-    C, V = cfg.emb_dim, cfg.vocab_size
-    size = {"B": batch_size, "T": tokens or cfg.context_length, "C": C, "3C": 3 * C, "4C": 4 * C}
-    size.update({"nh": cfg.n_heads, "hs": cfg.head_dim, "V": V})
+    C, V, H, b = cfg.emb_dim, cfg.vocab_size, cfg.hidden_dim, int(cfg.bias)
+    qkv_dim = "3C" if cfg.kv_heads == cfg.n_heads else "C+2*nkv*hs"
+    hidden_dim = "4C" if H == 4 * C else "H"
+    fc_dim = f"2{hidden_dim}" if cfg.ff == "swiglu" else hidden_dim
+    size = {"B": batch_size, "T": tokens or cfg.context_length, "C": C, qkv_dim: _qkv_width(cfg)}
+    size.update({hidden_dim: H, fc_dim: _fc_width(cfg), "nh": cfg.n_heads, "hs": cfg.head_dim, "V": V})
     block = _block_parameters(cfg)
-    qkv = C * 3 * C + (3 * C if cfg.qkv_bias else 0)
+    qkv = C * _qkv_width(cfg) + (_qkv_width(cfg) if cfg.qkv_bias else 0)
+    norm = _norm_parameters(cfg)
+    activation = "SwiGLU: silu(gate) * up" if cfg.ff == "swiglu" else "then GELU"
 
     def row(name, dims, params, depth=0, note=""):
         return LayerRow(name, f"({', '.join(dims)})", tuple(size[d] for d in dims), params, depth, note)
@@ -129,25 +159,28 @@ def layer_summary(cfg: ModelConfig, batch_size: int = 1, tokens: int | None = No
     rows = [
         row("in_idx", ("B", "T"), 0, note="token ids"),
         row("tok_emb", ("B", "T", "C"), V * C),
-        row("pos_emb", ("T", "C"), cfg.context_length * C, note="broadcast over the batch"),
-        row("drop_emb", ("B", "T", "C"), 0, note="tok_emb + pos_emb, dropout"),
     ]
+    if cfg.pos_emb == "learned":
+        rows.append(row("pos_emb", ("T", "C"), cfg.context_length * C, note="broadcast over the batch"))
+        rows.append(row("drop_emb", ("B", "T", "C"), 0, note="tok_emb + pos_emb, dropout"))
+    else:
+        rows.append(row("drop_emb", ("B", "T", "C"), 0, note="dropout; RoPE rotates q and k in each block"))
     for i in range(cfg.n_layers):
         rows.append(row(f"trf_blocks.{i}", ("B", "T", "C"), sum(block.values())))
         if expand_blocks == "all" or i in expand_blocks:
             p = f"trf_blocks.{i}."
             rows += [
-                row(p + "norm1", ("B", "T", "C"), 2 * C, 1),
-                row(p + "att.qkv", ("B", "T", "3C"), qkv, 1, "queries, keys, values"),
+                row(p + "norm1", ("B", "T", "C"), norm, 1),
+                row(p + "att.qkv", ("B", "T", qkv_dim), qkv, 1, "queries, keys, values"),
                 row(p + "att (heads)", ("B", "nh", "T", "hs"), 0, 1, "softmax(q k^T / sqrt(hs)) v"),
-                row(p + "att.out_proj", ("B", "T", "C"), C * C + C, 1, "heads re-assembled, projected"),
+                row(p + "att.out_proj", ("B", "T", "C"), C * C + b * C, 1, "heads re-assembled, projected"),
                 row(p + "drop_shortcut", ("B", "T", "C"), 0, 1, "+ shortcut"),
-                row(p + "norm2", ("B", "T", "C"), 2 * C, 1),
-                row(p + "ff.fc", ("B", "T", "4C"), C * 4 * C + 4 * C, 1, "then GELU"),
-                row(p + "ff.proj", ("B", "T", "C"), 4 * C * C + C, 1),
+                row(p + "norm2", ("B", "T", "C"), norm, 1),
+                row(p + "ff.fc", ("B", "T", fc_dim), C * _fc_width(cfg) + b * _fc_width(cfg), 1, activation),
+                row(p + "ff.proj", ("B", "T", "C"), H * C + b * C, 1),
                 row(p + "drop_shortcut", ("B", "T", "C"), 0, 1, "+ shortcut"),
             ]
-    rows.append(row("final_norm", ("B", "T", "C"), 2 * C))
+    rows.append(row("final_norm", ("B", "T", "C"), norm))
     head_note = "tied to tok_emb (counted there)" if cfg.tie_weights else ""
     rows.append(row("out_head", ("B", "T", "V"), 0 if cfg.tie_weights else V * C, note=head_note))
     return rows

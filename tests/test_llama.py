@@ -1,0 +1,292 @@
+"""Llama-style options of GPTModel (RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases): the
+parts against their formulas, KV cache and batched generation against full forwards, and the
+Hugging Face LlamaForCausalLM both ways."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dozero.config import MODEL_PRESETS, ModelConfig, get_model_config
+from dozero.errors import DozeroError
+from dozero.generate.engine import BatchState, GenerationConfig, generate_ids
+from dozero.generate.layout import DecodingLinear, use_decoding_layout
+from dozero.model.checkpoint import load_model, model_config_from_dict, save_model
+from dozero.model.gpt import FeedForward, GPTModel, RMSNorm, apply_rope, explicit_attention, rope_tables
+from dozero.model.info import activation_bytes, layer_summary, parameter_breakdown
+
+LLAMA = ModelConfig(
+    vocab_size=97, context_length=32, emb_dim=48, n_heads=6, n_layers=2, n_kv_heads=2,
+    norm="rmsnorm", pos_emb="rope", ff="swiglu", ff_hidden_dim=80, bias=False,
+)  # fmt: skip
+# Grouped-query attention, plain multi-head attention with biases, one key/value head.
+SHAPES = {
+    "gqa": LLAMA,
+    "mha-bias": ModelConfig(**{**LLAMA.to_dict(), "n_kv_heads": 0, "qkv_bias": True, "bias": True}),
+    "mqa-untied": ModelConfig(**{**LLAMA.to_dict(), "n_kv_heads": 1, "tie_weights": False, "rope_theta": 500.0}),
+}
+GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds waiting on 2 shared cores
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_model(cfg=LLAMA, seed=0, scale=0.05) -> GPTModel:
+    torch.manual_seed(seed)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+# ----------------------------------------------------------------------------- the parts
+
+
+def test_rmsnorm_swiglu_and_rope_follow_their_formulas():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 48) * 3
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.scale.normal_()
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.scale
+    torch.testing.assert_close(norm(x), expected)
+
+    ff = FeedForward(LLAMA)
+    assert ff.fc.weight.shape == (2 * 80, 48) and ff.proj.weight.shape == (48, 80) and ff.fc.bias is None
+    gate, up = ff.fc.weight[:80], ff.fc.weight[80:]  # stacked: gate rows first, then up
+    torch.testing.assert_close(ff(x), ff.proj(F.silu(x @ gate.T) * (x @ up.T)))
+
+    # RoPE turns pair (i, i + hs/2) of position p by p * theta^(-2i/hs), as a complex multiplication.
+    hs, theta = 8, 100.0
+    cos, sin = rope_tables(hs, 16, theta)
+    q = torch.randn(1, 1, 16, hs)
+    turned = apply_rope(q, cos[None, None], sin[None, None])
+    angle = torch.arange(16.0)[:, None] * theta ** (-torch.arange(0, hs, 2) / hs)  # (16, hs/2)
+    z = torch.complex(q[..., : hs // 2], q[..., hs // 2 :]) * torch.polar(torch.ones_like(angle), angle)
+    torch.testing.assert_close(turned, torch.cat([z.real, z.imag], dim=-1))
+    # ... so q.k depends on the distance between positions only.
+    k = torch.randn(1, 1, 1, hs).expand(1, 1, 16, hs)
+    q = q[:, :, :1].expand(1, 1, 16, hs)
+    dots = (apply_rope(q, cos, sin)[..., :-3, :] * apply_rope(k, cos, sin)[..., 3:, :]).sum(-1)  # distance 3
+    torch.testing.assert_close(dots, dots[..., :1].expand_as(dots))
+
+
+def test_config_validation_and_old_configs():
+    for bad, message in [
+        ({"norm": "batchnorm"}, "norm must be one of"),
+        ({"pos_emb": "alibi"}, "pos_emb must be one of"),
+        ({"ff": "relu"}, "ff must be one of"),
+        ({"n_kv_heads": 5}, r"n_kv_heads \(5\) must divide n_heads \(12\)"),
+        ({"n_kv_heads": -1}, "n_kv_heads"),
+        ({"ff_hidden_dim": -4}, "ff_hidden_dim must be >= 0"),
+        ({"pos_emb": "rope", "rope_theta": 0.0}, "rope_theta > 0"),
+        ({"pos_emb": "rope", "emb_dim": 30, "n_heads": 2}, "even head size"),
+    ]:
+        with pytest.raises(DozeroError, match=message):
+            ModelConfig(**bad)
+    # A config saved before these options existed is GPT-2: learned positions, LayerNorm, GELU, biases.
+    old = {"vocab_size": 65, "context_length": 64, "emb_dim": 128, "n_heads": 4, "n_layers": 4, "drop_rate": 0.0,
+           "qkv_bias": False, "tie_weights": True, "layer_norm_eps": 1e-5, "gelu_approximation": "none"}  # fmt: skip
+    cfg = model_config_from_dict(old, "old.json")
+    assert cfg == MODEL_PRESETS["shakespeare-char"] and cfg.kv_heads == 4 and cfg.hidden_dim == 512
+    with pytest.raises(DozeroError, match="old.json: model config: norm must be one of"):
+        model_config_from_dict({**old, "norm": 5}, "old.json")
+
+
+def test_module_shapes():
+    model = GPTModel(LLAMA)
+    assert model.pos_emb is None and "rope_cos" not in model.state_dict()  # a buffer, not saved
+    assert model.trf_blocks[0].att.qkv.weight.shape == ((6 + 2 * 2) * 8, 48)  # q 6 heads, k and v 2 each
+    assert model.trf_blocks[0].att.out_proj.bias is None and isinstance(model.final_norm, RMSNorm)
+    names = {n for n, _ in model.named_parameters()}
+    assert not any(n.endswith(("bias", "shift")) for n in names)
+
+
+@pytest.mark.parametrize("preset", ["llama-char", "smollm2-135m"])
+def test_parameter_breakdown_and_layer_table(preset):
+    cfg = get_model_config(preset)
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    breakdown = parameter_breakdown(cfg)
+    assert breakdown["total"] == model.num_parameters()
+    assert breakdown["embeddings"] == cfg.vocab_size * cfg.emb_dim  # RoPE: no position parameters
+    rows = layer_summary(cfg, 1, 8)
+    assert sum(r.params for r in rows if r.depth == 0) == model.num_parameters()
+    qkv = next(r for r in rows if r.name == "trf_blocks.0.att.qkv")
+    assert qkv.shape == (1, 8, cfg.emb_dim + 2 * cfg.kv_heads * cfg.head_dim)
+
+
+def test_layer_table_matches_forward():
+    B, T = 2, 16
+    model = GPTModel(LLAMA).eval()
+    seen = {}
+    for name, module in model.named_modules():
+        if name:
+            module.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, o))
+    with torch.no_grad():
+        model(torch.zeros(B, T, dtype=torch.long))
+    checked = 0
+    for row in layer_summary(LLAMA, B, T, expand_blocks="all"):
+        out = seen.get(row.name)
+        if out is not None:
+            out = out[0] if isinstance(out, tuple) else out
+            assert tuple(out.shape) == row.shape, row.name
+            checked += 1
+    assert checked >= 3 + 6 * LLAMA.n_layers
+
+
+# ----------------------------------------------------------------------------- attention and the KV cache
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_explicit_attention_equals_sdpa_with_padding(shape):
+    """Left padding + position_ids give the unpadded logits, with the fused and the explicit path."""
+    model = random_model(SHAPES[shape])
+    seq = torch.randint(0, 97, (1, 10))
+    pad = 3
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), seq], dim=1)  # (1, 13)
+    keep = torch.arange(13) >= pad
+    mask = (torch.ones(13, 13).tril().bool() & keep[None, :])[None, None]  # (1, 1, T, S)
+    positions = (torch.arange(13) - pad).clamp(min=0)[None]
+    with torch.no_grad():
+        expected = model(seq)
+        slow, weights = model(seq, return_attention=True)
+        torch.testing.assert_close(slow, expected, atol=1e-5, rtol=0)
+        assert weights[0].shape == (1, 6, 10, 10)
+        for explicit in (False, True):
+            out = model(padded, position_ids=positions, attn_mask=mask, return_attention=explicit)
+            out = out[0] if explicit else out
+            torch.testing.assert_close(out[:, pad:], expected, atol=1e-5, rtol=0)
+
+
+def test_explicit_attention_groups_heads_as_repeat():
+    """Key/value head j serves query heads j*g .. j*g+g-1 (Hugging Face's repeat_kv)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    y, _ = explicit_attention(q, k, v)
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True)
+    torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_kv_cache_decoding_equals_full_forward(shape):
+    model = random_model(SHAPES[shape])
+    x = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = model(x)
+        model.setup_kv_cache(batch_size=2, max_len=32)
+        cache = model.trf_blocks[0].att.kv_cache
+        assert cache.k.shape == (2, SHAPES[shape].kv_heads, 32, 8)  # only the key/value heads are stored
+        steps = [model(x[:, :12], input_pos=torch.arange(12))]  # prompt
+        for t in range(12, 20):  # then one token at a time
+            steps.append(model(x[:, t : t + 1], input_pos=torch.tensor([t])))
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_engine_logits_equal_full_forward_in_a_padded_batch():
+    model = random_model()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (7, 3, 11)]  # left-padded batch
+    new = torch.randint(0, 97, (3, 10), generator=g)
+    reference = copy.deepcopy(model)
+    with torch.inference_mode():
+        state = BatchState(model, prompts, cache_len=11 + 10)
+        logits = state.prefill()
+        for step in range(new.shape[1] + 1):
+            for b, prompt in enumerate(prompts):
+                ids = torch.tensor([prompt + new[b, :step].tolist()])
+                torch.testing.assert_close(logits[b], reference(ids)[0, -1], atol=1e-5, rtol=0)
+            if step < new.shape[1]:
+                logits = state.decode_one_token(new[:, step])
+    model.clear_kv_cache()
+
+
+def full_forward_greedy(model, ids: list[int], steps: int, keep: int) -> list[int]:
+    """No cache: the whole window through the model at every step, restarting from the last `keep`
+    tokens (re-read from position 0) when the window would pass the context, as the engine does."""
+    tokens, start = list(ids), 0
+    with torch.no_grad():
+        for _ in range(steps):
+            if len(tokens) - start > model.cfg.context_length:
+                start = len(tokens) - keep
+            tokens.append(int(model(torch.tensor([tokens[start:]]))[0, -1].argmax()))
+    return tokens[len(ids) :]
+
+
+def test_batched_generation_and_sliding_window_equal_one_by_one():
+    """With RoPE only distances matter, so re-reading the kept window from position 0 when it slides
+    is exactly what a model given that window from the start computes; batched rows (left-padded)
+    generate what they generate alone."""
+    model = random_model(scale=1.0)  # large weights: peaked distributions, no near-ties in greedy
+    ctx = LLAMA.context_length
+    prompts = [list(range(10, 30)), [5, 6, 7]]
+    config = GenerationConfig(max_new_tokens=2 * ctx, stop_at_eot=False, **GREEDY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sliding the window"
+        batched = generate_ids(model, prompts, config)
+        alone = [generate_ids(model, [p], config)[0] for p in prompts]
+    assert batched == alone
+    for prompt, ours in zip(prompts, batched, strict=True):
+        assert ours == full_forward_greedy(model, prompt, 2 * ctx, keep=ctx - ctx // 4)
+
+
+def test_decoding_layout_keeps_the_logits(monkeypatch):
+    monkeypatch.setattr(DecodingLinear, "SPLIT_MIN_WEIGHTS", 0)  # lay out this small model's matrices too
+    model = random_model(SHAPES["mqa-untied"])
+    laid_out = copy.deepcopy(model)
+    use_decoding_layout(laid_out)
+    assert isinstance(laid_out.trf_blocks[0].ff.fc, DecodingLinear)
+    config = GenerationConfig(max_new_tokens=12, stop_at_eot=False, **GREEDY)
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(laid_out(x), model(x), atol=1e-5, rtol=0)
+    assert generate_ids(laid_out, [[1, 2, 3], [4]], config) == generate_ids(model, [[1, 2, 3], [4]], config)
+
+
+# ----------------------------------------------------------------------------- saving and training
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_dozero_folder_round_trip(tmp_path, shape):
+    model = random_model(SHAPES[shape])
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.cfg == model.cfg and loaded.rope_cos.device.type == "cpu"  # tables rebuilt, not meta
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+
+
+def test_initialization():
+    model = GPTModel(get_model_config("llama-char"))
+    residual_std = 0.02 / math.sqrt(2 * 4)
+    for name, p in model.named_parameters():
+        if name.endswith("scale"):
+            assert torch.all(p == 1), name
+        elif name.endswith(("out_proj.weight", "ff.proj.weight")):
+            assert p.std().item() == pytest.approx(residual_std, rel=0.1), name
+        else:
+            assert p.std().item() == pytest.approx(0.02, rel=0.1), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activation_estimate_matches_autograd(precision):
+    from test_model import saved_activation_bytes  # the same counting of what autograd keeps
+
+    # (H = 160 so that no activation (B*T = 256 rows) has the shape of a weight, which the count skips)
+    cfg = ModelConfig(**{**LLAMA.to_dict(), "vocab_size": 1000, "context_length": 64, "emb_dim": 96, "n_layers": 3,
+                         "ff_hidden_dim": 160})  # fmt: skip
+    measured = saved_activation_bytes(cfg, 4, 64, precision)
+    assert activation_bytes(cfg, 4, 64, precision) == pytest.approx(measured, rel=0.05)
