@@ -14,11 +14,12 @@ from dozero.cli_args import add_dataclass_args, apply_args
 
 PREPARE_EPILOG = """\
 examples:
-  dozero data prepare ../shared/data/shakespeare --out data/shakespeare
+  dozero data prepare tinyshakespeare --separator '\\n\\n' --out data/shakespeare    GPT-2's BPE, a document a paragraph
   dozero data prepare 'dumps/*.jsonl.zst' --field content --out data/web --val-tokens 1000000
-  dozero data prepare ../shared/data/tinyshakespeare.txt --out data/shakespeare_char \\
+  dozero data prepare tinyshakespeare --out data/shakespeare_char \\
       --tokenizer char --separator '\\n\\n' --no-clean       (nanoGPT's shakespeare_char)
 
+'tinyshakespeare' is the text shipped with dozero (1 MB); a file or folder of that name here wins.
 The folder gets train_*.bin / val_*.bin shards, manifest.json, the tokenizer and clean_report.json/.txt.
 It is built beside DIR and swapped in when complete: a failed run leaves DIR as it was. DIR must be new,
 empty or a data folder; --force writes into another folder (its own files stay, dozero's are replaced).

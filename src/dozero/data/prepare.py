@@ -1,7 +1,7 @@
 """`dozero data prepare`: files -> cleaned documents -> token shards + manifest, streaming, on all cores.
 
     dozero data prepare corpus/ more/*.jsonl.zst --out data/mycorpus --tokenizer gpt2
-    dozero data prepare ../shared/data/tinyshakespeare.txt --out data/shakespeare_char \\
+    dozero data prepare tinyshakespeare --out data/shakespeare_char \\
         --tokenizer char --separator '\\n\\n' --no-clean          # nanoGPT's shakespeare_char
 
     from dozero.data.prepare import PrepareConfig, prepare

@@ -15,21 +15,22 @@ from dozero.files import input_path
 
 VERB_EPILOG = """\
 examples:
-  dozero tokenizer train ../shared/data/shakespeare/ --vocab-size 8192 --out tok/
+  dozero tokenizer train tinyshakespeare --vocab-size 1024 --out tok/
   echo "Hello world" | dozero tokenizer encode                    15496 995 198
   echo "15496 995" | dozero tokenizer decode                      Hello world
-  dozero tokenizer stats --tokenizer tok/ ../shared/data/tinyshakespeare.txt
+  dozero tokenizer stats --tokenizer tok/ tinyshakespeare
   dozero tokenizer export tok/ out/ --format hf                   tokenizer.json for transformers
 --tokenizer takes 'gpt2' (GPT-2's vocabulary, shipped with dozero) or a model folder / tokenizer file."""
 
 TRAIN_EPILOG = """\
 examples:
-  dozero tokenizer train ../shared/data/shakespeare/ --vocab-size 8192 --out tok/
+  dozero tokenizer train tinyshakespeare --vocab-size 1024 --out tok/
   dozero tokenizer train 'corpus/**/*.txt' --vocab-size 32768 --special '<|endoftext|>' --special '<|pad|>' \\
       --out tok/ --export hf          also writes tokenizer.json for transformers
-INPUT: files, folders (every file below) or quoted glob patterns. Ids: 0-255 the bytes, then the merges in
-the order learned, then the special tokens. Ties between equally frequent pairs go to the pair whose bytes sort
-first, so the same corpus always gives the same vocabulary. Invalid UTF-8 bytes are kept (one token each)."""
+INPUT: files, folders (every file below) or quoted glob patterns; 'tinyshakespeare' is the text shipped
+with dozero (1 MB, char-rnn's). Ids: 0-255 the bytes, then the merges in the order learned, then the
+special tokens. Ties between equally frequent pairs go to the pair whose bytes sort first, so the same
+corpus always gives the same vocabulary. Invalid UTF-8 bytes are kept (one token each)."""
 
 ENCODE_EPILOG = """\
 examples:
@@ -47,7 +48,7 @@ Ids may be space/line separated or a JSON list. The exact bytes are written (no 
 STATS_EPILOG = """\
 examples:
   dozero tokenizer stats                                          GPT-2's vocabulary: size, longest tokens
-  dozero tokenizer stats --tokenizer tok/ ../shared/data/tinyshakespeare.txt    bytes per token on a corpus
+  dozero tokenizer stats --tokenizer tok/ tinyshakespeare          bytes per token on a corpus
   dozero tokenizer stats --text "Olá, coração!"                  how a text is cut into tokens
 Bytes per token is the usual way to compare tokenizers on the same text: higher = shorter sequences."""
 

@@ -1,6 +1,6 @@
 """Train a byte-level BPE vocabulary on your own corpus.
 
-    dozero tokenizer train ../shared/data/shakespeare/ --vocab-size 8192 --out tok/
+    dozero tokenizer train tinyshakespeare --vocab-size 1024 --out tok/   # the text shipped with dozero
     tok = train_bpe(["corpus/*.txt"], vocab_size=8192)        # Python; returns a BPETokenizer
 
 The algorithm (Sennrich et al. 2016, with GPT-2's byte-level twist), organised so it scales:

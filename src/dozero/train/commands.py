@@ -36,7 +36,8 @@ presets: """
 examples:
   dozero train                                       shakespeare-char, ~2-3 minutes on a laptop CPU
   dozero train --max-steps 200 --eval-interval 50    a quick look
-  dozero train --preset shakespeare-bpe --data ../shared/data/shakespeare
+  dozero train --data tinyshakespeare --tokenizer gpt2  the shipped text with GPT-2's BPE
+  dozero train --preset shakespeare-bpe --data shakespeare/    the complete works (download: see README)
   dozero train --resume runs/shakespeare-char --max-steps 4000    go on training a finished run
   dozero train --resume runs/shakespeare-char/checkpoints/step_001500   go on from an older checkpoint
   dozero generate --model runs/shakespeare-char "ROMEO:"          use the result"""
