@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import unicodedata
 import zlib
 from dataclasses import dataclass, field
@@ -79,6 +80,13 @@ class CleanConfig:
 NUM_PERM = 128
 SHINGLE_WORDS = 5
 MINHASH_SEED = 1
+# Memory: a document is hashed a block of ~1 MB of text at a time, and its shingles go into the MinHash
+# 16k at a time, so one huge document costs the same few tens of MB as a small one. Hashing a 5 MB
+# document in one go had peaked at 958 MB (tracemalloc): datasketch's update_batch builds a
+# (shingles, 128) array, and the word list alone is ~10x the text.
+MINHASH_BLOCK_CHARS = 1 << 20
+MINHASH_BATCH = 1 << 14
+_SPACES = re.compile(r"\s+")  # the stdlib's \s is exactly str.isspace, what str.split() splits on
 
 # ---------------------------------------------------------------- PII patterns (heuristics, see tests)
 EMAIL = regex.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
@@ -157,7 +165,7 @@ class CleanResult:
 
 
 def _drop_long_word_lines(text: str, max_word_chars: int) -> tuple[str, int]:
-    if max(map(len, text.split()), default=0) <= max_word_chars:  # fast path: most documents have none
+    if not re.search(rf"\S{{{max_word_chars + 1}}}", text):  # fast path: most documents have none
         return text, 0
     kept, dropped = [], 0
     for line in text.split("\n"):
@@ -183,38 +191,74 @@ def duplicated_line_ratio(text: str) -> float:
 
 
 def alpha_ratio(text: str) -> float:
-    chars = "".join(text.split())
-    return sum(map(str.isalpha, chars)) / len(chars) if chars else 0.0
+    """Share of letters among the non-space characters (no list of words: a huge document stays cheap)."""
+    non_space = len(_SPACES.sub("", text))
+    return sum(map(str.isalpha, text)) / non_space if non_space else 0.0
 
 
 def exact_key(text: str) -> bytes:
     """Hash of the text lowercased with whitespace collapsed: copies differing only in spacing/case collide."""
-    return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).digest()
+    return hashlib.blake2b(_SPACES.sub(" ", text.lower()).strip().encode("utf-8"), digest_size=16).digest()
 
 
 _PERMUTATIONS = None
 
 
+def _text_blocks(text: str):
+    """`text` in pieces of about MINHASH_BLOCK_CHARS, cut at whitespace so that no word is split."""
+    start = 0
+    while start < len(text):
+        end = start + MINHASH_BLOCK_CHARS
+        if end < len(text):
+            space = _SPACES.search(text, end)
+            end = space.start() if space else len(text)
+        yield text[start:end]
+        start = end
+
+
+def _shingle_hashes(text: str):
+    """uint64 hashes of the word 5-grams of `text` (lowercased), one block of text at a time. Each word is
+    hashed once (map: a C-level loop) and 5 consecutive word hashes are combined with numpy into one hash
+    per shingle, instead of building and hashing one 5-word string per word: twice as fast (measured)."""
+    carry = np.empty(0, dtype=np.uint64)  # the last words of the previous block: shingles span blocks
+    any_shingle = False
+    for piece in _text_blocks(text):
+        words = piece.lower().split()
+        new = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=len(words))
+        word_hashes = np.concatenate([carry, new])
+        n = len(word_hashes) - SHINGLE_WORDS + 1
+        if n > 0:
+            yield _combine(word_hashes, n)
+            any_shingle = True
+            word_hashes = word_hashes[n:]
+        carry = word_hashes
+    if not any_shingle:  # under 5 words in all: one shingle of them all (of none: hash 0)
+        yield _combine(carry, 1)
+
+
+def _combine(word_hashes: np.ndarray, n: int) -> np.ndarray:
+    """(n,) hashes of the windows word_hashes[i : i + SHINGLE_WORDS] (shorter if there are fewer words)."""
+    shingle_hashes = np.zeros(n, dtype=np.uint64)
+    for k in range(min(SHINGLE_WORDS, len(word_hashes))):
+        shingle_hashes = shingle_hashes * np.uint64(0x100000001B3) + word_hashes[k : k + n]  # wraps mod 2^64
+    return shingle_hashes
+
+
 def minhash_signature(text: str) -> np.ndarray:
-    """MinHash of the set of word 5-grams (lowercased), (NUM_PERM,) uint32."""
+    """MinHash of the set of word 5-grams (lowercased), (NUM_PERM,) uint32; memory bounded (see MINHASH_BATCH)."""
     global _PERMUTATIONS
     from datasketch import MinHash
 
     if _PERMUTATIONS is None:  # generating them costs ~0.1 ms; do it once per process
         _PERMUTATIONS = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED).permutations
-    words = text.lower().split()
-    # Hash each word once (map: a C-level loop), then combine 5 consecutive word hashes with numpy into one
-    # hash per shingle, instead of building and hashing one 5-word string per word: the same shingles,
-    # and minhash_signature twice as fast (measured on the stdlib's .py files).
-    word_hashes = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=len(words))
-    n = max(1, len(words) - SHINGLE_WORDS + 1)
-    shingle_hashes = np.zeros(n, dtype=np.uint64)  # (n,) one per 5-word window
-    for k in range(min(SHINGLE_WORDS, len(words))):
-        shingle_hashes = shingle_hashes * np.uint64(0x100000001B3) + word_hashes[k : k + n]  # wraps mod 2^64
-    shingles = np.unique((shingle_hashes >> np.uint64(32)).astype(np.uint32))
     # The values are already 32-bit hashes: hashfunc=int passes them through (datasketch mixes them further).
     m = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED, hashfunc=int, permutations=_PERMUTATIONS, scheme="affine32")
-    m.update_batch(shingles.tolist())
+    for hashes in _shingle_hashes(text):
+        # 64 -> 32 bits by folding both halves (the high half alone is 0 for a one-word document, whose hash is
+        # one crc32: every one-word document had looked like every other). np.unique: repeats change no minimum.
+        shingles = np.unique(((hashes >> np.uint64(32)) ^ hashes).astype(np.uint32))
+        for i in range(0, len(shingles), MINHASH_BATCH):
+            m.update_batch(shingles[i : i + MINHASH_BATCH].tolist())
     return m.hashvalues
 
 
