@@ -67,13 +67,15 @@ def test_unexpected_os_error_stays_a_traceback(monkeypatch):
         main(["model", "info", "gpt2"])
 
 
-def test_output_path_that_is_an_existing_file(tmp_path, capsys):
-    """A real case: `model convert` told to write its folder where a file already is."""
+def test_output_path_under_an_existing_file(tmp_path, capsys):
+    """A real case: `model convert` told to write its folder inside what is a file (the system's
+    NotADirectoryError, deep inside mkdir)."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=11, context_length=8, emb_dim=8, n_heads=2, n_layers=1)
     src = save_model(GPTModel(cfg), tmp_path / "src")
-    dst = tmp_path / "notes.txt"
-    dst.write_text("my notes")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    dst = notes / "hf"
     err = one_line_error(capsys, ["model", "convert", str(src), str(dst), "--to", "hf"])
-    assert str(dst) in err and "a file, where a folder is needed" in err
-    assert dst.read_text() == "my notes"  # nothing lost
+    assert str(dst) in err and "Not a directory" in err and "a folder is needed" in err
+    assert notes.read_text() == "my notes"  # nothing lost

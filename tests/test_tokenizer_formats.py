@@ -73,7 +73,7 @@ def test_tiktoken_reproduces_trained_ids(trained, sample_texts, tmp_path):
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    (path,) = export_tokenizer(trained, tmp_path, "tiktoken")
+    path, _ = export_tokenizer(trained, tmp_path, "tiktoken")  # the ranks, then tiktoken_config.json
     enc = tiktoken.Encoding("t", pat_str=trained.pattern, mergeable_ranks=load_tiktoken_bpe(str(path)),
                             special_tokens=trained.special_tokens)  # fmt: skip
     assert all(enc.encode(t, allowed_special="all") == trained.encode(t, special="allow") for t in sample_texts)
@@ -124,8 +124,8 @@ def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(DozeroError, match="not a tokenizer file dozero knows"):
         load_tokenizer(tmp_path / "x.json")
-    with pytest.raises(DozeroError, match="only BPE tokenizers can be exported"):
-        export_tokenizer(CharTokenizer.from_text("ab"), tmp_path, "hf")
+    with pytest.raises(DozeroError, match="a char tokenizer cannot be written as 'gpt2'"):
+        export_tokenizer(CharTokenizer.from_text("ab"), tmp_path, "gpt2")
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -180,5 +180,5 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
 
 def test_cli_export(capsys, tmp_path, shared_data):
     code, out, _ = _run(capsys, "tokenizer", "export", "gpt2", str(tmp_path), "--format", "tiktoken")
-    assert code == 0 and out == f"wrote {tmp_path / 'tokenizer.tiktoken'}\n"
+    assert code == 0 and out == f"wrote {tmp_path / 'tokenizer.tiktoken'}\nwrote {tmp_path / 'tiktoken_config.json'}\n"
     assert (tmp_path / "tokenizer.tiktoken").read_bytes() == (shared_data / "gpt2" / "gpt2.tiktoken").read_bytes()

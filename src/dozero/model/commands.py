@@ -41,7 +41,9 @@ examples:
   dozero model convert runs/shakespeare out/hf --to hf       then: GPT2LMHeadModel.from_pretrained("out/hf")
   dozero model convert ~/hf/gpt2 models/gpt2 --to dozero     a Hugging Face GPT-2 folder -> dozero's
 SRC may be a dozero folder, a Hugging Face GPT-2 folder (model.safetensors or pytorch_model.bin)
-or a training run (its best/, else latest/). Tokenizer files in SRC are copied along."""
+or a training run (its best/, else latest/). Tokenizer files in SRC are copied along; --to hf also
+writes tokenizer.json (byte-level BPE, or one token per character), tokenizer_config.json (end token,
+context length) and puts the end token's id in config.json and generation_config.json."""
 
 # Tokenizer files copied verbatim by `convert` (dozero's own and Hugging Face's names).
 TOKENIZER_FILES = (
@@ -104,7 +106,9 @@ def register(subparsers) -> None:
     convert.add_argument("src", metavar="SRC", help="model folder to read")
     convert.add_argument("dst", metavar="DST", help="folder to write (created if needed)")
     convert.add_argument("--to", required=True, choices=("hf", "dozero"), help="format to write")
-    convert.add_argument("--force", action="store_true", help="overwrite a model already in DST")
+    convert.add_argument(
+        "--force", action="store_true", help="overwrite a model in DST, or write into a folder holding other files"
+    )
     convert.set_defaults(func=run_convert)
 
 
@@ -203,6 +207,7 @@ def run_summary(args) -> int:
 
 
 def run_convert(args) -> int:
+    from dozero.files import check_output_folder
     from dozero.model.checkpoint import CONFIG_FILE, load_model, resolve_model_dir, save_model
 
     src = resolve_model_dir(args.src)
@@ -211,28 +216,45 @@ def run_convert(args) -> int:
         raise DozeroError(f"SRC and DST are the same folder ({src}); choose another DST")
     if (dst / CONFIG_FILE).exists() and not args.force:
         raise DozeroError(f"{dst} already holds a model; pass --force to overwrite it")
+    check_output_folder(dst, "model folder", lambda folder: (folder / CONFIG_FILE).exists(), args.force)
     model = load_model(src)
-    save_model(model, dst, format=args.to)
+    tok = _source_tokenizer(src, model.cfg.vocab_size)
+    # With the tokenizer, the Hugging Face config.json and generation_config.json get its end token,
+    # so transformers' generate stops where dozero's does.
+    save_model(model, dst, tokenizer=tok, format=args.to)
     copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
     for f in copied:
         shutil.copyfile(src / f, dst / f)
-    if args.to == "hf" and "tokenizer.json" not in copied:
-        copied += _export_hf_tokenizer(src, dst)
+    if args.to == "hf" and tok is not None:
+        copied += _export_hf_tokenizer(tok, dst, copied, model.cfg.context_length)
     print(f"wrote {dst} ({'Hugging Face GPT-2' if args.to == 'hf' else 'dozero'} format, "
           f"{model.num_parameters():,} parameters)")  # fmt: skip
-    print(f"tokenizer: {', '.join(copied) if copied else 'none found in ' + str(src)}")
+    print(f"tokenizer: {', '.join(dict.fromkeys(copied)) if copied else 'none found in ' + str(src)}")
     return 0
 
 
-def _export_hf_tokenizer(src: Path, dst: Path) -> list[str]:
-    """dozero's BPE tokenizer as tokenizer.json, so transformers' AutoTokenizer reads DST too."""
+def _source_tokenizer(src: Path, model_vocab_size: int):
+    """SRC's tokenizer, or None when it has none or one dozero cannot read (its files are still copied)."""
     from dozero.tokenizer import has_tokenizer, load_tokenizer
-    from dozero.tokenizer.formats import export_tokenizer
 
     if not has_tokenizer(src):
-        return []
-    tok = load_tokenizer(src)
-    if tok.kind != "bpe":
-        print(f"note: a {tok.kind} tokenizer has no Hugging Face equivalent; copied dozero's files only")
-        return []
-    return [p.name for p in export_tokenizer(tok, dst, "hf")]
+        return None
+    try:
+        tok = load_tokenizer(src)
+    except DozeroError as e:
+        print(f"note: copying SRC's tokenizer files as they are; dozero cannot read them ({e})")
+        return None
+    tok.check_fits_model(model_vocab_size, f"the model in {src}")
+    return tok
+
+
+def _export_hf_tokenizer(tok, dst: Path, copied: list[str], context_length: int) -> list[str]:
+    """The Hugging Face tokenizer files SRC did not have, written from dozero's tokenizer, so that
+    AutoTokenizer and `pipeline` read DST with dozero's ids, end token and context length."""
+    from dozero.tokenizer.exports import export_tokenizer, write_hf_tokenizer_config
+
+    if "tokenizer.json" not in copied:
+        return [p.name for p in export_tokenizer(tok, dst, "hf", model_max_length=context_length)]
+    if "tokenizer_config.json" not in copied:
+        return [p.name for p in write_hf_tokenizer_config(tok, dst, context_length)]
+    return []

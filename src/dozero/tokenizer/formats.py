@@ -2,14 +2,15 @@
 
     load_tokenizer("gpt2")                    GPT-2's vocabulary, shipped in dozero/assets (works offline)
     load_tokenizer("runs/shakespeare/best")   whatever tokenizer files a model folder holds
-    export_tokenizer(tok, "out/", "hf")       tokenizer.json for transformers' PreTrainedTokenizerFast
+    export_tokenizer(tok, "out/", "hf")       tokenizer.json (+ tokenizer_config.json) for transformers (exports.py)
 
 Formats (all describe the same thing: byte-level BPE ranks + special tokens + a pre-tokenization regex):
   tiktoken  NAME.tiktoken: one "base64(token bytes) rank" line per token, in rank order (tiktoken's own).
   gpt2      encoder.json (token -> id) + vocab.bpe (the merges, one "a b" line each, in rank order), tokens
             written through GPT-2's bytes->characters map (`bpe.bytes_to_unicode`). Hugging Face names the same
             files vocab.json + merges.txt.
-  hf        tokenizer.json of the Hugging Face `tokenizers` library: a BPE model with a ByteLevel pre-tokenizer.
+  hf        tokenizer.json of the Hugging Face `tokenizers` library: a BPE model with a ByteLevel pre-tokenizer
+            (or, for a character vocabulary, one token per character: see exports.py).
   dozero    dozero_tokenizer.json (kind, pattern, special tokens, fingerprint) + dozero_tokenizer.tiktoken
             (the ranks; left out for GPT-2's own vocabulary, which dozero ships).
 
@@ -33,7 +34,6 @@ from dozero.tokenizer.bpe import GPT2_PATTERN, BPETokenizer, bytes_to_unicode
 from dozero.tokenizer.char import CharTokenizer
 
 RANKS_FILE = "dozero_tokenizer.tiktoken"
-FORMATS = ("tiktoken", "gpt2", "hf", "dozero")
 
 
 # ----- tiktoken: base64 ranks -----
@@ -137,7 +137,7 @@ def read_gpt2_files(vocab_path: Path, merges_path: Path) -> BPETokenizer:
     return _from_vocab_and_merges(vocab, _read_merges(Path(merges_path)), str(vocab_path))
 
 
-def _printable_vocab_and_merges(tok: BPETokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def printable_vocab_and_merges(tok: BPETokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
     if tok.pattern != GPT2_PATTERN:
         raise DozeroError("only tokenizers with GPT-2's pre-tokenization pattern can be exported to GPT-2/HF files")
     byte_encoder = bytes_to_unicode()
@@ -152,50 +152,29 @@ def _printable_vocab_and_merges(tok: BPETokenizer) -> tuple[dict[str, int], list
     return vocab, merges
 
 
-def hf_tokenizer_json(tok: BPETokenizer) -> dict:
-    """The tokenizer.json that `PreTrainedTokenizerFast(tokenizer_file=...)` reads (tokenizers' GPT-2 layout)."""
-    vocab, merges = _printable_vocab_and_merges(tok)
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    added = [
-        {
-            "id": i,
-            "content": s,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-        for s, i in sorted(tok.special_tokens.items(), key=_rank)
-    ]
-    model = {
-        "type": "BPE",
-        "dropout": None,
-        "unk_token": None,
-        "continuing_subword_prefix": "",
-        "end_of_word_suffix": "",
-        "fuse_unk": False,
-        "byte_fallback": False,
-        "ignore_merges": False,
-        "vocab": vocab,
-        "merges": [[a, b] for a, b in merges],
-    }
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": byte_level,
-        "post_processor": byte_level,
-        "decoder": byte_level,
-        "model": model,
-    }
+def _is_char_tokenizer_json(data: dict) -> bool:
+    """dozero's character tokenizer as `exports.hf_tokenizer_json` writes it: single characters, no merges,
+    nothing that cuts or alters the text, joined without spaces."""
+    model = data.get("model") or {}
+    vocab = model.get("vocab")
+    return (
+        model.get("type") == "BPE"
+        and not model.get("merges")
+        and isinstance(vocab, dict)
+        and all(isinstance(c, str) and len(c) == 1 for c in vocab)
+        and sorted(vocab.values()) == list(range(len(vocab)))
+        and data.get("pre_tokenizer") is None
+        and data.get("normalizer") is None
+        and not data.get("added_tokens")
+        and (data.get("decoder") or {}).get("type") == "Fuse"
+    )
 
 
-def read_hf_tokenizer_json(path: Path) -> BPETokenizer:
+def read_hf_tokenizer_json(path: Path) -> Tokenizer:
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     model = data.get("model") or {}
+    if _is_char_tokenizer_json(data):
+        return CharTokenizer(sorted(model["vocab"], key=model["vocab"].get))
     pre = json.dumps(data.get("pre_tokenizer"))
     if model.get("type") != "BPE" or '"ByteLevel"' not in pre:
         raise DozeroError(
@@ -211,28 +190,14 @@ def read_hf_tokenizer_json(path: Path) -> BPETokenizer:
     return _from_vocab_and_merges(vocab, merges, str(path))
 
 
-def export_tokenizer(tok: BPETokenizer, folder: str | os.PathLike, fmt: str = "hf") -> list[Path]:
-    """Write `tok` in another library's format; returns the files written.
-    "hf": tokenizer.json; "gpt2": vocab.json + merges.txt; "tiktoken": tokenizer.tiktoken; "dozero": save()."""
-    folder = Path(folder)
-    if not isinstance(tok, BPETokenizer):
-        raise DozeroError(f"only BPE tokenizers can be exported (this one is {tok.kind!r})")
-    if fmt == "hf":
-        path = folder / "tokenizer.json"
-        atomic_write(path, json.dumps(hf_tokenizer_json(tok), ensure_ascii=False, indent=1))
-        return [path]
-    if fmt == "gpt2":
-        vocab, merges = _printable_vocab_and_merges(tok)
-        atomic_write(folder / "vocab.json", json.dumps(vocab))
-        atomic_write(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        return [folder / "vocab.json", folder / "merges.txt"]
-    if fmt == "tiktoken":
-        atomic_write(folder / "tokenizer.tiktoken", tiktoken_text(tok.ranks))
-        return [folder / "tokenizer.tiktoken"]
-    if fmt == "dozero":
-        tok.save(folder)
-        return [folder / TOKENIZER_FILE]
-    raise DozeroError(f"unknown tokenizer format {fmt!r}; choose one of {', '.join(FORMATS)}")
+def export_tokenizer(
+    tok: Tokenizer, folder: str | os.PathLike, fmt: str = "hf", model_max_length: int | None = None
+) -> list[Path]:
+    """Write `tok` in another library's format ("hf", "gpt2", "tiktoken", "dozero"); returns the files
+    written. Lives in `dozero.tokenizer.exports` (imported when used)."""
+    from dozero.tokenizer.exports import export_tokenizer as export
+
+    return export(tok, folder, fmt, model_max_length)
 
 
 # ----- dozero's own format -----
