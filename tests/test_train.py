@@ -255,12 +255,44 @@ def test_cli_train_then_generate(tmp_path, capsys):
         (["--data", "/nonexistent/corpus.txt"], "no such file or folder"),
         (["--resume", "/nonexistent/run"], "no train_config.json"),
         (["--model", "gpt3"], "is not a model shape"),
+        # Accepted before: a negative global batch gave -1 accumulation steps and a "successful" run.
+        (["--global-batch-tokens", "-768"], "--global-batch-tokens must be >= 0, got -768"),
+        (["--lr", "-0.001"], "--lr must be > 0, got -0.001"),
+        (["--lr", "nan"], "--lr must be > 0, got nan"),
+        (["--beta2", "1.5"], "--beta2 must be in [0, 1), got 1.5"),
+        (["--decay-fraction", "5"], "--decay-fraction must be between 0 and 1, got 5.0"),
+        (["--grad-clip", "-1"], "--grad-clip must be >= 0, got -1.0"),
+        (["--threads", "-1"], "--threads must be >= 0, got -1"),
+        (["--device", "tpu"], "--device 'tpu' is not known"),
+        (["--resume", "/nonexistent/run/checkpoints/step_000002"], "no train_config.json"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, flags, message):
     assert main(["train", "--out-dir", str(tmp_path / "r"), "--max-steps", "1", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_config_is_validated_from_python_and_refuses_unknown_keys():
+    with pytest.raises(DozeroError, match="--micro-batch-size should be int, got '12'"):
+        TrainConfig(micro_batch_size="12").validate()
+    with pytest.raises(DozeroError, match="--compile should be bool, got 1"):
+        TrainConfig(compile=1).validate()
+    with pytest.raises(DozeroError, match=r"unknown keys \['learning_rate'\]; known keys are \[.*'lr'"):
+        TrainConfig.from_dict({"learning_rate": 0.1})  # as ModelConfig.from_dict: refused, not ignored
+    with pytest.raises(DozeroError, match="--warmup-steps must be >= 0"):
+        TrainConfig.from_dict({"warmup_steps": -5})
+    assert TrainConfig.from_dict(TrainConfig(lr=0.5).to_dict()) == TrainConfig(lr=0.5)
+
+
+def test_a_step_too_big_for_memory_is_warned_before_it_starts(tmp_path, monkeypatch, capsys):
+    from dozero import runtime
+
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 1000)
+    train(tiny_config(tmp_path, max_steps=1, eval_interval=1), TINY_SHAPE, quiet=True)
+    err = capsys.readouterr().err
+    assert "warning: one training step needs about" in err and "has 1000 B free" in err, err
+    assert err.count("warning:") == 1
 
 
 def test_text_files_with_a_bpe_tokenizer(tmp_path):

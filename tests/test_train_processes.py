@@ -103,3 +103,88 @@ def test_sigterm_saves_a_loadable_checkpoint_and_resumes(tmp_path):
     )
     assert json.loads((run / "latest" / "trainer_state.json").read_text())["step"] == target
     assert sorted(_losses(run)) == list(range(1, target + 1))
+
+
+def _start(args: list[str], python_code: str | None = None) -> subprocess.Popen:
+    head = [sys.executable, "-c", python_code, *args] if python_code else [sys.executable, "-m", "dozero", *args]
+    return subprocess.Popen(head, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_line(proc: subprocess.Popen, text: str) -> None:
+    for line in proc.stdout:  # the run prints "training N parameters ..." before its first step
+        if text in line:
+            return
+    raise AssertionError(f"'{text}' never printed: {proc.stderr.read()[-2000:]}")
+
+
+@pytest.mark.slow
+def test_sigint_stops_at_the_next_step_even_between_log_steps(tmp_path):
+    # Signals used to be looked at on log steps only: with --log-interval 100000 a Ctrl-C waited for
+    # the end of the run. Now the next step boundary saves, and the exit status is 130 (128 + SIGINT).
+    run = tmp_path / "run"
+    args = ["train", "--out-dir", str(run), "--micro-batch-size", "4", *TINY, "--log-interval", "100000"]
+    proc = _start([*args, "--max-steps", "100000", "--eval-interval", "100000"])
+    _wait_for_line(proc, "training ")
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert "SIGINT: stopping after this step" in err
+    step = json.loads((run / "latest" / "trainer_state.json").read_text())["step"]
+    assert f"stopped at step {step} (SIGINT)" in out and step >= 1
+
+
+HUNG_STEP = """import sys, time
+import dozero.train.step
+def hang(self, index):
+    print("step started", flush=True)
+    while True:
+        time.sleep(1)
+dozero.train.step.Stepper.__call__ = hang
+from dozero.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_ends_a_step_that_never_ends(tmp_path):
+    run = tmp_path / "run"
+    proc = _start(["train", "--out-dir", str(run), *TINY], python_code=HUNG_STEP)
+    _wait_for_line(proc, "step started")
+    proc.send_signal(signal.SIGTERM)  # the first asks for a checkpoint after the step, which never ends
+    time.sleep(1)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)  # the second acts as SIGTERM does by default: the process ends
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+    assert "SIGTERM: stopping after this step with a checkpoint (again: stop at once)" in err
+    assert not (run / "latest").exists()
+
+
+def _child_with_rank(parent: int, rank: int) -> int:
+    for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no child of {parent} has RANK={rank}")
+
+
+@pytest.mark.slow
+def test_under_ddp_a_signal_to_one_rank_stops_all_after_the_same_step(tmp_path):
+    run = tmp_path / "ddp"
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519"]
+    args = ["-m", "dozero", "train", "--out-dir", str(run), "--micro-batch-size", "4", *TINY]
+    proc = subprocess.Popen(
+        [sys.executable, *torchrun, *args, "--max-steps", "100000", "--eval-interval", "100000"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_line(proc, "training ")
+    time.sleep(2)
+    os.kill(_child_with_rank(proc.pid, 1), signal.SIGTERM)  # rank 1 only; rank 0 saves
+    out, err = proc.communicate(timeout=120)
+    step = json.loads((run / "latest" / "trainer_state.json").read_text())["step"]
+    assert f"stopped at step {step} (SIGTERM)" in out, err[-3000:]
+    assert proc.returncode != 0  # torchrun reports the workers' 143 as a failure

@@ -159,8 +159,8 @@ def _setup(cfg: TrainConfig, overrides: dict, resume, device: torch.device, quie
         result,
         step=result.step,
     )
-    for note in notes:
-        observer.write(note)
+    for note in notes:  # on stderr even when quiet: they say which checkpoint this run continues
+        print(note, file=sys.stderr)
     observer.write(
         f"training {raw_model.num_parameters():,} parameters on {runtime.describe_hardware(device)}, "
         f"{tokens_per_step:,} tokens/step ({cfg.micro_batch_size} x {T} x {world} processes x {accum} "
