@@ -13,9 +13,8 @@ from dozero.data.clean import (
     alpha_ratio,
     clean_document,
     duplicated_line_ratio,
-    luhn_ok,
-    scrub_pii,
 )
+from dozero.data.pii import luhn_ok, scrub_pii
 from dozero.errors import DozeroError
 
 
@@ -60,6 +59,57 @@ def test_pii_is_replaced(text, expected, kind):
 def test_near_misses_are_left_alone(text):
     out, counts = scrub(text)
     assert out == text and counts == {}
+
+
+@pytest.mark.parametrize(
+    "text, expected, counts",
+    [
+        ("Meu CPF é 123.456.789-09, confira.", "Meu CPF é <CPF>, confira.", {"cpf": 1}),
+        ("Informe o CPF 12345678909.", "Informe o CPF <CPF>.", {"cpf": 1}),  # bare, right check digits
+        ("CPF: 529982247-25 (titular)", "CPF: <CPF> (titular)", {"cpf": 1}),
+        ("A empresa, CNPJ 11.222.333/0001-81, fica em São Paulo.", "A empresa, CNPJ <CNPJ>, fica em São Paulo.",
+         {"cnpj": 1}),
+        ("CNPJ 11222333000181; razão social Exemplo Ltda.", "CNPJ <CNPJ>; razão social Exemplo Ltda.", {"cnpj": 1}),
+        ("Ligue para (11) 91234-5678 ou (21)3456-7890.", "Ligue para <PHONE> ou <PHONE>.", {"phone": 2}),
+        ("Meu celular é 11 91234-5678, o fixo 3456-7890.", "Meu celular é <PHONE>, o fixo <PHONE>.", {"phone": 2}),
+        ("WhatsApp: +55 11 91234-5678 (só mensagens)", "WhatsApp: <PHONE> (só mensagens)", {"phone": 1}),
+        ("Sem DDD: 91234-5678.", "Sem DDD: <PHONE>.", {"phone": 1}),
+        ("Dúvidas? Escreva (email: ana@x.com.br).", "Dúvidas? Escreva (email: <EMAIL>).", {"email": 1}),
+        ("Call me, ligue 555-123-4567, ok?", "Call me, ligue <PHONE>, ok?", {"phone": 1}),
+        ("Telefone (555-123-4567) e ((415) 555-0132).", "Telefone (<PHONE>) e (<PHONE>).", {"phone": 2}),
+        ("O servidor responde em 192.168.0.1.", "O servidor responde em <IP_ADDRESS>.", {"ip": 1}),
+        ("Pague com o cartão 4111 1111 1111 1111.", "Pague com o cartão <CARD_NUMBER>.", {"card": 1}),
+    ],
+)  # fmt: skip
+def test_brazilian_personal_data_in_running_text(text, expected, counts):
+    assert scrub(text) == (expected, counts)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Custa R$ 1.234,56 à vista ou R$ 12.345.678,90 a prazo, em 2024.",
+        "A reunião foi em 12/03/2024 (ou 12-03-2024), das 14:30 às 16:00.",
+        "O número 12345678900 tem 11 dígitos, mas os verificadores estão errados.",
+        "O código 11222333000180 tem 14 dígitos e o verificador errado.",
+        "Vendeu 203.062.512 unidades; o estoque tem 10.000 peças e 1,5 kg.",
+        "Entre 2000-2010 a população foi de 3000-4000 pessoas (ver páginas 3456-3489).",
+        "ISBN 978-85-333-0227-3, ISBN 0-306-40615-2 e ISSN 2049-3630.",
+        "CEP 01310-100, processo 0001234-56.2023.8.26.0100, agência 1234-5 conta 12345-6.",
+        "De 1990-2000 a versão 1.2.3.4.5 rodou em 256.1.1.1.",
+    ],
+)
+def test_brazilian_near_misses_are_left_alone(text):
+    assert scrub(text) == (text, {})
+
+
+def test_cpf_and_cnpj_check_digits():
+    from dozero.data.pii import cnpj_ok, cpf_ok
+
+    # Published examples: 529.982.247-25 and 11.222.333/0001-81 are valid; each last digit changed is not.
+    assert cpf_ok("52998224725") and cpf_ok("12345678909") and not cpf_ok("52998224724")
+    assert not cpf_ok("11111111111")  # passes the arithmetic, is never issued
+    assert cnpj_ok("11222333000181") and not cnpj_ok("11222333000182") and not cnpj_ok("00000000000000")
 
 
 def test_luhn():

@@ -3,9 +3,10 @@
     dozero data prepare corpus/ --out data/mycorpus --tokenizer gpt2
     dozero data inspect data/mycorpus
 
-Modules, in pipeline order: `ingest` (read files), `clean` (normalize, filter, dedup, scrub),
-`shards` (binary token shards, manifest, `load_split`), `prepare` (the streaming orchestration),
-`loader` (random and sequential windows for training and evaluation), `commands` (the CLI).
+Modules, in pipeline order: `ingest` (read files), `clean` (normalize, filter, dedup, scrub; the
+personal-data patterns are in `pii`), `shards` (binary token shards, manifest, `load_split`), `prepare`
+(the streaming orchestration), `loader` (random and sequential windows for training and evaluation),
+`commands` (the CLI).
 Names are imported lazily so `dozero --help` does not pay for torch.
 """
 

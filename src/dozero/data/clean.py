@@ -20,15 +20,14 @@ e-mail address count as the same text.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 import unicodedata
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
-import regex
 
+from dozero.data.pii import PLACEHOLDERS, scrub_pii
 from dozero.errors import DozeroError
 
 NORMAL_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
@@ -55,8 +54,9 @@ class CleanConfig:
     (1: off). Gopher's rule and threshold; counting characters, not lines, spares plays and code, whose
     short repeated lines (speaker names, 'else:') are structure, not boilerplate."""
     scrub_pii: bool = True
-    """Replace e-mail addresses, phone numbers, IP addresses and card numbers (Luhn-checked) by <EMAIL>,
-    <PHONE>, <IP_ADDRESS>, <CARD_NUMBER>."""
+    """Replace e-mail addresses, phone numbers (international, North American, Brazilian), IP addresses,
+    card numbers (Luhn-checked) and Brazilian CPF/CNPJ numbers by <EMAIL>, <PHONE>, <IP_ADDRESS>,
+    <CARD_NUMBER>, <CPF>, <CNPJ>."""
     dedup: bool = True
     """Drop exact duplicates: documents whose text, lowercased with whitespace collapsed, was seen before."""
     near_dedup: bool = True
@@ -87,68 +87,6 @@ MINHASH_SEED = 1
 MINHASH_BLOCK_CHARS = 1 << 20
 MINHASH_BATCH = 1 << 14
 _SPACES = re.compile(r"\s+")  # the stdlib's \s is exactly str.isspace, what str.split() splits on
-
-# ---------------------------------------------------------------- PII patterns (heuristics, see tests)
-EMAIL = regex.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
-IPV4 = regex.compile(
-    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"
-)
-# Candidates only; `ipaddress` decides (so clock times "12:30:45" and C++ "std::vector" stay).
-IPV6 = regex.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
-# 13-19 digits, optionally in groups separated by one space or dash; replaced only if the Luhn check passes.
-CARD = regex.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
-# Three common shapes, so that years, prices and version numbers are left alone:
-# international "+1 415 555 0132" / "+55 11 91234-5678", North American "(415) 555-0132" / "415-555-0132",
-# Brazilian "(11) 91234-5678".
-PHONE = regex.compile(
-    r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,5}\)?){2,5}(?![\w])"
-    r"|(?<![\w(])(?:\(\d{3}\)\s?|\d{3}[.-])\d{3}[.-]\d{4}(?![\w-])"
-    r"|(?<![\w(])\(\d{2}\)\s?9?\d{4}-\d{4}(?![\w-])"
-)
-PLACEHOLDERS = {"email": "<EMAIL>", "card": "<CARD_NUMBER>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>"}
-
-
-def luhn_ok(digits: str) -> bool:
-    """The Luhn checksum that every payment card number satisfies (ISO/IEC 7812)."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = int(ch)
-        if i % 2 == 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def _valid_ipv6(s: str) -> bool:
-    try:
-        ipaddress.IPv6Address(s)
-    except ValueError:
-        return False
-    return sum(c.isalnum() for c in s) >= 2  # "::" alone (Python slices) is an address, not PII
-
-
-def scrub_pii(text: str, counts: dict[str, int]) -> str:
-    """Replace personal data by placeholders, adding the number of replacements per kind to `counts`."""
-
-    def sub(pattern, kind, text, check=None):
-        def repl(m):
-            if check is not None and not check(m.group()):
-                return m.group()
-            counts[kind] = counts.get(kind, 0) + 1
-            return PLACEHOLDERS[kind]
-
-        return pattern.sub(repl, text)
-
-    # Cards before phones (a card number would also look like a long phone number); e-mails first
-    # (their domain may hold digits).
-    if "@" in text:
-        text = sub(EMAIL, "email", text)
-    text = sub(CARD, "card", text, lambda s: luhn_ok(s.replace(" ", "").replace("-", "")))
-    text = sub(PHONE, "phone", text, lambda s: 8 <= sum(c.isdigit() for c in s) <= 15)
-    text = sub(IPV4, "ip", text)
-    if ":" in text:
-        text = sub(IPV6, "ip", text, _valid_ipv6)
-    return text
 
 
 # ---------------------------------------------------------------- per-document cleaning (workers)
