@@ -290,3 +290,114 @@ def test_activation_estimate_matches_autograd(precision):
                          "ff_hidden_dim": 160})  # fmt: skip
     measured = saved_activation_bytes(cfg, 4, 64, precision)
     assert activation_bytes(cfg, 4, 64, precision) == pytest.approx(measured, rel=0.05)
+
+
+# ----------------------------------------------------------------------------- Hugging Face Llama both ways
+
+# (layers, heads, kv heads, hidden, intermediate, vocab, positions, tied, attention_bias, mlp_bias)
+HF_SHAPES = {
+    "gqa-tied": (2, 6, 2, 48, 80, 97, 32, True, False, False),
+    "mha-untied": (2, 4, 4, 32, 64, 50, 24, False, False, False),
+    "mqa-attention-bias": (1, 4, 1, 32, 40, 61, 16, False, True, False),
+    "mlp-bias": (2, 2, 1, 16, 24, 33, 16, True, False, True),
+}
+
+
+def hf_llama(shape, seed=0, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    layers, heads, kv, hidden, inter, vocab, ctx, tied, attention_bias, mlp_bias = HF_SHAPES[shape]
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, hidden_size=hidden,
+        intermediate_size=inter, vocab_size=vocab, max_position_embeddings=ctx, tie_word_embeddings=tied,
+        attention_bias=attention_bias, mlp_bias=mlp_bias, rms_norm_eps=1e-5, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None, rope_parameters={"rope_theta": 500.0, "rope_type": "default"},
+        **extra,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF initializes norms to 1 and biases to 0; random values test the mapping
+        for name, p in model.named_parameters():
+            if not name.endswith("embed_tokens.weight"):
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def assert_same_logits(ours, theirs) -> None:
+    vocab, ctx = ours.cfg.vocab_size, ours.cfg.context_length
+    torch.manual_seed(1)
+    for B, T in [(2, ctx), (3, max(1, ctx // 3))]:
+        x = torch.randint(0, vocab, (B, T))
+        with torch.no_grad():
+            expected = theirs(x).logits
+            got = ours(x)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shape", list(HF_SHAPES))
+def test_hf_llama_folder_loads_with_equal_logits(tmp_path, shape):
+    pytest.importorskip("transformers")
+    theirs = hf_llama(shape)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
+    layers, heads, kv, hidden, inter, vocab, ctx, tied, attention_bias, mlp_bias = HF_SHAPES[shape]
+    cfg = ours.cfg
+    assert (cfg.norm, cfg.pos_emb, cfg.ff, cfg.rope_theta) == ("rmsnorm", "rope", "swiglu", 500.0)
+    assert (cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.emb_dim, cfg.hidden_dim) == (layers, heads, kv, hidden, inter)
+    assert cfg.tie_weights is tied and (ours.out_head.weight is ours.tok_emb.weight) is tied
+    assert_same_logits(ours, theirs)
+
+
+@pytest.mark.parametrize("shape", list(HF_SHAPES))
+def test_dozero_saves_hf_llama_loads(tmp_path, shape):
+    transformers = pytest.importorskip("transformers")
+    ours = load_model_from(hf_llama(shape, seed=3), tmp_path / "src")
+    save_model(ours, tmp_path / "out", format="hf")
+    theirs, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    # No missing, unexpected or mismatched keys: transformers initialized nothing at random.
+    assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
+    assert theirs.config.rope_parameters == {"rope_theta": 500.0, "rope_type": "default"}
+    assert_same_logits(ours, theirs.eval())
+    assert_same_logits(load_model(tmp_path / "out"), theirs)  # ...and back into dozero
+
+
+def load_model_from(hf_model, folder):
+    hf_model.save_pretrained(folder)
+    return load_model(folder)
+
+
+def test_dozero_trained_llama_exports(tmp_path):
+    """A model built by dozero (llama-char's shape, no biases) goes out and comes back unchanged."""
+    transformers = pytest.importorskip("transformers")
+    ours = random_model(SHAPES["mha-bias"])  # qkv and out/ff biases: attention_bias and mlp_bias on
+    save_model(ours, tmp_path, format="hf")
+    theirs, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert all(not v for v in info.values()), info
+    assert theirs.config.attention_bias and theirs.config.mlp_bias
+    assert_same_logits(ours, theirs.eval())
+
+
+def test_unsupported_llama_folders_are_refused(tmp_path):
+    import json
+
+    hf_llama("gqa-tied").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for change, message in [
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "RoPE scaling 'linear'"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling 'dynamic'"),
+        ({"head_dim": 16}, "head_dim=16"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ]:
+        (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(DozeroError, match=message):
+            load_model(tmp_path)
+    # The 4.x layout: rope_theta beside the config, no rope_parameters.
+    old = {k: v for k, v in config.items() if k != "rope_parameters"}
+    (tmp_path / "config.json").write_text(json.dumps({**old, "rope_theta": 250.0, "rope_scaling": None}))
+    assert load_model(tmp_path).cfg.rope_theta == 250.0
+
+
+def test_mixed_shape_has_no_hf_export(tmp_path):
+    mixed = GPTModel(ModelConfig(**{**LLAMA.to_dict(), "norm": "layernorm", "bias": True}))
+    with pytest.raises(DozeroError, match="no Hugging Face architecture holds this model"):
+        save_model(mixed, tmp_path, format="hf")

@@ -160,15 +160,15 @@ def _read_config(folder: Path) -> tuple[dict, ModelConfig]:
         except DozeroError:
             raise
         except Exception as e:  # e.g. a string where a number belongs
-            raise DozeroError(f"{where}: bad value in a GPT-2 config ({e})") from None
+            raise DozeroError(f"{where}: bad value in a Hugging Face config ({e})") from None
     raise DozeroError(
-        f'{where} is neither a dozero config ("format": "dozero") nor a Hugging Face GPT-2 config '
-        '("model_type": "gpt2")'
+        f'{where} is neither a dozero config ("format": "dozero") nor a Hugging Face GPT-2 or Llama config '
+        '("model_type": "gpt2" or "llama")'
     )
 
 
 def load_model(path: str | Path, device=None, dtype=None) -> GPTModel:
-    """A GPTModel in eval mode from a dozero folder, a Hugging Face GPT-2 folder or a run folder.
+    """A GPTModel in eval mode from a dozero folder, a Hugging Face GPT-2 or Llama folder, or a run folder.
 
     device/dtype: where and in which precision to put it (default: CPU, the stored dtype).
     """
@@ -227,7 +227,8 @@ def save_model(model, folder: str | Path, tokenizer=None, metadata: dict | None 
     """Write `model` (and its tokenizer) to `folder`.
 
     format="dozero": dozero's folder; `metadata` (JSON-serializable) is stored in config.json.
-    format="hf": a Hugging Face GPT-2 folder (`GPT2LMHeadModel.from_pretrained(folder)` loads it).
+    format="hf": a Hugging Face GPT-2 folder (`GPT2LMHeadModel.from_pretrained(folder)` loads it), or a
+        Llama folder for a Llama-shaped model (`LlamaForCausalLM`).
     """
     from dozero.model import hf
 

@@ -21,6 +21,7 @@ import torch
 
 from dozero.config import ModelConfig
 from dozero.errors import DozeroError
+from dozero.model import hf_llama
 
 # dozero name (inside trf_blocks.{i}.) -> (Hugging Face name inside h.{i}., stored transposed?)
 BLOCK_TABLE = {
@@ -71,11 +72,15 @@ _GELU_TO_HF = {"tanh": "gelu_new", "none": "gelu"}
 
 
 def is_hf_config(config: dict) -> bool:
-    return config.get("model_type") == "gpt2" or "GPT2LMHeadModel" in config.get("architectures", [])
+    """A Hugging Face GPT-2 or Llama config (each function below hands Llama to `hf_llama`)."""
+    gpt2 = config.get("model_type") == "gpt2" or "GPT2LMHeadModel" in (config.get("architectures") or [])
+    return gpt2 or hf_llama.is_llama_config(config)
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     """A Hugging Face GPT-2 config dict -> ModelConfig (qkv_bias is always on: OpenAI's layout has it)."""
+    if hf_llama.is_llama_config(hf):
+        return hf_llama.config_from_hf(hf, where)
     missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions") if k not in hf]
     if missing:
         raise DozeroError(f"{where}: a GPT-2 config needs {missing}; is this a Hugging Face GPT-2 folder?")
@@ -105,6 +110,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig, eos_token_id: int | None = None) -> dict:
     """ModelConfig -> the config.json that `transformers.GPT2LMHeadModel.from_pretrained` reads."""
+    if hf_llama.hf_family(cfg) == "llama":
+        return hf_llama.config_to_hf(cfg, eos_token_id)
     if eos_token_id is None and cfg.vocab_size == 50257:
         eos_token_id = 50256  # GPT-2's <|endoftext|>
     return {
@@ -181,6 +188,8 @@ def shard_paths(folder: Path, index: Path, weight_map) -> list[Path]:
 def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, where: str = "weights") -> dict:
     """Hugging Face tensors -> dozero's state dict. Decides `cfg.tie_weights` from the weights: a
     `lm_head.weight` that differs from `wte.weight` (or a config saying untied) means an untied head."""
+    if hf_llama.is_llama_shape(cfg):
+        return hf_llama.state_dict_from_hf(hf_state, cfg, where)
     hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items() if not k.endswith(IGNORED_SUFFIXES)}
     out, used = {}, set()
 
@@ -220,6 +229,8 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     OpenAI's layout always has a qkv bias; a model trained without one exports zeros (same function).
     A tied head is not written: transformers re-ties `lm_head.weight` to `wte.weight` on load.
     """
+    if hf_llama.hf_family(cfg) == "llama":
+        return hf_llama.state_dict_to_hf(state, cfg)
     out = {}
     for ours, theirs in TOP_TABLE.items():
         out[f"transformer.{theirs}"] = state[ours].contiguous()
