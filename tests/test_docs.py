@@ -1,16 +1,18 @@
-"""The guide never rots: every `dozero` command in docs/ runs, and every link to the code is right.
+"""The docs never rot: every `dozero` command in the READMEs and docs/ runs, and every link to the code is right.
 
 What counts as a command: a line starting with `dozero ` or `$ dozero ` inside a ```bash or
-```console block (a trailing backslash continues it). Blocks marked ```text are shown, never run:
-the guide uses them for what needs a GPU, hours, or files from the internet.
+```console block (a trailing backslash continues it; a comment after two spaces, `  # ...`, is
+dropped). Blocks marked ```text are shown, never run: the docs use them for what needs a GPU,
+hours, or files from the internet.
 
-The commands run in page order (English pages, then the Portuguese ones; a command already run is
-not repeated) in one temporary folder, so a later page may use what an earlier one made, just as
-a reader following the guide would. The folder holds `tinyshakespeare.txt` from the project's
-shared data, as the guide asks its reader to have. Two substitutions keep the
-suite fast (see `cheap`): `dozero doctor` gets `--skip-compile` (trying torch.compile takes ~20 s
-on a CPU), and `dozero train` runs 6 steps instead of the guide's hundreds or thousands (and
-skips its closing sample text).
+The guide's commands run in page order (English pages, then the Portuguese ones; a command already
+run is not repeated) in one temporary folder, so a later page may use what an earlier one made,
+just as a reader following the guide would; the two READMEs' commands run the same way in a folder
+of their own. Those folders are empty and have no `../shared` beside them: the docs must work on a
+fresh clone, where the text they use is the tiny Shakespeare shipped with dozero, by its name
+`tinyshakespeare`. Two substitutions keep the suite fast (see `cheap`): `dozero doctor` gets
+`--skip-compile` (trying torch.compile takes ~20 s on a CPU), and `dozero train` runs 6 steps
+instead of the docs' hundreds or thousands (and skips its closing sample text).
 
 Links such as [`explicit_attention`](../../src/dozero/model/gpt.py#L126) must name an existing file,
 and the named line must contain the name in backticks. When code moves, fix the anchors with
@@ -41,7 +43,9 @@ PAGES = [
     "5-training.md",
     "6-generating-text.md",
 ]
+READMES = [REPO / "README.md", REPO / "README.pt-BR.md"]
 FENCE = re.compile(r"^```(\w[\w-]*)?\s*$")
+COMMENT = re.compile(r"\s{2,}#\s.*$")  # "dozero doctor      # what this computer can do"
 LINK = re.compile(r"\[`([^`]+)`\]\(((?:\.\./)+[^)#\s]+)(?:#L(\d+))?\)")
 SHELL_CHARS = re.compile(r"[|<>;&]")
 
@@ -56,7 +60,7 @@ def commands(path: Path) -> list[str]:
             continue
         if lang not in ("bash", "console", "sh", "shell"):
             continue
-        text = line.strip()
+        text = COMMENT.sub("", line.strip())
         if pending:
             text = pending + " " + text
         elif text.startswith("$ "):
@@ -67,6 +71,25 @@ def commands(path: Path) -> list[str]:
         pending = ""
         if text.startswith("dozero "):
             found.append(text)
+    return found
+
+
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+COMMAND_WORDS = ("dozero ", "python ", "python3 ", "torchrun ", "make ", ".venv/bin/", "$ ")
+
+
+def runnable_text(path: Path) -> list[str]:
+    """What a reader copies and runs: every line of the page's code blocks except ```text ones, and
+    the inline `code` spans that are commands."""
+    found, lang = [], None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        fence = FENCE.match(line.strip())
+        if fence:
+            lang = None if lang is not None else (fence.group(1) or "")
+        elif lang is None:
+            found += [span for span in CODE_SPAN.findall(line) if span.startswith(COMMAND_WORDS)]
+        elif lang != "text":
+            found.append(line)
     return found
 
 
@@ -168,21 +191,37 @@ def test_links_to_code_are_right(path):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, shared_data):
-    """The reader's folder, holding tinyshakespeare.txt as the guide's index page asks."""
+def one_thread():
     import torch
 
-    folder = tmp_path_factory.mktemp("guide")
-    (folder / "tinyshakespeare.txt").symlink_to(shared_data / "tinyshakespeare.txt")
-    # One thread: the guide's models are tiny, and on a busy 2-core machine a second thread spends
+    # One thread: the docs' models are tiny, and on a busy 2-core machine a second thread spends
     # its time waiting for the first (measured: about half the wall time of two threads here).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield folder
+    yield
     torch.set_num_threads(threads)
 
 
-_already_run: set[str] = set()
+def reader_folder(tmp_path_factory, name: str) -> Path:
+    """An empty folder, as on a fresh clone: nothing in it, no `../shared` beside it."""
+    folder = tmp_path_factory.mktemp(name)
+    assert not any(folder.iterdir()) and not (folder.parent / "shared").exists()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, one_thread):
+    """The guide reader's folder."""
+    return reader_folder(tmp_path_factory, "guide")
+
+
+@pytest.fixture(scope="module")
+def readme_workdir(tmp_path_factory, one_thread):
+    """The README reader's folder (its own: the READMEs' runs must not stand in for the guide's)."""
+    return reader_folder(tmp_path_factory, "readme")
+
+
+_already_run: dict[Path, set[str]] = {}
 
 
 # `dozero train` in the guide shows real settings (2,000 steps take minutes); the test keeps the shape
@@ -215,24 +254,37 @@ def cheap(command: str) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("path", all_pages(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_command_in_the_guide_runs(path, workdir, monkeypatch, capsys):
+    run_commands(path, workdir, monkeypatch, capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", READMES, ids=lambda p: p.name)
+def test_every_command_in_the_readmes_runs(path, readme_workdir, monkeypatch, capsys):
+    assert commands(path), f"{path.name} has no ```bash block of commands to run"
+    run_commands(path, readme_workdir, monkeypatch, capsys)
+
+
+def run_commands(path: Path, folder: Path, monkeypatch, capsys) -> None:
+    """Each command of the page not yet run in `folder`, in order; each must exit 0."""
     from dozero.cli import main
 
     if not path.exists():
         pytest.skip("page missing (reported by another test)")
-    monkeypatch.chdir(workdir)
+    monkeypatch.chdir(folder)
     monkeypatch.setenv("TQDM_DISABLE", "1")
     # The 400-token sample `dozero train` prints at the end is most of a 6-step run's time; the
     # training tests cover it, so here it is skipped (the run folders are written all the same).
     monkeypatch.setattr("dozero.train.loop.sample_text", lambda *args, **kwargs: "", raising=False)
+    done = _already_run.setdefault(folder, set())
     for command in commands(path):
         command = cheap(command)
-        if command in _already_run:
+        if command in done:
             continue
-        _already_run.add(command)
+        done.add(command)
         if SHELL_CHARS.search(command.replace("\\n", "")):
             env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-            done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, check=False)
-            code, out, err = done.returncode, done.stdout, done.stderr
+            result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, check=False)
+            code, out, err = result.returncode, result.stdout, result.stderr
         else:
             try:
                 code = main(shlex.split(command)[1:])
@@ -240,6 +292,46 @@ def test_every_command_in_the_guide_runs(path, workdir, monkeypatch, capsys):
                 code = e.code
             out, err = capsys.readouterr()
         assert code == 0, f"{path.relative_to(REPO)}: `{command}` exited {code}\n{out[-2000:]}\n{err[-2000:]}"
+
+
+@pytest.mark.parametrize("path", [*READMES, *all_pages()], ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_command_needs_the_projects_shared_folder(path):
+    """`../shared` exists on the project's machines only; a user who cloned the repository has none."""
+    if not path.exists():
+        pytest.skip("page missing (reported by another test)")
+    bad = [text for text in runnable_text(path) if "../shared" in text]
+    assert not bad, f"{path.relative_to(REPO)} runs commands that need ../shared: {bad}"
+
+
+def test_no_help_text_points_at_the_projects_shared_folder():
+    import argparse
+
+    from dozero.cli import build_parser
+
+    def walk(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from walk(sub)
+
+    parsers = list(walk(build_parser()))
+    assert len(parsers) > 10  # every verb and action, not just the top level
+    bad = [parser.prog for parser in parsers if "../shared" in parser.format_help()]
+    assert not bad, f"--help of {bad} shows paths under ../shared, which users do not have"
+
+
+def test_the_docs_text_is_shipped_and_named(tmp_path, monkeypatch, capsys):
+    """`tinyshakespeare` reads the text inside the package from any folder; a file of that name wins."""
+    from dozero.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["tokenizer", "stats", "tinyshakespeare"]) in (0, None)
+    # 338,025 GPT-2 tokens: nanoGPT's data/shakespeare/prepare.py (301,966 train + 36,059 val, tiktoken)
+    assert "tinyshakespeare: 1,115,394 bytes -> 338,025 tokens" in capsys.readouterr().out
+    (tmp_path / "tinyshakespeare").write_text("To be, or not to be", encoding="utf-8")
+    assert main(["tokenizer", "stats", "tinyshakespeare"]) in (0, None)
+    assert "tinyshakespeare: 19 bytes -> 7 tokens" in capsys.readouterr().out
 
 
 # ---- fixing anchors after code moved -----------------------------------------------------------
