@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-train clean
 
 $(BIN)/dozero: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python benchmarks/model_speed.py
+
+# dozero's training step beside nanoGPT's, run live (NANOGPT_DIR: a nanoGPT checkout; default
+# ../shared/reference/nanogpt), then both full runs timed to nanoGPT's validation loss 1.886.
+bench-train: setup
+	$(BIN)/python benchmarks/train_speed.py --to-loss
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info runs .pytest_cache
