@@ -83,6 +83,15 @@ def test_a_rerun_replaces_old_shards_and_keeps_user_files(tmp_path):
     assert (out / "NOTES.md").read_text() == "mine"
 
 
+def test_out_holding_the_working_folder_is_refused(tmp_path, monkeypatch):
+    corpus = _corpus(tmp_path / "corpus")
+    _prepare([corpus], tmp_path / "out", val_fraction=0.5)
+    monkeypatch.chdir(tmp_path / "out")  # the swap would leave the shell in a deleted folder
+    with pytest.raises(DozeroError, match="holds the working folder"):
+        _prepare([corpus], ".")
+    assert read_manifest(tmp_path / "out")["documents"] == 6
+
+
 @pytest.fixture
 def data(tmp_path):
     return tmp_path, _prepare([_corpus(tmp_path / "corpus")], tmp_path / "d", val_fraction=0.3)

@@ -192,6 +192,11 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     out = out.resolve() if out.is_symlink() else out  # swap the folder it points to, not the link
     files = _input_files(inputs, out)
     check_output_folder(out, "dozero data folder", is_data_folder, force)
+    if out.exists() and Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise DozeroError(
+            f"--out {out_dir} holds the working folder, which the swap to the new data would pull away from under "
+            "you; run from outside it (e.g. `cd ..` and --out with the folder's name)"
+        )
     build = make_temp_folder(out)
     try:
         manifest = _build(files, build, cfg, clean_cfg, progress)
