@@ -56,10 +56,10 @@ def throughput(repeats: int) -> None:
     runs = {
         "baseline (1 process, tiktoken)": lambda out: baseline(files, out),
         "dozero prepare, cleaning off": lambda out: prepare(
-            [str(f) for f in files], out, PrepareConfig(val_ratio=0.01), CleanConfig(clean=False), progress=False
+            [str(f) for f in files], out, PrepareConfig(val_fraction=0.01), CleanConfig(clean=False), progress=False
         ),
         "dozero prepare, all cleaning on": lambda out: prepare(
-            [str(f) for f in files], out, PrepareConfig(val_ratio=0.01), CleanConfig(), progress=False
+            [str(f) for f in files], out, PrepareConfig(val_fraction=0.01), CleanConfig(), progress=False
         ),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
