@@ -401,3 +401,26 @@ def test_mixed_shape_has_no_hf_export(tmp_path):
     mixed = GPTModel(ModelConfig(**{**LLAMA.to_dict(), "norm": "layernorm", "bias": True}))
     with pytest.raises(DozeroError, match="no Hugging Face architecture holds this model"):
         save_model(mixed, tmp_path, format="hf")
+
+
+@pytest.mark.slow  # ~25 s on 2 shared cores
+def test_cli_trains_the_llama_preset_and_generates(tmp_path, capsys):
+    """`dozero train --preset llama-char --max-steps 20`: the loss starts at ln(65) and falls; the run
+    folder holds a Llama-shaped model that `dozero generate` reads."""
+    import json
+
+    from dozero.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "--preset", "llama-char", "--max-steps", "20", "--out-dir", str(run), "--threads", "1"]
+    assert main(argv + ["--sample-tokens", "0", "--tensorboard", "off"]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    val = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert losses[0] == pytest.approx(math.log(65), abs=0.15)
+    assert losses[-1] < losses[0] - 0.3 and val[-1] < losses[0] - 0.3
+    model = load_model(run)
+    assert model.cfg == get_model_config("llama-char") and model.pos_emb is None
+    capsys.readouterr()
+    assert main(["generate", "--model", str(run), "ROMEO:", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    assert len(capsys.readouterr().out.strip()) > len("ROMEO:")

@@ -25,7 +25,7 @@ class TrainConfig:
     """Everything about a training run except the model's shape (that is a `ModelConfig`)."""
 
     preset: str = "shakespeare-char"
-    """Named recipe to start from (shakespeare-char, shakespeare-bpe, gpt2-124m); flags override it."""
+    """Named recipe to start from (shakespeare-char, llama-char, shakespeare-bpe, gpt2-124m); flags override it."""
     model: str = "shakespeare-char"
     """Model shape preset from dozero.config (shape flags such as --n-layers override it)."""
     data: str = ""
@@ -191,6 +191,11 @@ _SHAKESPEARE_CHAR = TrainConfig()
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "shakespeare-char": _SHAKESPEARE_CHAR,
+    # The same recipe on the same data with Llama-style blocks (RMSNorm, RoPE, SwiGLU, grouped-query
+    # attention, no biases; dozero.config's "llama-char"), to compare the two families side by side.
+    "llama-char": dataclasses.replace(
+        _SHAKESPEARE_CHAR, preset="llama-char", model="llama-char", out_dir="runs/llama-char"
+    ),
     # The complete works (5 MB) with GPT-2's BPE vocabulary: nanoGPT's GPU "baby GPT" shape (6x6x384,
     # context 256) trained on ~50M tokens (about 30 epochs of the ~1.6M-token corpus; it overfits
     # after that, so validation is watched every 250 steps and best/ keeps the best model).
