@@ -190,7 +190,8 @@ def step_times(args) -> None:
     print(f"step = {cfg.micro_batch_size} x {shape.context_length} tokens: forward, backward, clip, AdamW")
     print(f"{args.warmup} warm-up steps each, then {args.rounds} rounds of {args.steps} steps each; ms/step:\n")
     for _, step in runners.values():
-        time_block(step, 1, args.warmup)
+        for index in range(1, 1 + args.warmup):
+            step(index)
     times: dict[str, list[float]] = {name: [] for name in names}
     index = 1 + args.warmup
     for r in range(args.rounds):
@@ -313,6 +314,8 @@ def main() -> None:
     p.add_argument("--eval-interval", type=int, default=250, help="--to-loss: steps between evals (default 250)")
     p.add_argument("--dozero-args", default="", help="--to-loss: more `dozero train` flags, e.g. '--max-steps 1500'")
     args = p.parse_args()
+    if min(args.rounds, args.steps, args.to_loss_steps, args.eval_interval) < 1 or args.warmup < 0:
+        p.error("--rounds, --steps, --to-loss-steps and --eval-interval must be >= 1, --warmup >= 0")
     if not args.skip_steps:
         step_times(args)
     if args.to_loss:
