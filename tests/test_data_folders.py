@@ -83,12 +83,15 @@ def test_a_rerun_replaces_old_shards_and_keeps_user_files(tmp_path):
     assert (out / "NOTES.md").read_text() == "mine"
 
 
-def test_out_holding_the_working_folder_is_refused(tmp_path, monkeypatch):
+def test_out_holding_the_working_folder_or_a_mount_point_is_refused(tmp_path, monkeypatch):
     corpus = _corpus(tmp_path / "corpus")
     _prepare([corpus], tmp_path / "out", val_fraction=0.5)
     monkeypatch.chdir(tmp_path / "out")  # the swap would leave the shell in a deleted folder
     with pytest.raises(DozeroError, match="holds the working folder"):
         _prepare([corpus], ".")
+    monkeypatch.setattr("os.path.ismount", lambda p: str(p).endswith("out"))
+    with pytest.raises(DozeroError, match="is a mount point"):
+        _prepare([corpus], tmp_path / "out")
     assert read_manifest(tmp_path / "out")["documents"] == 6
 
 

@@ -192,6 +192,8 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     out = out.resolve() if out.is_symlink() else out  # swap the folder it points to, not the link
     files = _input_files(inputs, out)
     check_output_folder(out, "dozero data folder", is_data_folder, force)
+    if os.path.ismount(out):  # found now, not after hours of work: a mount point cannot be renamed away
+        raise DozeroError(f"--out {out_dir} is a mount point, which cannot be swapped; give a folder inside it")
     if out.exists() and Path.cwd().resolve().is_relative_to(out.resolve()):
         raise DozeroError(
             f"--out {out_dir} holds the working folder, which the swap to the new data would pull away from under "
