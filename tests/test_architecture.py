@@ -23,6 +23,7 @@ RANK = {
     "model": 4,
     "generate": 5,
     "train": 6,
+    "serve": 6,
     "course": 7,
     "cli": 8,
     "__main__": 9,

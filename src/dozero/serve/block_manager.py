@@ -1,0 +1,45 @@
+"""The paged KV cache's bookkeeping: a pool of fixed-size blocks, handed out and taken back.
+
+Every sequence holds a block table, the list of block numbers its tokens live in: token p of the
+sequence sits in block `table[p // block_size]`, at offset `p % block_size`. Blocks are the same
+size for everyone, so a finished sequence's blocks fit any new one: no fragmentation, and memory
+grows with the tokens really held, not with the longest possible request (Kwon et al. 2023,
+"Efficient Memory Management for LLM Serving with PagedAttention").
+
+A sequence gets all the blocks it may need (prompt + max_tokens) when it is admitted, so a running
+sequence never waits for memory and nothing has to be preempted; a request that does not fit yet
+waits in the queue. Pure Python: the tensors live in `runner.PagedKVCache`.
+"""
+
+from __future__ import annotations
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)  # ceil
+
+
+class BlockPool:
+    """Which of `num_blocks` blocks are free. Called from the engine's thread only."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives low numbers first
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        return blocks_needed(num_tokens, self.block_size) <= len(self.free)
+
+    def allocate(self, num_tokens: int) -> list[int]:
+        """A block table with room for `num_tokens` tokens. The caller checked `can_allocate`."""
+        n = blocks_needed(num_tokens, self.block_size)
+        if n > len(self.free):
+            raise RuntimeError(f"{n} KV blocks asked for, {len(self.free)} free")
+        return [self.free.pop() for _ in range(n)]
+
+    def release(self, table: list[int]) -> None:
+        """Take a finished sequence's blocks back (its table is emptied, so a second release is harmless)."""
+        self.free.extend(reversed(table))
+        table.clear()
