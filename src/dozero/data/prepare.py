@@ -14,6 +14,10 @@ corpus order; the main process deduplicates (`clean.Deduplicator`), draws each k
 split from a generator seeded with --seed, and streams ids into shards (`shards.ShardWriter`).
 The output does not depend on the number of workers.
 
+Where it writes: the whole dataset is built in a hidden folder beside --out (".NAME.HOST-PID.xxxxxxxx.tmp")
+and swapped in when complete, so a failed, interrupted or killed run leaves the old dataset as it was (the
+disk needs room for both while it runs); the next run removes a killed run's leftover folder.
+
 Memory: bounded except for the dedup indexes, which keep ~0.85 KB per kept document (measured, both
 steps): 1 M documents ~ 0.85 GB. Use --no-near-dedup (and --no-dedup) for corpora of many millions.
 
@@ -191,14 +195,7 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     out = Path(out_dir).expanduser()
     out = out.resolve() if out.is_symlink() else out  # swap the folder it points to, not the link
     files = _input_files(inputs, out)
-    check_output_folder(out, "dozero data folder", is_data_folder, force)
-    if os.path.ismount(out):  # found now, not after hours of work: a mount point cannot be renamed away
-        raise DozeroError(f"--out {out_dir} is a mount point, which cannot be swapped; give a folder inside it")
-    if out.exists() and Path.cwd().resolve().is_relative_to(out.resolve()):
-        raise DozeroError(
-            f"--out {out_dir} holds the working folder, which the swap to the new data would pull away from under "
-            "you; run from outside it (e.g. `cd ..` and --out with the folder's name)"
-        )
+    _check_out(out, force)
     build = make_temp_folder(out)
     try:
         manifest = _build(files, build, cfg, clean_cfg, progress)
@@ -207,6 +204,18 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
         shutil.rmtree(build, ignore_errors=True)
         raise
     return manifest
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse, before any work, an --out that the final swap could not or must not replace."""
+    check_output_folder(out, "dozero data folder", is_data_folder, force)
+    if os.path.ismount(out):  # a mount point cannot be renamed away
+        raise DozeroError(f"--out {out} is a mount point, which cannot be swapped; give a folder inside it")
+    if out.exists() and Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise DozeroError(
+            f"--out {out} holds the working folder, which the swap to the new data would pull away from under "
+            "you; run from outside it (e.g. `cd ..` and --out with the folder's name)"
+        )
 
 
 def _input_files(inputs: list[str], out: Path) -> list[Path]:
