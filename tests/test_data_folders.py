@@ -57,6 +57,7 @@ def test_a_model_folder_is_not_overwritten_without_force(tmp_path, capsys):
     (model / "config.json").write_text("{}")
     (model / "model.safetensors").write_bytes(b"weights")
     (model / "dozero_tokenizer.json").write_text('{"the model": "tokenizer"}')
+    (model / ".gitattributes").write_text("*.safetensors filter=lfs")
     before = {p.name: p.read_bytes() for p in model.iterdir()}
     argv = ["data", "prepare", str(corpus), "--out", str(model), "--tokenizer", "char", "--quiet", "--workers", "1"]
     err = _one_line_error(capsys, argv)
@@ -64,6 +65,7 @@ def test_a_model_folder_is_not_overwritten_without_force(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
     assert main([*argv, "--force"]) == 0  # the user's own files stay; dozero's are replaced
     assert (model / "model.safetensors").read_bytes() == b"weights" and (model / "config.json").exists()
+    assert (model / ".gitattributes").exists()
     assert read_manifest(model)["documents"] == 6
     assert main(argv) == 0  # a data folder now: a rerun needs no --force, and still keeps the other files
     assert (model / "model.safetensors").read_bytes() == b"weights"

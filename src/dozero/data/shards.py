@@ -43,13 +43,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def is_data_file(name: str) -> bool:
-    """A name `prepare` writes into a data folder (hidden files, e.g. .DS_Store, count as nobody's)."""
-    return bool(SHARD_NAME.match(name)) or name in (MANIFEST, *REPORTS) or name.startswith(("dozero_tokenizer.", "."))
+    """A name `prepare` writes into a data folder (what a new dataset replaces; anything else is kept)."""
+    return bool(SHARD_NAME.match(name)) or name in (MANIFEST, *REPORTS) or name.startswith("dozero_tokenizer.")
 
 
 def is_data_folder(path: Path) -> bool:
-    """A folder `prepare` wrote: it has a manifest, or holds nothing but data-folder files (an interrupted run)."""
-    return (path / MANIFEST).is_file() or all(is_data_file(p.name) for p in path.iterdir())
+    """A folder `prepare` wrote: it has a manifest, or holds nothing but data-folder files (an interrupted
+    run); hidden files (.DS_Store, .gitattributes) do not make it someone else's."""
+    return (path / MANIFEST).is_file() or all(is_data_file(p.name) or p.name.startswith(".") for p in path.iterdir())
 
 
 class ShardWriter:
