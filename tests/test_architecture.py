@@ -25,6 +25,7 @@ RANK = {
     "train": 6,
     "serve": 6,
     "course": 7,
+    "evaluate": 7,  # uses model, tokenizer, data and generate; never train
     "cli": 8,
     "__main__": 9,
     "__init__": 9,
@@ -92,7 +93,17 @@ def test_cli_lists_exactly_the_pipeline_verbs(capsys):
 
     parser = build_parser()
     (verbs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert list(verbs.choices) == ["model", "tokenizer", "data", "train", "generate", "attention", "doctor"]
+    assert list(verbs.choices) == [
+        "model",
+        "tokenizer",
+        "data",
+        "train",
+        "generate",
+        "eval",
+        "serve",
+        "attention",
+        "doctor",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0

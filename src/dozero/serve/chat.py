@@ -1,0 +1,38 @@
+"""Chat messages -> the prompt text a model continues, and the strings that end its answer.
+
+If the tokenizer carries a chat template (a GGUF or Hugging Face model does), it is used, rendered
+with Jinja in a sandbox as transformers does. Otherwise ChatML, the format of OpenAI's and
+SmolLM2's chat models:
+
+    <|im_start|>system
+    You are helpful.<|im_end|>
+    <|im_start|>user
+    Hi!<|im_end|>
+    <|im_start|>assistant
+
+Kept in this one function so the chat templates of fine-tuning can replace it later.
+"""
+
+from __future__ import annotations
+
+from dozero.errors import DozeroError
+
+CHATML_END = "<|im_end|>"
+
+
+def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> tuple[str, tuple[str, ...]]:
+    """(prompt text ending where the assistant's answer starts, stop strings that end the answer)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}{CHATML_END}\n" for m in messages)
+        return text + "<|im_start|>assistant\n", (CHATML_END,)
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise DozeroError("this tokenizer has a chat template, which needs Jinja: pip install jinja2") from None
+    specials = {v: k for k, v in tokenizer.special_tokens.items()}
+    eos = specials.get(tokenizer.eot_id, "")
+    bos = specials.get(getattr(tokenizer, "bos_id", None), "")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    text = env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    return text, (CHATML_END,) if CHATML_END in template else ()

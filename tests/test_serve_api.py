@@ -1,0 +1,142 @@
+"""`dozero serve`'s OpenAI API, driven by the official `openai` client against a real server on
+127.0.0.1: answers equal `dozero generate`'s, streams end as OpenAI's do, errors use its schema."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+import torch
+from tests.serve_helpers import ServerThread, small_model, wait_until_idle
+
+from dozero.generate import generate
+from dozero.serve.app import create_app
+from dozero.serve.chat import chat_prompt
+from dozero.serve.config import ServeConfig
+from dozero.serve.engine import Engine
+from dozero.tokenizer import load_tokenizer
+
+KEY = "sk-test-key"
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def served():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer("gpt2")
+    model = small_model()
+    engine = Engine(model, tokenizer, ServeConfig(api_key=KEY, kv_cache_mb=4, max_tokens=64, max_body_kb=16))
+    server = ServerThread(create_app(engine, NAME))
+    yield server, engine, model, tokenizer
+    server.stop()
+    engine.close()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def client(served):
+    server, engine, *_ = served
+    yield openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    wait_until_idle(engine)  # after every test: all KV blocks back in the pool
+
+
+def test_models_list(client):
+    assert [m.id for m in client.models.list()] == [NAME]
+
+
+def test_completion_equals_dozero_generate(client, served):
+    _, _, model, tokenizer = served
+    expected = generate(model, tokenizer, "The meaning of life is", temperature=0, max_new_tokens=12)
+    out = client.completions.create(model=NAME, prompt="The meaning of life is", max_tokens=12, temperature=0)
+    assert out.choices[0].text == expected
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (5, 12)
+    # Seeded sampling: n choices use seeds seed, seed + 1.
+    out = client.completions.create(model=NAME, prompt="Hi", max_tokens=8, temperature=1.0, seed=7, n=2)
+    for j, choice in enumerate(out.choices):
+        expected = generate(model, tokenizer, "Hi", temperature=1.0, top_k=None, seed=7 + j, max_new_tokens=8)
+        assert choice.text == expected
+
+
+def test_chat_with_and_without_stream(client, served):
+    _, _, model, tokenizer = served
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    text, stops = chat_prompt(tokenizer, messages)
+    assert text.endswith("<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n")
+    expected = generate(model, tokenizer, text, temperature=0, max_new_tokens=20, stop=stops)
+    out = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == expected
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME, messages=messages, max_tokens=20, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_raw_stream_is_server_sent_events_ending_with_done(served, client):
+    server = served[0]
+    body = {"model": NAME, "prompt": "Hi", "max_tokens": 5, "temperature": 0, "stream": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "text_completion"
+
+
+def test_wrong_or_missing_api_key_is_401(served, client):
+    bad = openai.OpenAI(base_url=served[0].url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    assert httpx.get(served[0].url + "/v1/models").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"prompt": "Hi", "temperature": 5}, 400, "temperature"),
+        ({"prompt": "Hi", "max_tokens": 65}, 400, "max_tokens"),
+        ({"prompt": "Hi " * 200}, 400, None),  # longer than the context
+        ({"prompt": "Hi " * 120}, 400, "max_tokens"),  # prompt + max_tokens past the context
+        ({"prompt": "Hi", "n": 9}, 400, "n"),
+        ({"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"prompt": "Hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+        ({"prompt": "Hi", "model": "gpt-4"}, 404, "model"),
+        ({"max_tokens": 3}, 400, "prompt"),
+    ],
+)
+def test_invalid_requests_get_openai_errors(served, client, body, status, param):
+    r = httpx.post(served[0].url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_malformed_and_huge_bodies(served, client):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(served[0].url + "/v1/chat/completions", content=b'{"messages": [', headers=headers)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(served[0].url + "/v1/completions", content=b"x" * 20_000, headers=headers)
+    assert r.status_code == 413
+    assert httpx.get(served[0].url + "/nowhere").json()["error"]["message"] == "Not Found"
+
+
+def test_health_and_metrics(served, client):
+    client.completions.create(model=NAME, prompt="Hi", max_tokens=3, temperature=0)
+    assert httpx.get(served[0].url + "/health").json() == {"status": "ok"}
+    text = httpx.get(served[0].url + "/metrics").text
+    assert 'dozero_requests_total{finish_reason="length"}' in text
+    assert "dozero_time_to_first_token_seconds_bucket" in text
+    assert "dozero_kv_cache_blocks_used 0" in text and "dozero_queue_length 0" in text
