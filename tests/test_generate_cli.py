@@ -151,3 +151,19 @@ def test_cli_streams_into_a_pipe_before_it_ends(saved):
         proc.stdout.close()
     assert received.startswith(b"All:") and len(received) > len("All:") + 5, received
     assert still_running  # a million tokens take many minutes: the text came while it ran
+
+
+def test_cli_into_a_pipe_closed_early(saved):
+    """`dozero generate ... | head -c 10`: the reader leaves; dozero ends quietly (no BrokenPipeError
+    traceback), with the status a shell gives a process ended by SIGPIPE."""
+    folder, *_ = saved
+    command = [sys.executable, "-m", "dozero", "generate", "--model", str(folder), "All:", "--seed", "1",
+               "--max-new-tokens", "1000000"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.read(10).startswith(b"All:")
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
