@@ -50,8 +50,8 @@ class CharTokenizer(Tokenizer):
             pos = next(i for i, c in enumerate(text) if c not in stoi)
             raise DozeroError(
                 f"character {text[pos]!r} at position {pos} is not in this character vocabulary "
-                f"({self.vocab_size} characters, built from the training text); use only characters seen in training "
-                "or a BPE tokenizer (--tokenizer gpt2)"
+                f"({self.vocab_size} characters, built from the training text); use only characters seen in training, "
+                "or train with a BPE tokenizer (dozero train --tokenizer gpt2), which reads any text"
             ) from None
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
