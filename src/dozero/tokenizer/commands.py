@@ -56,7 +56,8 @@ EXPORT_EPILOG = """\
 examples:
   dozero tokenizer export tok/ out/ --format hf        out/tokenizer.json: PreTrainedTokenizerFast(tokenizer_file=...)
   dozero tokenizer export gpt2 out/ --format gpt2      out/vocab.json + merges.txt (= OpenAI's encoder.json, vocab.bpe)
-  dozero tokenizer export tok/ out/ --format tiktoken  out/tokenizer.tiktoken: tiktoken.load.load_tiktoken_bpe(...)"""
+  dozero tokenizer export tok/ out/ --format tiktoken  out/tokenizer.tiktoken + tiktoken_config.json (pattern, specials)
+  dozero tokenizer export runs/shakespeare/best out/           a character tokenizer: one token per character"""
 
 
 def register(subparsers) -> None:
@@ -142,7 +143,7 @@ def _encode(tok, data: bytes, special: str) -> list[int]:
 # What a tokenizer folder may hold: dozero's files and the exported formats (`--export`, `tokenizer export`).
 TOKENIZER_FOLDER_FILES = ("dozero_tokenizer.json", "dozero_tokenizer.tiktoken", "tokenizer.json",
                           "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                          "tokenizer.tiktoken")  # fmt: skip
+                          "tokenizer.tiktoken", "tiktoken_config.json")  # fmt: skip
 
 
 def is_tokenizer_folder(path: Path) -> bool:
