@@ -54,6 +54,8 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
+    "tokenizer.tiktoken",
+    "tiktoken_config.json",
 )
 
 
@@ -105,7 +107,15 @@ def register(subparsers) -> None:
     )
     convert.add_argument("src", metavar="SRC", help="model folder to read")
     convert.add_argument("dst", metavar="DST", help="folder to write (created if needed)")
-    convert.add_argument("--to", required=True, choices=("hf", "dozero"), help="format to write")
+    convert.add_argument(
+        "--to", required=True, choices=("hf", "dozero", "gguf"), help="format to write (gguf: DST is a file)"
+    )
+    convert.add_argument(  # the types are dozero.model.gguf.EXPORT_TYPES (not imported here: it needs torch)
+        "--type",
+        default="f16",
+        metavar="TYPE",
+        help="GGUF only: how matrices are stored, f32, f16, bf16, q8_0, q4_0 or q4_1 (vectors stay f32; default: f16)",
+    )
     convert.add_argument(
         "--force", action="store_true", help="overwrite a model in DST, or write into a folder holding other files"
     )
@@ -214,6 +224,8 @@ def run_convert(args) -> int:
     dst = Path(args.dst).expanduser()
     if dst.resolve() == src.resolve():
         raise DozeroError(f"SRC and DST are the same folder ({src}); choose another DST")
+    if args.to == "gguf":
+        return _convert_to_gguf(src, dst, args)
     if (dst / CONFIG_FILE).exists() and not args.force:
         raise DozeroError(f"{dst} already holds a model; pass --force to overwrite it")
     check_output_folder(dst, "model folder", lambda folder: (folder / CONFIG_FILE).exists(), args.force)
@@ -225,7 +237,9 @@ def run_convert(args) -> int:
     copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
     for f in copied:
         shutil.copyfile(src / f, dst / f)
-    if args.to == "hf" and tok is not None:
+    if src.is_file():  # a GGUF file: save_model wrote its tokenizer as tokenizer.gguf (chat template included)
+        copied.append("tokenizer.gguf")
+    elif args.to == "hf" and tok is not None:
         copied += _export_hf_tokenizer(tok, dst, copied, model.cfg.context_length)
     print(f"wrote {dst} ({'Hugging Face GPT-2' if args.to == 'hf' else 'dozero'} format, "
           f"{model.num_parameters():,} parameters)")  # fmt: skip
@@ -237,6 +251,8 @@ def _source_tokenizer(src: Path, model_vocab_size: int):
     """SRC's tokenizer, or None when it has none or one dozero cannot read (its files are still copied)."""
     from dozero.tokenizer import has_tokenizer, load_tokenizer
 
+    if src.is_file():  # a GGUF file: the tokenizer in its metadata (saved as a vocabulary-only tokenizer.gguf)
+        return load_tokenizer(src)
     if not has_tokenizer(src):
         return None
     try:
@@ -246,6 +262,26 @@ def _source_tokenizer(src: Path, model_vocab_size: int):
         return None
     tok.check_fits_model(model_vocab_size, f"the model in {src}")
     return tok
+
+
+def _convert_to_gguf(src: Path, dst: Path, args) -> int:
+    """One GGUF file (llama.cpp runs it) from a model and its tokenizer; GPT-2 or Llama shapes."""
+    from dozero.model.checkpoint import load_model
+    from dozero.model.gguf import EXPORT_TYPES, save_gguf
+
+    if args.type not in EXPORT_TYPES:
+        raise DozeroError(f"--type {args.type} unknown; choose one of {', '.join(EXPORT_TYPES)}")
+    if dst.suffix.lower() != ".gguf":
+        raise DozeroError(f"--to gguf writes one file: give DST a .gguf name (got '{dst}')")
+    if dst.exists() and not args.force:
+        raise DozeroError(f"{dst} exists; pass --force to overwrite it")
+    model = load_model(src)
+    tok = _source_tokenizer(src, model.cfg.vocab_size)
+    if tok is None:
+        raise DozeroError(f"{src} holds no tokenizer dozero reads; a GGUF file carries one (llama.cpp needs it)")
+    save_gguf(model, dst, tok, args.type)
+    print(f"wrote {dst} (GGUF, {args.type}, {model.num_parameters():,} parameters, tokenizer included)")
+    return 0
 
 
 def _export_hf_tokenizer(tok, dst: Path, copied: list[str], context_length: int) -> list[str]:
