@@ -25,6 +25,7 @@ RANK = {
     "train": 6,
     "serve": 6,
     "course": 7,
+    "evaluate": 7,  # uses model, tokenizer, data and generate; never train
     "cli": 8,
     "__main__": 9,
     "__init__": 9,
@@ -98,6 +99,7 @@ def test_cli_lists_exactly_the_pipeline_verbs(capsys):
         "data",
         "train",
         "generate",
+        "eval",
         "serve",
         "attention",
         "doctor",

@@ -28,6 +28,7 @@ VERBS = [
     "dozero.data.commands",
     "dozero.train.commands",
     "dozero.generate.commands",
+    "dozero.evaluate.commands",
     "dozero.serve.commands",
     "dozero.course.commands",
 ]

@@ -1,0 +1,143 @@
+"""Run tasks over a model and collect a report card (a JSON-ready dict).
+
+    from dozero.evaluate.harness import EvalConfig, evaluate_model
+    report = evaluate_model(model, tokenizer, EvalConfig(tasks="hellaswag,arc_easy", limit=100))
+
+Each multiple-choice task: examples -> prompts (tasks.py) -> (context, continuation) token pairs
+(scoring.encode_pair) -> log-likelihoods (scoring.score_requests) -> acc / acc_norm (metrics.py).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+from dozero.errors import DozeroError
+from dozero.evaluate import metrics
+from dozero.evaluate.scoring import encode_pair, score_requests
+from dozero.evaluate.tasks import ChoiceTask, Example, build_prompts, get_task, load_examples, pick_shots
+
+
+@dataclass
+class EvalConfig:
+    tasks: str = "hellaswag"
+    """Comma-separated task names (hellaswag, arc_easy, arc_challenge, piqa, winogrande, boolq, openbookqa,
+    sciq, mmlu, mmlu_<subject>, gsm8k, humaneval) or .jsonl files of your own."""
+    limit: int | None = None
+    """Score only the first N examples of each task (MMLU: of each subject); default all."""
+    shots: int = 0
+    """Solved examples put before each question (few-shot)."""
+    seed: int = 1234
+    """Seed of the few-shot draw (lm-eval's default, 1234)."""
+    batch_tokens: int = 2048
+    """Padded tokens per forward pass: memory is about batch_tokens x vocab_size x 4 bytes of logits."""
+    chat: bool = False
+    """Wrap each question in the model's chat template (ChatML when the tokenizer has none)."""
+    samples: bool = True
+    """Keep every example's prompt, scores and prediction in the JSON report."""
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise DozeroError(f"--limit must be >= 1, got {self.limit}")
+        if self.shots < 0:
+            raise DozeroError(f"--shots must be >= 0, got {self.shots}")
+        if self.batch_tokens < 1:
+            raise DozeroError(f"--batch-tokens must be >= 1, got {self.batch_tokens}")
+
+
+def resolve_task(name: str):
+    if name.endswith(".jsonl"):
+        from dozero.evaluate.usertasks import load_user_task
+
+        return load_user_task(name)
+    return get_task(name)
+
+
+def task_list(spec: str) -> list:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise DozeroError("--tasks is empty: give task names separated by commas, e.g. hellaswag,arc_easy")
+    return [resolve_task(n) for n in names]
+
+
+def evaluate_choices(model, tokenizer, task, examples, config: EvalConfig, first_n: bool) -> dict:
+    """Score multiple-choice `examples` [(Example, few-shot pool)] and summarize them."""
+    from dozero.evaluate.chat import wrap_chat
+
+    rng = random.Random(config.seed)
+    requests, spans, prompts = [], [], []
+    for ex, pool in examples:
+        pairs = build_prompts(ex, pick_shots(pool, config.shots, rng, first_n))
+        if config.chat:
+            pairs = wrap_chat(tokenizer, pairs)
+        spans.append((len(requests), len(pairs)))
+        prompts.append(pairs)
+        requests += [encode_pair(tokenizer, c, x) for c, x in pairs]
+    start = time.perf_counter()
+    scores = score_requests(model, requests, config.batch_tokens, progress=task.name)
+    seconds = time.perf_counter() - start
+    per_metric: dict[str, list[float]] = {m: [] for m in task.metrics}
+    samples = []
+    for (ex, _), (first, n), pairs in zip(examples, spans, prompts, strict=True):
+        lls = scores.logprobs[first : first + n]
+        got = metrics.choice_metrics(lls, ex.gold, ex.choices)
+        for m in task.metrics:
+            per_metric[m].append(got[m])
+        if config.samples:
+            samples.append({"context": pairs[0][0], "choices": ex.choices, "gold": ex.gold, "logprobs": lls, **got})
+    return summarize(task, per_metric, examples, scores.truncated, seconds, samples)
+
+
+def summarize(task, per_metric: dict[str, list[float]], examples, truncated: int, seconds: float, samples) -> dict:
+    n = len(examples)
+    chance = (
+        metrics.mean([1 / len(ex.choices) for ex, _ in examples])
+        if examples and isinstance(examples[0][0], Example)
+        else 0.0
+    )
+    return {
+        "task": task.name,
+        "reproduces": getattr(task, "reproduces", None),
+        "n": n,
+        "metrics": {
+            m: {"score": metrics.mean(v), "stderr": metrics.mean_stderr(v), "higher_is_better": True}
+            for m, v in per_metric.items()
+        },
+        "random": {m: chance for m in per_metric},
+        "truncated": truncated,
+        "seconds": seconds,
+        "items_per_second": n / seconds if seconds > 0 else None,
+        "samples": samples,
+    }
+
+
+def evaluate_task(model, tokenizer, task, config: EvalConfig) -> dict:
+    if isinstance(task, ChoiceTask):
+        examples = load_examples(task, config.limit)
+        return evaluate_choices(model, tokenizer, task, examples, config, first_n=task.fewshot_split is not None)
+    return task.evaluate(model, tokenizer, config)
+
+
+def evaluate_model(model, tokenizer, config: EvalConfig, text: str | None = None, max_text_tokens=None) -> dict:
+    """The report card: one entry per task (and one for `text`'s perplexity)."""
+    import datetime
+
+    from dozero import __version__
+
+    tasks = task_list(config.tasks) if config.tasks else []
+    results = []
+    if text is not None:
+        from dozero.evaluate.perplexity import evaluate_text
+
+        results.append(evaluate_text(model, tokenizer, text, max_text_tokens))
+    for task in tasks:
+        results.append(evaluate_task(model, tokenizer, task, config))
+    return {
+        "format": "dozero-eval",
+        "format_version": 1,
+        "dozero_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {k: getattr(config, k) for k in ("tasks", "limit", "shots", "seed", "chat")},
+        "results": results,
+    }
