@@ -19,7 +19,8 @@ from dozero.generate.config import GenerationConfig
 
 DESCRIPTION = """\
 Continue PROMPT with a trained model: a training run folder (its best/ or latest/ model), a dozero
-model folder, or a Hugging Face GPT-2 folder (config.json + model.safetensors).
+model folder, or a Hugging Face GPT-2 folder (config.json + model.safetensors). The tokenizer is the
+folder's own; --tokenizer names one for a folder without (weights only), and must fit the model.
 
 Each new token is drawn from the model's probabilities for the next position: --temperature
 reshapes them (0 = always the most likely token), --top-k / --top-p / --min-p cut off the unlikely
