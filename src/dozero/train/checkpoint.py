@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from dozero import runtime
 from dozero.config import ModelConfig
 from dozero.errors import DozeroError
 from dozero.files import write_json
@@ -279,6 +281,37 @@ def set_aside_later_checkpoints(run_dir: Path, step: int) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def restore(resume, run_dir: Path, model: torch.nn.Module, optimizer, loader, scaler) -> dict:
+    """Load the checkpoint that `resume` names into a fresh model, optimizer, loader, grad scaler and
+    the RNGs; return its trainer state. Notes (a fallback, set-aside checkpoints) go to stderr."""
+    from dozero.model.checkpoint import load_model
+
+    folder, note = find_resume_point(resume)
+    saved = load_model(folder)
+    if saved.cfg != model.cfg:
+        changed = [k for k, v in saved.cfg.to_dict().items() if getattr(model.cfg, k) != v]
+        raise DozeroError(
+            f"{folder} holds another model shape than {run_dir / RUN_CONFIG_FILE} ({', '.join(changed)} differ); "
+            "the run folder mixes two runs"
+        )
+    model.load_state_dict(saved.state_dict())
+    state = load_trainer_state(folder, optimizer)
+    check_finite(folder, model, optimizer)
+    loader.load_state_dict(state["loader"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    runtime.set_rng_state(state["rng"])
+    if runtime.is_main():  # on stderr even when quiet: they say which checkpoint this run continues
+        moved = set_aside_later_checkpoints(run_dir, state["step"])
+        if note:
+            print(note, file=sys.stderr)
+        if moved:
+            names = ", ".join(p.name for p in moved)
+            print(f"resuming from step {state['step']}: later checkpoints renamed {names}", file=sys.stderr)
+    runtime.barrier()
+    return state
 
 
 def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:

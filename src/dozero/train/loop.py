@@ -127,7 +127,9 @@ def _setup(cfg: TrainConfig, overrides: dict, resume, device: torch.device, quie
     loader_device = device if device.type != "cpu" else None
     loader = RandomWindowLoader(corpus.train, cfg.micro_batch_size, T, cfg.seed, runtime.rank(), world, loader_device)
     result = TrainResult(run_dir=run_dir, step=0)
-    notes = _restore(resume, run_dir, raw_model, optimizer, loader, scaler, result) if resume else []
+    if resume:
+        state = ckpt.restore(resume, run_dir, raw_model, optimizer, loader, scaler)
+        result.step, result.best_val_loss = state["step"], state.get("best_val_loss")
     if result.step >= cfg.max_steps:
         raise DozeroError(
             f"{run_dir} already ran {result.step} of {cfg.max_steps} steps; give a larger --max-steps to go on"
@@ -159,8 +161,6 @@ def _setup(cfg: TrainConfig, overrides: dict, resume, device: torch.device, quie
         result,
         step=result.step,
     )
-    for note in notes:  # on stderr even when quiet: they say which checkpoint this run continues
-        print(note, file=sys.stderr)
     observer.write(
         f"training {raw_model.num_parameters():,} parameters on {runtime.describe_hardware(device)}, "
         f"{tokens_per_step:,} tokens/step ({cfg.micro_batch_size} x {T} x {world} processes x {accum} "
@@ -196,38 +196,6 @@ def _accumulation(cfg: TrainConfig, T: int) -> tuple[int, int]:
             )
         accum = cfg.global_batch_tokens // tokens_per_micro_step
     return accum, accum * tokens_per_micro_step
-
-
-def _restore(resume, run_dir: Path, model, optimizer, loader, scaler, result: TrainResult) -> list[str]:
-    """Load the checkpoint `resume` names into the fresh objects; return lines to show."""
-    from dozero.model.checkpoint import load_model
-
-    folder, note = ckpt.find_resume_point(resume)
-    saved = load_model(folder)
-    if saved.cfg != model.cfg:
-        changed = [
-            f.name for f in dataclasses.fields(ModelConfig) if getattr(saved.cfg, f.name) != getattr(model.cfg, f.name)
-        ]
-        raise DozeroError(
-            f"{folder} holds another model shape than {run_dir / ckpt.RUN_CONFIG_FILE} ({', '.join(changed)} differ); "
-            "the run folder mixes two runs"
-        )
-    model.load_state_dict(saved.state_dict())
-    state = ckpt.load_trainer_state(folder, optimizer)
-    ckpt.check_finite(folder, model, optimizer)
-    result.step, result.best_val_loss = state["step"], state.get("best_val_loss")
-    loader.load_state_dict(state["loader"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    runtime.set_rng_state(state["rng"])
-    notes = [note] if note else []
-    if runtime.is_main():
-        moved = ckpt.set_aside_later_checkpoints(run_dir, result.step)
-        if moved:
-            notes.append(
-                f"resuming from step {result.step}: later checkpoints renamed {', '.join(p.name for p in moved)}"
-            )
-    return notes
 
 
 def _warn_if_too_big(run: Run) -> None:
