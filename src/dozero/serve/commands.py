@@ -48,6 +48,23 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_serve)
 
 
+def graceful_server_class():
+    import signal
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises a caught SIGTERM once it has shut down, so the process dies of the signal;
+        a server that stopped as asked should exit 0 (what supervisors and `docker stop` expect)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+    return GracefulServer
+
+
 def run_serve(args) -> int:
     import torch
     import uvicorn
@@ -73,7 +90,8 @@ def run_serve(args) -> int:
     if folder.name in ("best", "latest"):  # a run's checkpoint: the run's name
         name = args.model_name or folder.parent.name
     app = create_app(engine, name)
-    server = uvicorn.Server(
+    GracefulServer = graceful_server_class()
+    server = GracefulServer(
         uvicorn.Config(
             app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=config.grace_seconds
         )
