@@ -269,9 +269,9 @@ def _flush(run: Run) -> None:
     records = []
     for (s, _, lr, applied), value in zip(run.pending, values, strict=True):
         finite = math.isfinite(value)
-        records.append(
-            {"step": s, "loss": value if finite else None, "lr": lr, **({} if applied else {"skipped": True})}
-        )
+        records.append({"step": s, "loss": value if finite else None, "lr": lr})
+        if not applied:
+            records[-1]["skipped"] = True
         if finite:
             run.result.losses[s] = value
         elif run.cfg.on_nan == "stop":
