@@ -60,8 +60,8 @@ def register(subparsers) -> None:
         default=None,
         help="continue a run exactly: a run folder (from its latest/ checkpoint) or one of its checkpoints, "
         "e.g. RUN/checkpoints/step_000500 to go on from an older step (later checkpoints are renamed "
-        "abandoned_step_*). Checkpoints are verified (sha256); a damaged latest/ is replaced by its intact "
-        "copy in checkpoints/ if there is one, else the error lists the older checkpoints",
+        "abandoned_step_*). Checkpoints are verified (sha256); if latest/ is damaged, its intact copy in "
+        "checkpoints/ is used when there is one, else the error lists the older checkpoints",
     )
     add_dataclass_args(p, TrainConfig, group_title="training (defaults: the shakespeare-char preset)")
     add_dataclass_args(
