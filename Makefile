@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench bench-train clean
+.PHONY: setup demo test lint bench bench-train clean chromium
 
 $(BIN)/dozero: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,13 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-test: setup lint
+# The web chat test drives the system Chromium (Playwright's own download does not work offline);
+# installed from Debian when missing and apt-get is there (CI runs as root).
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then \
+		apt-get update && apt-get install -y chromium; fi
+
+test: setup lint chromium
 	$(BIN)/python -m pytest -q --timeout=600
 
 bench: setup

@@ -124,7 +124,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
 def encode(engine: Engine, text: str) -> list[int]:
     tok, ctx = engine.tokenizer, engine.model.cfg.context_length
-    ids = tok.encode(text, special="allow") if text else ([tok.eot_id] if tok.eot_id is not None else [])
+    try:
+        ids = tok.encode(text, special="allow") if text else ([tok.eot_id] if tok.eot_id is not None else [])
+    except DozeroError as e:  # e.g. a character the model's vocabulary does not have
+        raise ApiError(400, str(e), param="prompt") from None
     if not ids:
         raise ApiError(400, "the prompt is empty and this tokenizer has no end-of-text token to start from")
     if len(ids) >= ctx:
