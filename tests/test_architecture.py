@@ -26,6 +26,7 @@ RANK = {
     "serve": 6,
     "course": 7,
     "evaluate": 7,  # uses model, tokenizer, data and generate; never train
+    "compress": 7,  # uses model, tokenizer, generate; distill reuses train's machinery
     "cli": 8,
     "__main__": 9,
     "__init__": 9,
@@ -100,6 +101,7 @@ def test_cli_lists_exactly_the_pipeline_verbs(capsys):
         "train",
         "generate",
         "eval",
+        "compress",
         "serve",
         "attention",
         "doctor",

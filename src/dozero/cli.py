@@ -29,6 +29,7 @@ VERBS = [
     "dozero.train.commands",
     "dozero.generate.commands",
     "dozero.evaluate.commands",
+    "dozero.compress.commands",
     "dozero.serve.commands",
     "dozero.course.commands",
 ]

@@ -29,6 +29,7 @@ from dozero.config import ModelConfig
 from dozero.errors import DozeroError
 from dozero.files import atomic_path, write_json
 from dozero.model.gpt import GPTModel
+from dozero.model.quantized import QUANT_KEY, quantized_model_from_state_dict
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -180,6 +181,8 @@ def load_model(path: str | Path, device=None, dtype=None) -> GPTModel:
     if raw.get("format") == FORMAT:
         where = str(folder / WEIGHTS_FILE)
         state = read_safetensors(folder / WEIGHTS_FILE)
+        if QUANT_KEY in raw:  # int8/int4 weights and their scales (`dozero compress quantize`)
+            return quantized_model_from_state_dict(cfg, state, raw[QUANT_KEY], where).to(device=device, dtype=dtype)
     else:
         where = str(folder)
         state = hf.state_dict_from_hf(hf.read_hf_weights(folder), cfg, where)  # may untie cfg's head

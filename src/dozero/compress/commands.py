@@ -1,0 +1,85 @@
+"""`dozero compress METHOD`: make a finished model cheaper to run, each method a sub-verb (STYLE.md rule 4:
+a stage with several methods takes the method as a sub-verb, as `dozero data prepare`).
+
+    dozero compress quantize --model smollm2-135m-instruct --to int8 --out out/smol-int8
+    dozero compress quantize --model runs/shakespeare-char --to int4 --group-size 32 --out out/char-int4
+    dozero generate --model out/smol-int8 "The capital of France is"     (every loader reads the folder)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dozero.cli_args import add_dataclass_args, apply_args
+from dozero.compress.quantize import QuantizeConfig
+from dozero.errors import DozeroError
+
+QUANTIZE_EPILOG = """\
+examples:
+  dozero compress quantize --model smollm2-135m-instruct --to int8 --out out/smol-int8
+  dozero compress quantize --model runs/shakespeare-char --to int4 --group-size 32 --out out/char-int4
+  dozero compress quantize --model gpt2-folder --to int8 --no-head --out out/gpt2-int8   (keep the head fp32)
+
+int8 keeps one scale per row (per output channel) unless --group-size is given; int4 keeps one scale
+per --group-size inputs (default 32, llama.cpp's Q4_0 block). With --group-size 32 the numbers are
+GGUF's Q8_0 / Q4_0, value for value. The folder loads wherever a model does (generate, eval, serve)."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compress",
+        help="quantize (int8/int4) a finished model",
+        description="Make a finished model smaller and faster. `dozero compress METHOD --help` for each.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + __doc__.split("\n\n")[1],
+    )
+    p.set_defaults(verb_parser=p)
+    sub = p.add_subparsers(metavar="METHOD")
+    q = sub.add_parser(
+        "quantize",
+        help="weights to int8 or int4 (with their scales), saved as safetensors",
+        description="Store the weights of every linear layer (and the tied embedding/head) as 8- or 4-bit "
+        "integers with float16 scales. Activations stay in floating point.",
+        epilog=QUANTIZE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument("--model", required=True, metavar="MODEL", help="model folder, run folder, GGUF file or short name")
+    q.add_argument("--to", required=True, choices=("int8", "int4"), help="integer width of the stored weights")
+    q.add_argument("--out", required=True, metavar="DIR", help="folder to write (a dozero model folder)")
+    q.add_argument("--force", action="store_true", help="overwrite a model in DIR, or write into a foreign folder")
+    add_dataclass_args(q, QuantizeConfig, skip=("bits",))
+    q.set_defaults(func=run_quantize)
+
+
+def prepare_out(out: str, src: Path, force: bool) -> Path:
+    """The output folder, refused before any work when it would clobber something."""
+    from dozero.files import check_output_folder
+    from dozero.model.checkpoint import CONFIG_FILE
+
+    dst = Path(out).expanduser()
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise DozeroError(f"--out is the model's own folder ({src}); choose another folder")
+    if (dst / CONFIG_FILE).exists() and not force:
+        raise DozeroError(f"{dst} already holds a model; pass --force to overwrite it")
+    check_output_folder(dst, "model folder", lambda folder: (folder / CONFIG_FILE).exists(), force)
+    return dst
+
+
+def run_quantize(args) -> int:
+    from dozero.compress.quantize import quantize, save_quantized, weight_bytes
+    from dozero.model.checkpoint import load_model, resolve_model_dir
+    from dozero.tokenizer import load_tokenizer
+
+    config = apply_args(QuantizeConfig(bits=8 if args.to == "int8" else 4), args)
+    src = resolve_model_dir(args.model)
+    dst = prepare_out(args.out, src, args.force)
+    tokenizer = load_tokenizer(src)
+    model = load_model(src)
+    before = weight_bytes(model)
+    quantize(model, config)
+    save_quantized(model, dst, tokenizer, metadata={"quantized_from": str(args.model)})
+    after = weight_bytes(model)
+    print(f"{args.to}: weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({before / after:.1f}x smaller)")
+    print(f"wrote {dst}")
+    return 0

@@ -1,0 +1,175 @@
+"""Weight-only int8/int4 quantization (compress/quantize.py, model/quantized.py): error bounds, llama.cpp's
+Q8_0 / Q4_0 numbers (the `gguf` package), kernel = reference, save/load, the CLI, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from dozero.cli import main
+from dozero.compress.quantize import QuantizeConfig, dequantize_model, quantize, quantize_weight, save_quantized
+from dozero.config import get_model_config
+from dozero.errors import DozeroError
+from dozero.model.checkpoint import load_model, save_model
+from dozero.model.gpt import GPTModel
+from dozero.model.quantized import QuantizedEmbedding, QuantizedLinear, dequantize, unpack_int4
+
+FP16_EPS = 2.0**-11  # relative rounding of a float16 scale
+
+
+def _weight(rows=48, cols=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w[3] = 0.0  # an all-zero row: scale 0, no division by zero
+    w[5, 7] = 0.5  # an outlier
+    return w
+
+
+def _tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPTModel(get_model_config("shakespeare-char", **overrides)).eval()
+
+
+def _reference(model):
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.kernel = "reference"
+    return model
+
+
+def test_int8_per_channel_error_is_at_most_half_a_step():
+    w = _weight()
+    q, scales = quantize_weight(w, 8, w.shape[1])
+    assert q.dtype == torch.int8 and scales.shape == (48, 1) and scales.dtype == torch.float16
+    assert q.abs().max() == 127  # the largest value of each non-zero row uses the whole range
+    d = scales.float()
+    err = (dequantize(q, scales, 8) - w).abs()
+    # q is rounded with the fp32 step d, then d is kept as float16: |w - q d16| <= d/2 + 127 |d - d16|.
+    assert (err <= d * (0.5 + 127 * FP16_EPS) + 1e-9).all()
+    assert torch.equal(dequantize(q, scales, 8)[3], torch.zeros(256))
+    assert err.max() > 0.3 * d.max()  # not trivially exact
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_groupwise_error_bound(group):
+    w = _weight()
+    packed, scales = quantize_weight(w, 4, group)
+    assert packed.dtype == torch.uint8 and packed.shape == (48, 128) and scales.shape == (48, 256 // group)
+    q = unpack_int4(packed)
+    assert q.min() >= -8 and q.max() <= 7
+    d = scales.float().abs().repeat_interleave(group, dim=1)  # each element's own group step
+    err = (dequantize(packed, scales, 4) - w).abs()
+    # Q4_0's rule: within half a step, except values of the sign opposite to the group's extreme above
+    # 7 steps, which clip to 7 (error up to one step).
+    clipped = q == 7
+    assert (err[~clipped] <= d[~clipped] * (0.5 + 8 * FP16_EPS) + 1e-9).all()
+    assert (err <= d * (1 + 8 * FP16_EPS) + 1e-9).all()
+    extreme = w.abs().view(48, -1, group).argmax(-1)  # the extreme of each group lands on -8 exactly
+    assert (q.view(48, -1, group).gather(-1, extreme[..., None]) == -8)[torch.arange(48) != 3].all()
+
+
+@pytest.mark.parametrize("bits,kind", [(8, "Q8_0"), (4, "Q4_0")])
+def test_group_32_is_llama_cpp_q8_0_and_q4_0(bits, kind):
+    """The same weights quantized by dozero and by the gguf package dequantize to the same values."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+    from gguf.quants import quantize as gguf_quantize
+
+    w = _weight(seed=1)
+    w[7, :32] = torch.linspace(-1, 1, 32) * 0.05  # ties at .5 steps: roundf's halves away from zero
+    q, scales = quantize_weight(w, bits, 32)
+    ours = dequantize(q, scales, bits).numpy()
+    kind = GGMLQuantizationType[kind]
+    theirs = gguf_dequantize(gguf_quantize(w.numpy(), kind), kind)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_quantize_swaps_modules_and_ties_the_head():
+    model = quantize(_tiny(), QuantizeConfig(bits=8))
+    assert isinstance(model.tok_emb, QuantizedEmbedding) and isinstance(model.out_head, QuantizedLinear)
+    assert model.out_head.weight_q is model.tok_emb.weight_q  # one table serves both
+    assert all(
+        isinstance(b.ff.fc, QuantizedLinear) and isinstance(b.att.qkv, QuantizedLinear) for b in model.trf_blocks
+    )
+    kept = quantize(_tiny(), QuantizeConfig(bits=8, head=False))
+    assert isinstance(kept.out_head, torch.nn.Linear) and kept.out_head.weight is kept.tok_emb.weight
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (8, 32), (4, 32), (4, 64)])
+def test_kernel_path_equals_reference_path(bits, group):
+    """FBGEMM rounds each input row to 7 bits per call; measured on this model's logits (max |logit|
+    ~1.5): 0.018-0.028 apart, i.e. <= 1.9% of the largest logit. Bound: 4%."""
+    x = torch.randint(0, 65, (2, 24), generator=torch.Generator().manual_seed(2))
+    model = quantize(_tiny(), QuantizeConfig(bits=bits, group_size=group))
+    with torch.no_grad():
+        fast = model(x)
+        slow = _reference(model)(x)
+    assert (fast - slow).abs().max() <= 0.04 * slow.abs().max()
+    assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() > 0.9
+
+
+def test_reference_path_is_the_dequantized_float_model():
+    x = torch.randint(0, 65, (1, 16))
+    model = quantize(_tiny(), QuantizeConfig(bits=4, group_size=32))
+    with torch.no_grad():
+        torch.testing.assert_close(_reference(model)(x), dequantize_model(model)(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 64)])
+def test_save_load_equal(tmp_path, bits, group):
+    model = quantize(_tiny(qkv_bias=True, tie_weights=False), QuantizeConfig(bits=bits, group_size=group))
+    save_quantized(model, tmp_path / "q")
+    loaded = load_model(tmp_path / "q")
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    x = torch.randint(0, 65, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    tied = quantize(_tiny(), QuantizeConfig(bits=bits, group_size=group))
+    save_quantized(tied, tmp_path / "tied")
+    again = load_model(tmp_path / "tied")
+    assert again.out_head.weight_q is again.tok_emb.weight_q  # re-tied, stored once
+    with torch.no_grad():
+        assert torch.equal(again(x), tied(x))
+
+
+def test_quantizing_twice_is_refused():
+    model = quantize(_tiny())
+    with pytest.raises(DozeroError, match="already quantized"):
+        quantize(model)
+
+
+def test_group_size_that_does_not_divide_is_refused_before_anything_changes():
+    model = _tiny()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(DozeroError, match="group size 48 does not divide the width 128"):
+        quantize(model, QuantizeConfig(bits=4, group_size=48))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model.trf_blocks[0].att.qkv, torch.nn.Linear)
+
+
+def test_cli_quantize_then_generate(tmp_path, capsys):
+    from dozero.tokenizer.char import CharTokenizer
+
+    model = _tiny()
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'\n-&$3")
+    assert tok.vocab_size <= 65
+    save_model(model, tmp_path / "fp32", tokenizer=tok)
+    out = tmp_path / "int8"
+    assert main(["compress", "quantize", "--model", str(tmp_path / "fp32"), "--to", "int8", "--out", str(out)]) == 0
+    assert "x smaller" in capsys.readouterr().out
+    assert main(["generate", "--model", str(out), "ab", "--temperature", "0", "--max-new-tokens", "5"]) == 0
+    assert len(capsys.readouterr().out.strip()) >= 2
+    # Bad input through the CLI: one line, exit 2, the folder untouched.
+    args = ["compress", "quantize", "--model", str(out), "--to", "int4", "--out", str(tmp_path / "again")]
+    assert main(args) == 2
+    assert "already quantized" in capsys.readouterr().err
+    args = ["compress", "quantize", "--model", str(tmp_path / "fp32"), "--to", "int4", "--group-size", "48"]
+    assert main([*args, "--out", str(tmp_path / "g48")]) == 2
+    assert "does not divide" in capsys.readouterr().err
+    assert main(["compress", "quantize", "--model", str(tmp_path / "fp32"), "--to", "int8", "--out", str(out)]) == 2
+    assert "already holds a model" in capsys.readouterr().err
