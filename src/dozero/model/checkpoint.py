@@ -111,7 +111,12 @@ def verify_checksums(folder: Path, only: tuple[str, ...] | None = None) -> bool:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """The model folder behind `path`: the folder itself, or for a training run RUN/best, else RUN/latest."""
+    """The model folder behind `path`: the folder itself, or for a training run RUN/best, else RUN/latest.
+    A GGUF file (or a short name of one, e.g. smollm2-135m-instruct) is a model on its own: its path."""
+    from dozero.model import gguf
+
+    if gguf.is_gguf(path):
+        return gguf.resolve_gguf(path)
     folder = Path(path).expanduser()
     if not folder.exists():
         raise DozeroError(f"model folder '{path}' not found")
@@ -144,8 +149,13 @@ def model_config_from_dict(d, where: str) -> ModelConfig:
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    """Only the ModelConfig of a dozero or Hugging Face folder (no weights are read)."""
-    return _read_config(resolve_model_dir(path))[1]
+    """Only the ModelConfig of a dozero or Hugging Face folder or a GGUF file (no weights are read)."""
+    folder = resolve_model_dir(path)
+    if folder.is_file():  # a GGUF file
+        from dozero.model.gguf import gguf_model_config
+
+        return gguf_model_config(folder)
+    return _read_config(folder)[1]
 
 
 def _read_config(folder: Path) -> tuple[dict, ModelConfig]:
@@ -176,6 +186,10 @@ def load_model(path: str | Path, device=None, dtype=None) -> GPTModel:
     from dozero.model import hf
 
     folder = resolve_model_dir(path)
+    if folder.is_file():  # a GGUF file: llama.cpp's one-file format, read by way of Hugging Face's names
+        from dozero.model.gguf import load_gguf_model
+
+        return load_gguf_model(folder).to(device=device, dtype=dtype).eval()
     verify_checksums(folder, only=(CONFIG_FILE, WEIGHTS_FILE))  # a damaged file is an error, not NaN logits
     raw, cfg = _read_config(folder)
     if raw.get("format") == FORMAT:

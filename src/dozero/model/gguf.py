@@ -276,12 +276,24 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], G
 
 def load_gguf(path: str | os.PathLike):
     """(GPTModel in eval mode, GGUFTokenizer) from a GGUF file or a short name (KNOWN_FILES)."""
-    from dozero.model.hf import model_from_hf  # the Hugging Face import: config dict + state dict -> GPTModel
-
     path = resolve_gguf(path)
     config, state, header = read_gguf(path)
-    model = model_from_hf(config, state, where=str(path))
-    return model, tokenizer_from_gguf(header)
+    return model_from_hf_dicts(config, state, str(path)), tokenizer_from_gguf(header)
+
+
+def load_gguf_model(path: str | os.PathLike):
+    """The GPTModel of a GGUF file (`load_model` calls this for *.gguf)."""
+    path = resolve_gguf(path)
+    config, state, _ = read_gguf(path)
+    return model_from_hf_dicts(config, state, str(path))
+
+
+def gguf_model_config(path: str | os.PathLike):
+    """The ModelConfig of a GGUF file, from its header only (no tensor is read)."""
+    from dozero.model import hf
+
+    path = resolve_gguf(path)
+    return hf.config_from_hf(hf_config_from_gguf(read_gguf_header(path)), str(path))
 
 
 def resolve_gguf(spec: str | os.PathLike) -> Path:
@@ -302,7 +314,9 @@ def resolve_gguf(spec: str | os.PathLike) -> Path:
 
 
 def is_gguf(spec: str | os.PathLike) -> bool:
-    return str(spec) in KNOWN_FILES or (Path(spec).suffix.lower() == ".gguf" and Path(spec).is_file())
+    """A *.gguf file, or a short name of one (unless a folder of that name exists: paths come first)."""
+    path = Path(spec).expanduser()
+    return path.suffix.lower() == ".gguf" and path.is_file() or (str(spec) in KNOWN_FILES and not path.exists())
 
 
 def model_from_hf_dicts(config: dict, state: dict[str, torch.Tensor], where: str):
@@ -320,7 +334,10 @@ def model_from_hf_dicts(config: dict, state: dict[str, torch.Tensor], where: str
 def _hf_export(model) -> tuple[dict, dict[str, torch.Tensor]]:
     """dozero -> (transformers config dict, transformers state dict), by the Hugging Face export."""
     from dozero.model import hf
+    from dozero.model.quantized import dequantized_model, is_quantized
 
+    if is_quantized(model):  # int8/int4 weights: their values; int8 with groups of 32 re-exports as Q8_0 exactly
+        model = dequantized_model(model)
     cfg = model.cfg
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     return hf.config_to_hf(cfg), hf.state_dict_to_hf(state, cfg)
