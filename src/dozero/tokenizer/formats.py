@@ -241,7 +241,13 @@ def _read_dozero(path: Path) -> Tokenizer:
 # ----- finding tokenizer files -----
 
 # What a folder may hold, in the order they are tried.
-_FOLDER_FILES = [(TOKENIZER_FILE,), ("tokenizer.json",), ("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]
+_FOLDER_FILES = [
+    (TOKENIZER_FILE,),
+    ("tokenizer.gguf",),  # a vocabulary-only GGUF: how a model converted from GGUF keeps its tokenizer
+    ("tokenizer.json",),
+    ("vocab.json", "merges.txt"),
+    ("encoder.json", "vocab.bpe"),
+]
 
 
 def has_tokenizer(folder: str | os.PathLike) -> bool:
@@ -272,6 +278,10 @@ def load_tokenizer(spec: str | os.PathLike | Tokenizer) -> Tokenizer:
 
 
 def _read_file(path: Path) -> Tokenizer:
+    if path.suffix.lower() == ".gguf":  # a GGUF model or vocabulary file: the tokenizer in its metadata
+        from dozero.tokenizer.gguf import read_gguf_tokenizer
+
+        return read_gguf_tokenizer(path)
     if path.suffix == ".tiktoken":  # bare ranks: <|endoftext|> goes right after them, as in GPT-2
         ranks = read_tiktoken(path)
         return BPETokenizer(ranks, {ENDOFTEXT: len(ranks)}, GPT2_PATTERN, name=path.stem)
