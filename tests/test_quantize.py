@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from dozero.cli import main
-from dozero.compress.quantize import QuantizeConfig, dequantize_model, quantize, quantize_weight, save_quantized
+from dozero.compress.quantize import QuantizeConfig, quantize, quantize_weight, save_quantized
 from dozero.config import get_model_config
 from dozero.errors import DozeroError
 from dozero.model.checkpoint import load_model, save_model
 from dozero.model.gpt import GPTModel
-from dozero.model.quantized import QuantizedEmbedding, QuantizedLinear, dequantize, unpack_int4
+from dozero.model.quantized import QuantizedEmbedding, QuantizedLinear, dequantize, dequantized_model, unpack_int4
 
 FP16_EPS = 2.0**-11  # relative rounding of a float16 scale
 
@@ -28,9 +28,9 @@ def _weight(rows=48, cols=256, seed=0):
     return w
 
 
-def _tiny(seed=0, **overrides):
+def _tiny(seed=0, preset="shakespeare-char", **overrides):
     torch.manual_seed(seed)
-    return GPTModel(get_model_config("shakespeare-char", **overrides)).eval()
+    return GPTModel(get_model_config(preset, **overrides)).eval()
 
 
 def _reference(model):
@@ -115,7 +115,7 @@ def test_reference_path_is_the_dequantized_float_model():
     x = torch.randint(0, 65, (1, 16))
     model = quantize(_tiny(), QuantizeConfig(bits=4, group_size=32))
     with torch.no_grad():
-        torch.testing.assert_close(_reference(model)(x), dequantize_model(model)(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_reference(model)(x), dequantized_model(model)(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits,group", [(8, 0), (4, 64)])
@@ -173,3 +173,25 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
     assert "does not divide" in capsys.readouterr().err
     assert main(["compress", "quantize", "--model", str(tmp_path / "fp32"), "--to", "int8", "--out", str(out)]) == 2
     assert "already holds a model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits,kind", [(8, "q8_0"), (4, "q4_0")])
+def test_group_32_exports_to_gguf_without_another_rounding(tmp_path, bits, kind):
+    """A model quantized with groups of 32 is a Q8_0 / Q4_0 GGUF file, value for value: the file's
+    tensors (read by the gguf package) equal dozero's dequantized ones, and so do the logits."""
+    from dozero.model.gguf import model_from_hf_dicts, read_gguf, save_gguf
+    from dozero.tokenizer.bpe import BPETokenizer
+
+    ranks = {bytes([b]): b for b in range(256)}
+    tok = BPETokenizer(ranks, {"<|endoftext|>": 256}, name="bytes")
+    # Llama's shape: every matrix is quantized on both sides (GPT-2's position table would stay fp32 here).
+    model = quantize(_tiny(preset="llama-char", vocab_size=257), QuantizeConfig(bits=bits, group_size=32))
+    path = save_gguf(model, tmp_path / "m.gguf", tok, kind)
+    config, state, header = read_gguf(path)
+    back = model_from_hf_dicts(config, state, str(path))
+    ours = dequantized_model(model)
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    ids = torch.tensor([tok.encode(" the cat sat")])
+    with torch.no_grad():
+        assert torch.equal(back(ids), ours(ids))

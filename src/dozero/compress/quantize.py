@@ -144,23 +144,6 @@ def save_quantized(model, folder: str | Path, tokenizer=None, metadata: dict | N
     return folder
 
 
-def dequantize_model(model):
-    """A float copy of a quantized model (GPTModel with nn.Linear / nn.Embedding): for exports (GGUF,
-    Hugging Face) and to measure what the rounding alone costs, without the kernel's input rounding."""
-    from dozero.model.gpt import GPTModel
-
-    float_model = GPTModel(model.cfg)
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
-            state[f"{name}.weight"] = module.dequantized().float()
-    for name, tensor in model.state_dict().items():
-        if not name.endswith((".weight_q", ".scales")):
-            state[name] = tensor.float()
-    float_model.load_state_dict(state, strict=True)
-    return float_model.eval()
-
-
 def weight_bytes(model) -> int:
     """Bytes of the weights as saved (a tied head once): the size on disk, and about what batch-1
     decoding reads per token (all but the embedding rows it does not look up)."""

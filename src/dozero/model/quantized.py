@@ -240,3 +240,20 @@ def quantized_model_from_state_dict(cfg, state: dict[str, torch.Tensor], spec: d
             model.out_head.weight = model.tok_emb.weight
     model.reset_buffers()
     return model.eval()
+
+
+def dequantized_model(model):
+    """A float copy of a quantized model (GPTModel with nn.Linear / nn.Embedding), for the exports (GGUF,
+    Hugging Face) and to measure what the rounding alone costs, without the kernel's input rounding."""
+    from dozero.model.gpt import GPTModel
+
+    float_model = GPTModel(model.cfg)
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            state[f"{name}.weight"] = module.dequantized().float()
+    for name, tensor in model.state_dict().items():
+        if not name.endswith((".weight_q", ".scales")):
+            state[name] = tensor.float()
+    float_model.load_state_dict(state, strict=True)
+    return float_model.eval()
