@@ -93,7 +93,10 @@ def read_run_config(resume: str | Path) -> tuple[TrainConfig, ModelConfig]:
 
 
 def write_run_config(run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig) -> None:
-    write_json(run_dir / RUN_CONFIG_FILE, {"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=1)
+    """The settings a later --resume continues with. stop_after is left out: it stops the session
+    that gave it, and kept it would stop a resume from an older checkpoint at the same step again."""
+    train = {**cfg.to_dict(), "stop_after": 0}
+    write_json(run_dir / RUN_CONFIG_FILE, {"train": train, "model": model_cfg.to_dict()}, indent=1)
 
 
 # ----------------------------------------------------------------------------- writing
