@@ -3,6 +3,8 @@ beside a model and loading again; the `dozero tokenizer` command line."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dozero.cli import main
@@ -182,3 +184,22 @@ def test_cli_export(capsys, tmp_path, shared_data):
     code, out, _ = _run(capsys, "tokenizer", "export", "gpt2", str(tmp_path), "--format", "tiktoken")
     assert code == 0 and out == f"wrote {tmp_path / 'tokenizer.tiktoken'}\nwrote {tmp_path / 'tiktoken_config.json'}\n"
     assert (tmp_path / "tokenizer.tiktoken").read_bytes() == (shared_data / "gpt2" / "gpt2.tiktoken").read_bytes()
+
+
+def test_dozero_description_never_reads_outside_its_folder(trained, tmp_path):
+    """A dozero_tokenizer.json naming "../x", an absolute path or a link out of its folder as its ranks
+    file is refused (before, dozero read that file); a description missing a key is one clear error."""
+    import json
+
+    trained.save(tmp_path / "tok")
+    meta_path = tmp_path / "tok" / "dozero_tokenizer.json"
+    meta = json.loads(meta_path.read_text())
+    (tmp_path / "elsewhere.tiktoken").write_bytes((tmp_path / "tok" / meta["ranks"]).read_bytes())
+    (tmp_path / "tok" / "link.tiktoken").symlink_to(tmp_path / "elsewhere.tiktoken")
+    for name in ["../elsewhere.tiktoken", str(tmp_path / "elsewhere.tiktoken"), "link.tiktoken", ".."]:
+        meta_path.write_text(json.dumps({**meta, "ranks": name}))
+        with pytest.raises(DozeroError, match=f"the ranks file '{re.escape(name)}' is not in .*reads only that folder"):
+            load_tokenizer(tmp_path / "tok")
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "pattern"}))
+    with pytest.raises(DozeroError, match="not a complete dozero tokenizer description .KeyError: 'pattern'"):
+        load_tokenizer(tmp_path / "tok")

@@ -221,15 +221,27 @@ def save_bpe(tok: BPETokenizer, folder: Path) -> None:
     atomic_write(folder / TOKENIZER_FILE, json.dumps(meta, ensure_ascii=False, indent=1))
 
 
+def _beside(path: Path, name: str) -> Path:
+    """The file `name` that `path` refers to, which must lie in the same folder: a tokenizer description
+    from elsewhere could otherwise name "../../x" (or a link out of the folder) and have dozero read it."""
+    folder = path.parent.resolve()
+    if not isinstance(name, str) or Path(name).name != name or not (folder / name).resolve().is_relative_to(folder):
+        raise DozeroError(f"{path}: the ranks file {name!r} is not in {path.parent}; dozero reads only that folder")
+    return path.parent / name
+
+
 def _read_dozero(path: Path) -> Tokenizer:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DozeroError(f"{path}: cannot read the tokenizer description ({e})") from None
-    if meta.get("kind") == "char":
-        return CharTokenizer(meta["chars"])
-    ranks = _gpt2_ranks() if meta["ranks"] == "builtin:gpt2" else read_tiktoken(path.parent / meta["ranks"])
-    tok = BPETokenizer(ranks, meta["special_tokens"], meta["pattern"], name=meta.get("name", "bpe"))
+    try:
+        if meta.get("kind") == "char":
+            return CharTokenizer(meta["chars"])
+        ranks = _gpt2_ranks() if meta["ranks"] == "builtin:gpt2" else read_tiktoken(_beside(path, meta["ranks"]))
+        tok = BPETokenizer(ranks, meta["special_tokens"], meta["pattern"], name=meta.get("name", "bpe"))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DozeroError(f"{path}: not a complete dozero tokenizer description ({type(e).__name__}: {e})") from None
     if meta.get("fingerprint") and tok.fingerprint() != meta["fingerprint"]:
         raise DozeroError(
             f"{path}: the ranks do not match the recorded fingerprint; the tokenizer files are "
