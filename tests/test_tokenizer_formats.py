@@ -203,3 +203,23 @@ def test_dozero_description_never_reads_outside_its_folder(trained, tmp_path):
     meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "pattern"}))
     with pytest.raises(DozeroError, match="not a complete dozero tokenizer description .KeyError: 'pattern'"):
         load_tokenizer(tmp_path / "tok")
+
+
+BYTE_LEVEL = {"type": "ByteLevel"}
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"model": {"type": "BPE", "vocab": {"a": 0}}, "pre_tokenizer": BYTE_LEVEL}, "KeyError: 'merges'"),
+        ({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a", "b", "c"]]}, "pre_tokenizer": BYTE_LEVEL},
+         "ValueError: too many values to unpack"),
+        ({"model": "BPE"}, "not a Hugging Face tokenizer.json .no 'model' object"),
+    ],
+)  # fmt: skip
+def test_broken_tokenizer_json_is_one_clear_error(tmp_path, data, message):
+    import json
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(DozeroError, match=message):
+        load_tokenizer(tmp_path)

@@ -172,7 +172,9 @@ def _is_char_tokenizer_json(data: dict) -> bool:
 
 def read_hf_tokenizer_json(path: Path) -> Tokenizer:
     data = json.loads(Path(path).read_text(encoding="utf-8"))
-    model = data.get("model") or {}
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise DozeroError(f"{path}: not a Hugging Face tokenizer.json (no 'model' object)")
     if _is_char_tokenizer_json(data):
         return CharTokenizer(sorted(model["vocab"], key=model["vocab"].get))
     pre = json.dumps(data.get("pre_tokenizer"))
@@ -183,11 +185,14 @@ def read_hf_tokenizer_json(path: Path) -> Tokenizer:
         )
     if '"Split"' in pre:
         raise DozeroError(f"{path}: uses its own pre-tokenization regex; dozero reads GPT-2's pattern only")
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    vocab = dict(model["vocab"])
-    for added in data.get("added_tokens", []):
-        vocab.setdefault(added["content"], added["id"])
-    return _from_vocab_and_merges(vocab, merges, str(path))
+    try:
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        vocab = dict(model["vocab"])
+        for added in data.get("added_tokens", []):
+            vocab.setdefault(added["content"], added["id"])
+        return _from_vocab_and_merges(vocab, merges, str(path))
+    except (KeyError, TypeError, ValueError) as e:  # a merge that is not a pair, a token not of byte characters
+        raise DozeroError(f"{path}: not a complete GPT-2-style tokenizer.json ({type(e).__name__}: {e})") from None
 
 
 def export_tokenizer(
