@@ -160,6 +160,7 @@ def settings(engine: Engine, body: Sampling, ids: list[list[int]], stops: tuple[
         max_new_tokens=max_tokens,
         seed=body.seed,
         stop=body.stops() + stops,
+        stop_at_eot=not body.ignore_eos,
     )
 
 

@@ -159,8 +159,18 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         n = min(self.tokenizer.vocab_size, logits.shape[-1])  # padded model rows are never drawn
+        ids = [0] * len(seqs)
         with torch.inference_mode():
-            ids = [int(sample_next_token(logits[b : b + 1, :n], s.config, s.generator)) for b, s in enumerate(seqs)]
+            # Greedy rows in one argmax (the same choice as row by row); sampled rows each with their
+            # own settings and generator, as `dozero generate` draws them.
+            greedy = [b for b, s in enumerate(seqs) if s.config.is_greedy]
+            if greedy:
+                rows = logits if len(greedy) == len(seqs) else logits[greedy]  # all greedy: no copy
+                for b, t in zip(greedy, rows[:, :n].argmax(dim=-1).tolist(), strict=True):
+                    ids[b] = t
+            for b, s in enumerate(seqs):
+                if not s.config.is_greedy:
+                    ids[b] = int(sample_next_token(logits[b : b + 1, :n], s.config, s.generator))
         now = time.monotonic()
         for seq, t in zip(seqs, ids, strict=True):
             first = seq.last_token_at is None

@@ -36,6 +36,7 @@ class Sampling(BaseModel):
     seed: int | None = None
     presence_penalty: Literal[0, 0.0] = 0.0  # accepted at OpenAI's default only
     frequency_penalty: Literal[0, 0.0] = 0.0
+    ignore_eos: bool = False  # vLLM's extension: keep going past end-of-text (benchmarks want fixed lengths)
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
