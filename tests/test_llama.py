@@ -255,6 +255,23 @@ def test_decoding_layout_keeps_the_logits(monkeypatch):
     assert generate_ids(laid_out, [[1, 2, 3], [4]], config) == generate_ids(model, [[1, 2, 3], [4]], config)
 
 
+def test_full_cache_decode_step_traces_as_one_graph(monkeypatch):
+    """compile=True decodes over the whole masked cache; Dynamo (backend="eager", fullgraph=True, so a
+    graph break raises) must see the RoPE lookup and grouped-query attention whole, and the tokens
+    must equal the eager path's in a padded batch."""
+    from dozero.generate import engine
+
+    monkeypatch.setattr(DecodingLinear, "SPLIT_MIN_WEIGHTS", 0)
+    model = random_model(scale=1.0)
+    use_decoding_layout(model)
+    step = torch.compile(engine.decode_step_full_cache, backend="eager", fullgraph=True, dynamic=False)
+    monkeypatch.setattr(engine, "compiled_decode_step", lambda device_type: step)
+    config = GenerationConfig(max_new_tokens=8, stop_at_eot=False, **GREEDY)
+    prompts = [[5, 6, 7, 8, 9], [3]]
+    expected = generate_ids(model, prompts, config)
+    assert generate_ids(model, prompts, GenerationConfig(**{**config.__dict__, "compile": True})) == expected
+
+
 # ----------------------------------------------------------------------------- saving and training
 
 

@@ -13,7 +13,9 @@ When a row reaches the model's context length the window slides: GPT-2's positio
 absolute, so cached keys cannot be shifted to new positions; instead the oldest quarter of the
 tokens is dropped and the rest are prefilled again from position 0 (one prefill per slide, then
 cheap decoding again for another quarter of the context). Every row slides when its own window is
-full, so a prompt gives the same tokens alone or in a batch.
+full, so a prompt gives the same tokens alone or in a batch. With RoPE (Llama-style models) only
+distances between positions matter, so the same re-read gives exactly what a model started on the
+kept window computes; it is also what keeps RoPE's angles within the context it was trained on.
 
 Run it from the shell with `dozero generate --model RUN "prompt"`, or from Python with
 `dozero.generate.generate(model, tokenizer, "prompt")`.
@@ -198,7 +200,7 @@ def generate_tokens(
             else:  # the window is full: re-read the last `keep` tokens from position 0
                 warnings.warn(
                     f"generation reached the context length ({ctx} tokens): sliding the window, keeping the last "
-                    f"{keep} tokens (positions are learned, so the kept tokens are re-read from position 0)",
+                    f"{keep} tokens (re-read from position 0)",
                     stacklevel=2,
                 )
                 # Each row slides when ITS window passes the context, exactly as it would alone;
