@@ -329,3 +329,12 @@ def test_model_padded_past_the_tokenizer_draws_only_its_ids():
     for settings in (GREEDY, {"temperature": 1.0, "seed": 0, "repetition_penalty": 1.3}):
         text = generate(model, tokenizer, "abc", max_new_tokens=20, **settings)
         assert len(text) == 20 and set(text) <= set(tokenizer.chars)
+
+
+def test_prompts_that_are_not_text_are_one_clear_error(char_model, char_tokenizer):
+    for prompt, shown in [(123, "prompt 0 is a int"), ([char_tokenizer.encode("ab")], "prompt 0 is a list"),
+                          (["ab", None], "prompt 1 is a NoneType")]:  # fmt: skip
+        with pytest.raises(DozeroError, match=f"{shown}, not text; prompts are strings .for token ids"):
+            generate(char_model, char_tokenizer, prompt, max_new_tokens=2)
+    with pytest.raises(DozeroError, match="prompt 0 is a bytes"):
+        list(stream(char_model, char_tokenizer, b"ab", max_new_tokens=2))

@@ -44,7 +44,7 @@ def generate(model, tokenizer, prompt: str | list[str], config: GenerationConfig
     from dozero.generate.stream import stream_batch
 
     config = _config(config, settings)
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, list | tuple) else [prompt]
     texts = [""] * len(prompts)
     for b, piece in stream_batch(model, tokenizer, prompts, config):
         texts[b] += piece

@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterator
 
+from dozero.errors import DozeroError
 from dozero.generate.engine import GenerationConfig, encode_prompt, generate_tokens, generation_mode
 
 
@@ -56,6 +57,12 @@ class TextSink:
 
 def stream_batch(model, tokenizer, prompts: list[str], config: GenerationConfig) -> Iterator[tuple[int, str]]:
     """Yield (prompt index, new text) as the samples grow; every sample ends with its final piece."""
+    bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
+    if bad is not None:
+        raise DozeroError(
+            f"prompt {bad} is a {type(prompts[bad]).__name__}, not text; prompts are strings (for token ids: "
+            "dozero.generate.engine.generate_ids)"
+        )
     tokenizer.check_fits_model(model.cfg.vocab_size)
     ctx = model.cfg.context_length
     ids = [encode_prompt(tokenizer, p, ctx) for p in prompts]
