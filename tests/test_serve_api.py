@@ -140,3 +140,24 @@ def test_health_and_metrics(served, client):
     assert 'dozero_requests_total{finish_reason="length"}' in text
     assert "dozero_time_to_first_token_seconds_bucket" in text
     assert "dozero_kv_cache_blocks_used 0" in text and "dozero_queue_length 0" in text
+
+
+def test_chat_template_of_the_tokenizer_is_used_when_it_has_one():
+    class Templated:
+        chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]"
+        special_tokens = {"<|endoftext|>": 0}
+        eot_id = 0
+
+    text, stops = chat_prompt(Templated(), [{"role": "user", "content": "Hi"}])
+    assert (text, stops) == ("[user] Hi\n[assistant]", ())
+
+
+def test_serve_command_errors_are_one_line(tmp_path, capsys):
+    from dozero.cli import main
+    from dozero.model.checkpoint import save_model
+
+    folder = save_model(small_model(), tmp_path / "tiny", tokenizer=load_tokenizer("gpt2"))
+    assert main(["serve", "--model", str(folder), "--kv-cache-mb", "0.01"]) == 2
+    assert "give at least --kv-cache-mb" in capsys.readouterr().err
+    assert main(["serve", "--model", str(folder), "--max-batch", "0"]) == 2
+    assert "max_batch must be a whole number >= 1" in capsys.readouterr().err
