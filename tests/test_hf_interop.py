@@ -205,6 +205,25 @@ def test_hf_config_with_unsupported_options(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("vocab_size", "100", "vocab_size must be a whole number, got '100'"),
+        ("n_embd", None, "n_embd must be a whole number, got None"),
+        ("n_head", 4.5, "n_head must be a whole number, got 4.5"),
+        ("n_positions", True, "n_positions must be a whole number, got True"),
+        ("layer_norm_epsilon", "1e-5", "layer_norm_epsilon must be a number, got '1e-5'"),
+    ],
+)
+def test_hf_config_with_values_of_the_wrong_type(key, value, message):
+    """A hand-edited config.json: one line naming the key, not a TypeError from deep inside."""
+    from dozero.model.hf import config_from_hf
+
+    hf = {"model_type": "gpt2", "vocab_size": 100, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 16}
+    with pytest.raises(DozeroError, match=f"config.json: {re.escape(message)}"):
+        config_from_hf({**hf, key: value})
+
+
 def test_hf_folder_with_missing_layer(tmp_path):
     theirs = hf_model(*SHAPES[1])
     theirs.config.save_pretrained(tmp_path)

@@ -84,6 +84,12 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions") if k not in hf]
     if missing:
         raise DozeroError(f"{where}: a GPT-2 config needs {missing}; is this a Hugging Face GPT-2 folder?")
+    for key in ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"):
+        if not isinstance(hf[key], int) or isinstance(hf[key], bool):
+            raise DozeroError(f"{where}: {key} must be a whole number, got {hf[key]!r}")
+    for key in ("resid_pdrop", "layer_norm_epsilon"):
+        if key in hf and (not isinstance(hf[key], int | float) or isinstance(hf[key], bool)):
+            raise DozeroError(f"{where}: {key} must be a number, got {hf[key]!r}")
     for key, expected in _UNSUPPORTED.items():
         if hf.get(key, expected) != expected:
             raise DozeroError(f"{where}: {key}={hf[key]} is not supported by dozero's GPT-2 (only {expected})")
