@@ -241,7 +241,7 @@ def run_convert(args) -> int:
         copied.append("tokenizer.gguf")
     elif args.to == "hf" and tok is not None:
         copied += _export_hf_tokenizer(tok, dst, copied, model.cfg.context_length)
-    print(f"wrote {dst} ({'Hugging Face GPT-2' if args.to == 'hf' else 'dozero'} format, "
+    print(f"wrote {dst} ({'Hugging Face' if args.to == 'hf' else 'dozero'} format, "
           f"{model.num_parameters():,} parameters)")  # fmt: skip
     print(f"tokenizer: {', '.join(dict.fromkeys(copied)) if copied else 'none found in ' + str(src)}")
     return 0
