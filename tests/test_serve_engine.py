@@ -154,3 +154,24 @@ def test_block_pool_hands_out_and_takes_back():
     pool.release(table)
     pool.release(table)  # a second release gives nothing back twice
     assert pool.num_free == 4 and table == []
+
+
+def test_a_small_pool_preempts_and_the_text_is_unchanged(tokenizer):
+    """Room for one context (96 tokens) only: 6 requests of up to 60 tokens must take turns and
+    preempt one another, yet each gets exactly its `dozero generate` text."""
+    model = small_model()
+    configs = [GenerationConfig(temperature=0, max_new_tokens=40, stop_at_eot=False)] * 4 + [
+        GenerationConfig(temperature=1.0, top_k=None, seed=s, max_new_tokens=40, stop_at_eot=False) for s in (3, 4)
+    ]
+    prompts = PROMPTS + PROMPTS[:2]
+    expected = [generate(model, tokenizer, p, config=c) for p, c in zip(prompts, configs, strict=True)]
+    per_token = 2 * model.cfg.n_layers * model.cfg.emb_dim * 4
+    engine = Engine(model, tokenizer, ServeConfig(kv_cache_mb=96 * per_token / 2**20, block_size=8, prefill_chunk=5))
+    try:
+        assert engine.pool.num_blocks == 12
+        got = all_at_once(engine, prompts, configs)
+        assert [text for text, _ in got] == expected
+        assert engine.scheduler.preemptions > 0
+        assert engine.pool.num_free == engine.pool.num_blocks
+    finally:
+        engine.close()

@@ -6,9 +6,11 @@ size for everyone, so a finished sequence's blocks fit any new one: no fragmenta
 grows with the tokens really held, not with the longest possible request (Kwon et al. 2023,
 "Efficient Memory Management for LLM Serving with PagedAttention").
 
-A sequence gets all the blocks it may need (prompt + max_tokens) when it is admitted, so a running
-sequence never waits for memory and nothing has to be preempted; a request that does not fit yet
-waits in the queue. Pure Python: the tensors live in `runner.PagedKVCache`.
+Blocks are handed out as sequences grow: a sequence is admitted with blocks for its prompt, and
+takes one more block each time its tokens fill the last one. When the pool runs dry, the
+scheduler preempts the newest sequence: its blocks go back, and it is read again from its tokens
+later (recomputation, as vLLM does by default). Pure Python: the tensors live in
+`runner.PagedKVCache`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ class BlockPool:
         if n > len(self.free):
             raise RuntimeError(f"{n} KV blocks asked for, {len(self.free)} free")
         return [self.free.pop() for _ in range(n)]
+
+    def grow(self, table: list[int], num_tokens: int) -> bool:
+        """Add blocks to `table` until it has room for `num_tokens` tokens; False (nothing taken) if
+        the pool has too few."""
+        more = blocks_needed(num_tokens, self.block_size) - len(table)
+        if more > len(self.free):
+            return False
+        table.extend(self.free.pop() for _ in range(max(0, more)))
+        return True
 
     def release(self, table: list[int]) -> None:
         """Take a finished sequence's blocks back (its table is emptied, so a second release is harmless)."""

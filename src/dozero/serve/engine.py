@@ -138,14 +138,19 @@ class Engine:
         """One step: drop cancelled sequences, one prefill chunk, one decode token for the batch."""
         for seq in self.scheduler.cancelled():
             self._end(seq, "cancelled")
-        prefill, decode = self.scheduler.schedule()
+        prefill, decode = None, []
         try:
+            preempted = self.scheduler.preemptions
+            prefill, decode = self.scheduler.schedule()
+            if self.scheduler.preemptions > preempted:
+                self.metrics.add("preemptions_total", self.scheduler.preemptions - preempted)
             if prefill is not None:
                 seq, n = prefill
                 logits = self.runner.run([seq], [n])
                 seq.num_cached += n
                 if not seq.in_prefill:
-                    self.metrics.add("prompt_tokens_total", len(seq.prompt))
+                    if seq.num_generated == 0:  # not a preempted sequence read again
+                        self.metrics.add("prompt_tokens_total", len(seq.prompt))
                     self._sample([seq], logits)
             if decode:
                 logits = self.runner.run(decode, [1] * len(decode))

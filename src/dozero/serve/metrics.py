@@ -38,6 +38,7 @@ class Metrics:
         "prompt_tokens_total": "Prompt tokens read",
         "generation_tokens_total": "Tokens generated",
         "rejected_total": "Requests refused because the queue was full",
+        "preemptions_total": "Sequences preempted when the KV pool ran dry (read again later)",
     }
     HISTOGRAMS = {
         "time_to_first_token_seconds": "From arrival to the first generated token",

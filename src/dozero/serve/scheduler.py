@@ -1,17 +1,22 @@
 """Who runs this step (nano-vllm's `Scheduler`), with continuous batching.
 
 Requests wait in a queue (first come, first served) until the batch has a place and the pool has
-blocks for them. Every step then does at most one prefill chunk (`prefill_chunk` prompt tokens of
-the oldest sequence still reading its prompt) and one decode token for every sequence that is
-generating. Sequences join and leave between steps, so a finished or cancelled one frees its place
-and its blocks at once, and a long prompt is read a chunk per step while the others keep streaming.
+blocks for their prompt. Every step then does one decode token for every sequence that is
+generating, and at most one prefill chunk (`prefill_chunk` prompt tokens of the oldest sequence
+still reading its prompt). Sequences join and leave between steps, so a finished or cancelled one
+frees its place and its blocks at once, and a long prompt is read a chunk per step while the others
+keep streaming.
+
+Blocks are taken as sequences grow. When a generating sequence needs a block and none is free, the
+newest sequence is preempted: its blocks go back, and it waits at the head of the queue to be read
+again, prompt and generated tokens together (its sampling state is kept, so its text is unchanged).
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from dozero.serve.block_manager import BlockPool
+from dozero.serve.block_manager import BlockPool, blocks_needed
 from dozero.serve.config import ServeConfig
 from dozero.serve.sequence import Sequence
 
@@ -20,7 +25,10 @@ class Scheduler:
     def __init__(self, pool: BlockPool, config: ServeConfig):
         self.pool, self.config = pool, config
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # admitted: holding blocks, in prefill or decoding
+        self.running: list[Sequence] = []  # admitted: holding blocks, in prefill or decoding, oldest first
+        self.preemptions = 0
+        # Blocks kept free at admission, so a newcomer does not at once force a preemption.
+        self.watermark = max(1, pool.num_blocks // 100)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -28,24 +36,40 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def schedule(self) -> tuple[tuple[Sequence, int] | None, list[Sequence]]:
+        """(the sequence to prefill and how many of its tokens, or None; the sequences to decode)."""
+        decode = self.make_room([s for s in self.running if not s.in_prefill])
+        self.admit()
+        prefill = next((s for s in self.running if s.in_prefill), None)
+        if prefill is None:
+            return None, decode
+        return (prefill, min(self.config.prefill_chunk, prefill.prefill_target - prefill.num_cached)), decode
+
+    def make_room(self, decode: list[Sequence]) -> list[Sequence]:
+        """A block for each decoding sequence's next token, preempting the newest sequences if the
+        pool is dry. Returns the sequences that still decode this step."""
+        for seq in decode:
+            while seq in self.running and not self.pool.grow(seq.block_table, len(seq.tokens)):
+                self.preempt(self.running[-1])
+        return [s for s in decode if s in self.running]
+
     def admit(self) -> None:
         """Move waiting sequences into the batch while there is room (in order: none jumps the queue)."""
         while self.waiting and len(self.running) < self.config.max_batch:
             seq = self.waiting[0]
-            if not self.pool.can_allocate(seq.max_length):
+            need = blocks_needed(seq.prefill_target + 1, self.pool.block_size)
+            if need + (self.watermark if self.running else 0) > self.pool.num_free:
                 break
             self.waiting.popleft()
-            seq.block_table = self.pool.allocate(seq.max_length)
+            seq.block_table = self.pool.allocate(seq.prefill_target + 1)
             self.running.append(seq)
 
-    def schedule(self) -> tuple[tuple[Sequence, int] | None, list[Sequence]]:
-        """(the sequence to prefill and how many of its prompt tokens, or None; the sequences to decode)."""
-        self.admit()
-        decode = [s for s in self.running if not s.in_prefill]
-        prefill = next((s for s in self.running if s.in_prefill), None)
-        if prefill is None:
-            return None, decode
-        return (prefill, min(self.config.prefill_chunk, len(prefill.prompt) - prefill.num_cached)), decode
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.release(seq.block_table)
+        seq.num_cached, seq.prefill_target = 0, len(seq.tokens)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out (finished or cancelled) and give its blocks back to the pool."""

@@ -39,6 +39,7 @@ class Sequence:
     sink: TextSink
     tokens: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys and values are in the cache
+    prefill_target: int = 0  # tokens to read before decoding: the prompt, or all tokens after a preemption
     block_table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
@@ -49,19 +50,15 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
+        self.prefill_target = len(self.prompt)
 
     @property
     def num_generated(self) -> int:
         return len(self.tokens) - len(self.prompt)
 
     @property
-    def max_length(self) -> int:
-        """Tokens this sequence may ever hold: what its blocks must have room for."""
-        return len(self.prompt) + self.config.max_new_tokens
-
-    @property
     def in_prefill(self) -> bool:
-        return self.num_cached < len(self.prompt)
+        return self.num_cached < self.prefill_target
 
     def cancel(self) -> None:
         self.cancelled = True
