@@ -113,7 +113,7 @@ def run_eval(args) -> int:
     report = evaluate_model(model, tokenizer, config, text=args.text, max_text_tokens=args.max_text_tokens)
     report["model"] = str(folder)
     for r in report["results"]:
-        speed = f", {r['items_per_second']:.1f} items/s" if r.get("items_per_second") else ""
+        speed = f", {r['items_per_second']:.2f} items/s" if r.get("items_per_second") else ""
         print(f"{r['task']}: {r['n']:,} scored in {r['seconds']:.1f} s{speed}", file=sys.stderr)
     json_path, md_path = write_report(report, Path(args.out) if args.out else default_out(args.model, config))
     print(markdown(report), end="")

@@ -64,6 +64,8 @@ class ChoiceTask:
     metrics: tuple[str, ...] = ("acc", "acc_norm")
     fewshot_split: str | None = None
     """MMLU: few-shot examples are the first K of this sibling split (dev) of each dataset."""
+    fixed_examples: tuple[Example, ...] = ()
+    """A task of your own (usertasks.py): its examples, read from a .jsonl file instead of `datasets`."""
     kind: str = field(default="choice", init=False)
 
 
@@ -205,18 +207,17 @@ def _unknown(name: str):
 
 def load_examples(task: ChoiceTask, limit: int | None) -> list[tuple[Example, list[Example]]]:
     """(example, its pool of few-shot candidates) for the first `limit` examples of each dataset."""
+    if task.fixed_examples:
+        examples = list(task.fixed_examples)
+        return [(ex, examples[:i] + examples[i + 1 :]) for i, ex in enumerate(examples[:limit])]
     out = []
     for dataset in task.datasets:
         examples = [task.to_example(doc) for doc in data.read_arrow_rows(dataset)]
         if task.fewshot_split:
-            pool = [
-                task.to_example(doc)
-                for doc in data.read_arrow_rows(dataset.rsplit("/", 1)[0] + "/" + task.fewshot_split)
-            ]
-        else:
-            pool = None  # the other examples of this split
+            sibling = dataset.rsplit("/", 1)[0] + "/" + task.fewshot_split
+            pool = [task.to_example(doc) for doc in data.read_arrow_rows(sibling)]
         for i, ex in enumerate(examples[:limit]):
-            out.append((ex, pool if pool is not None else examples[:i] + examples[i + 1 :]))
+            out.append((ex, pool if task.fewshot_split else examples[:i] + examples[i + 1 :]))
     return out
 
 
