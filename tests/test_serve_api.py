@@ -161,3 +161,13 @@ def test_serve_command_errors_are_one_line(tmp_path, capsys):
     assert "give at least --kv-cache-mb" in capsys.readouterr().err
     assert main(["serve", "--model", str(folder), "--max-batch", "0"]) == 2
     assert "max_batch must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_a_vocabulary_without_chatml_characters_gets_a_plain_script():
+    from dozero.tokenizer.char import CharTokenizer
+
+    shakespeare = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,:!?\n")
+    messages = [{"role": "system", "content": "Speak well."}, {"role": "user", "content": "Hi!"}]
+    text, stops = chat_prompt(shakespeare, messages)
+    assert (text, stops) == ("Speak well.\n\nUser: Hi!\nAssistant:", ("\nUser:",))
+    shakespeare.encode(text)  # every character is in the vocabulary

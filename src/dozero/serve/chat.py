@@ -10,6 +10,14 @@ SmolLM2's chat models:
     Hi!<|im_end|>
     <|im_start|>assistant
 
+A vocabulary that cannot spell ChatML's markers (a character model trained on Shakespeare has no
+`<` or `|`) gets a plain script instead, which such a model can at least continue:
+
+    You are helpful.
+
+    User: Hi!
+    Assistant:
+
 Kept in this one function so the chat templates of fine-tuning can replace it later.
 """
 
@@ -20,12 +28,24 @@ from dozero.errors import DozeroError
 CHATML_END = "<|im_end|>"
 
 
+def _can_spell(tokenizer, text: str) -> bool:
+    try:
+        tokenizer.encode(text, special="allow")
+    except DozeroError:
+        return False
+    return True
+
+
 def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> tuple[str, tuple[str, ...]]:
     """(prompt text ending where the assistant's answer starts, stop strings that end the answer)."""
     template = getattr(tokenizer, "chat_template", None)
-    if not template:
+    if not template and _can_spell(tokenizer, "<|im_start|>assistant\n" + CHATML_END):
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}{CHATML_END}\n" for m in messages)
         return text + "<|im_start|>assistant\n", (CHATML_END,)
+    if not template:
+        lines = [m["content"] + "\n" if m["role"] in ("system", "developer") else f"{m['role'].title()}: {m['content']}"
+                 for m in messages]  # fmt: skip
+        return "\n".join([*lines, "Assistant:"]), ("\nUser:",)
     try:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
