@@ -11,9 +11,10 @@ import pytest
 import torch
 from tests.serve_helpers import ServerThread, small_model, wait_until_idle
 
+from dozero.errors import DozeroError
 from dozero.generate import generate
 from dozero.serve.app import create_app
-from dozero.serve.chat import chat_prompt
+from dozero.serve.chat import chat_prompt, read_chat_template
 from dozero.serve.config import ServeConfig
 from dozero.serve.engine import Engine
 from dozero.tokenizer import load_tokenizer
@@ -150,6 +151,15 @@ def test_chat_template_of_the_tokenizer_is_used_when_it_has_one():
 
     text, stops = chat_prompt(Templated(), [{"role": "user", "content": "Hi"}])
     assert (text, stops) == ("[user] Hi\n[assistant]", ())
+    strict = "{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}ok"
+    with pytest.raises(DozeroError, match="refused these messages: user first"):
+        chat_prompt(Templated(), [{"role": "assistant", "content": "Hi"}], template=strict)
+
+
+def test_chat_template_is_read_from_tokenizer_config(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0].content }}!"}))
+    assert read_chat_template(tmp_path) == "{{ messages[0].content }}!"
+    assert read_chat_template(tmp_path / "nowhere") is None
 
 
 def test_serve_command_errors_are_one_line(tmp_path, capsys):

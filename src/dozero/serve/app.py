@@ -64,7 +64,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
+def create_app(engine: Engine, model_name: str, chat_template: str | None = None) -> FastAPI:
+    """The app over `engine`; `chat_template` (Jinja) replaces the tokenizer's for chat requests."""
     app = FastAPI(title="dozero serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=engine.config.max_body_kb * 1024)
     api_key = engine.config.api_key
@@ -115,7 +116,11 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat(body: ChatRequest, request: Request):
-        text, stops = chat_prompt(engine.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text, stops = chat_prompt(engine.tokenizer, messages, chat_template)
+        except DozeroError as e:
+            raise ApiError(400, str(e), param="messages") from None
         body.max_tokens = body.max_completion_tokens or body.max_tokens
         return await answer(engine, request, body, [encode(engine, text)], stops, "chat.completion", model_name)
 

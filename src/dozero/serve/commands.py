@@ -73,6 +73,7 @@ def run_serve(args) -> int:
     from dozero.model.checkpoint import load_model, resolve_model_dir
     from dozero.runtime import pick_device
     from dozero.serve.app import create_app
+    from dozero.serve.chat import read_chat_template
     from dozero.serve.engine import Engine
     from dozero.tokenizer import load_tokenizer
 
@@ -89,7 +90,7 @@ def run_serve(args) -> int:
     name = args.model_name or folder.name
     if folder.name in ("best", "latest"):  # a run's checkpoint: the run's name
         name = args.model_name or folder.parent.name
-    app = create_app(engine, name)
+    app = create_app(engine, name, read_chat_template(args.tokenizer or folder))
     GracefulServer = graceful_server_class()
     server = GracefulServer(
         uvicorn.Config(
