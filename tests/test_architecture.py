@@ -25,6 +25,7 @@ RANK = {
     "train": 6,
     "serve": 6,
     "course": 7,
+    "finetune": 7,  # after train: chat templates, SFT, LoRA; uses train's loop
     "evaluate": 7,  # uses model, tokenizer, data and generate; never train
     "compress": 7,  # uses model, tokenizer, generate; distill reuses train's machinery
     "cli": 8,
@@ -99,6 +100,8 @@ def test_cli_lists_exactly_the_pipeline_verbs(capsys):
         "tokenizer",
         "data",
         "train",
+        "finetune",
+        "chat",
         "generate",
         "eval",
         "compress",

@@ -27,6 +27,7 @@ VERBS = [
     "dozero.tokenizer.commands",
     "dozero.data.commands",
     "dozero.train.commands",
+    "dozero.finetune.commands",
     "dozero.generate.commands",
     "dozero.evaluate.commands",
     "dozero.compress.commands",

@@ -159,8 +159,11 @@ def save_checkpoint(
     metadata: dict,
     is_best: bool,
     keep_last: int,
+    extra_files=None,
 ) -> Path:
-    """Write checkpoints/step_XXXXXX, copy it to latest/ (and best/ if `is_best`), prune old ones."""
+    """Write checkpoints/step_XXXXXX, copy it to latest/ (and best/ if `is_best`), prune old ones.
+    `extra_files(folder)`, if given, writes more files into the checkpoint (fine-tuning: the LoRA adapter)
+    before the checksums, so they are verified with the rest."""
     from dozero.model.checkpoint import save_model
 
     run_dir = Path(run_dir)
@@ -174,6 +177,8 @@ def save_checkpoint(
         save_file(tensors, str(tmp / OPTIMIZER_STATE))
         state = {**trainer_state, "step": step, "optimizer_param_groups": groups}
         write_json(tmp / TRAINER_STATE, state, indent=1, default=_json_default)
+        if extra_files is not None:
+            extra_files(tmp)
         write_checksums(tmp, step=step)  # last: a folder with checksums.json is complete
 
     _write_folder(final, fill)

@@ -85,6 +85,10 @@ class Run:
     """(step, loss on the device, lr, applied) of the steps not yet logged."""
     clock: dict = field(default_factory=dict)
     """Timing of the steps since the last log: start, steps; and the session's train_seconds, start."""
+    recipe: object = None
+    """What a later stage changes in this loop (fine-tuning: dozero.finetune.sft.SFTRecipe): `verb`, and
+    `evaluate` (same arguments as `evaluate` below) and `checkpoint(model)` -> (model to save, extra
+    metadata, a function that writes extra files into the checkpoint folder). None for pretraining."""
 
 
 def train(
@@ -238,7 +242,7 @@ def _loop(run: Run) -> None:
                     _save(run, is_best=False, val_loss=None)
                 if stop_now:
                     run.result.stopped = signal.Signals(signum).name if signum else "stop_after"
-                    resume = f"dozero train --resume {run.run_dir}"
+                    resume = f"dozero {getattr(run.recipe, 'verb', 'train')} --resume {run.run_dir}"
                     run.observer.write(f"stopped at step {run.step} ({run.result.stopped}); resume: {resume}")
                     break
                 if evaluate_now:  # evaluation time is not training speed
@@ -304,7 +308,8 @@ def _flush(run: Run) -> None:
 def _evaluate(run: Run) -> None:
     """Validation loss, a sample line, loss.png, and a checkpoint (best/ too if the loss improved)."""
     cfg, result = run.cfg, run.result
-    val_loss = evaluate(run.raw_model, run.corpus.val, cfg, run.model_cfg.context_length, run.device, run.dtype)
+    score = run.recipe.evaluate if run.recipe is not None else evaluate
+    val_loss = score(run.raw_model, run.corpus.val, cfg, run.model_cfg.context_length, run.device, run.dtype)
     result.val_loss = val_loss
     is_best = result.best_val_loss is None or val_loss < result.best_val_loss
     if is_best:
@@ -329,17 +334,22 @@ def _save(run: Run, is_best: bool, val_loss: float | None) -> None:
             "tokens_seen": run.step * run.tokens_per_step,
         }
         metadata = {"train": {"step": run.step, "val_loss": val_loss, "preset": run.cfg.preset}}
+        model, extra_files = run.raw_model, None
+        if run.recipe is not None:
+            model, more, extra_files = run.recipe.checkpoint(run.raw_model)
+            metadata.update(more)
         try:
             ckpt.save_checkpoint(
                 run.run_dir,
                 run.step,
-                run.raw_model,
+                model,
                 run.corpus.tokenizer,
                 run.optimizer,
                 trainer_state,
                 metadata,
                 is_best,
                 run.cfg.keep_last,
+                extra_files,
             )
         except OSError as e:
             raise disk_error(e, run.run_dir / "checkpoints", "the previous checkpoints are intact") from None
