@@ -143,7 +143,7 @@ def layer_summary(cfg: ModelConfig, batch_size: int = 1, tokens: int | None = No
     first; "all" for every one) also get depth-1 rows for each step inside them.
     """
     C, V, H, b = cfg.emb_dim, cfg.vocab_size, cfg.hidden_dim, int(cfg.bias)
-    qkv_dim = "3C" if cfg.kv_heads == cfg.n_heads else "C+2*nkv*hs"
+    qkv_dim = "3C" if cfg.kv_heads == cfg.n_heads else "C+2kv"  # kv = nkv * hs (grouped-query attention)
     hidden_dim = "4C" if H == 4 * C else "H"
     fc_dim = f"2{hidden_dim}" if cfg.ff == "swiglu" else hidden_dim
     size = {"B": batch_size, "T": tokens or cfg.context_length, "C": C, qkv_dim: _qkv_width(cfg)}
@@ -152,6 +152,7 @@ def layer_summary(cfg: ModelConfig, batch_size: int = 1, tokens: int | None = No
     qkv = C * _qkv_width(cfg) + (_qkv_width(cfg) if cfg.qkv_bias else 0)
     norm = _norm_parameters(cfg)
     activation = "SwiGLU: silu(gate) * up" if cfg.ff == "swiglu" else "then GELU"
+    kv_note = "" if qkv_dim == "3C" else f" (kv = {cfg.kv_heads} heads x hs)"
 
     def row(name, dims, params, depth=0, note=""):
         return LayerRow(name, f"({', '.join(dims)})", tuple(size[d] for d in dims), params, depth, note)
@@ -171,7 +172,7 @@ def layer_summary(cfg: ModelConfig, batch_size: int = 1, tokens: int | None = No
             p = f"trf_blocks.{i}."
             rows += [
                 row(p + "norm1", ("B", "T", "C"), norm, 1),
-                row(p + "att.qkv", ("B", "T", qkv_dim), qkv, 1, "queries, keys, values"),
+                row(p + "att.qkv", ("B", "T", qkv_dim), qkv, 1, "queries, keys, values" + kv_note),
                 row(p + "att (heads)", ("B", "nh", "T", "hs"), 0, 1, "softmax(q k^T / sqrt(hs)) v"),
                 row(p + "att.out_proj", ("B", "T", "C"), C * C + b * C, 1, "heads re-assembled, projected"),
                 row(p + "drop_shortcut", ("B", "T", "C"), 0, 1, "+ shortcut"),
