@@ -152,6 +152,7 @@ class MultiHeadAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.drop_rate = cfg.drop_rate
         self.kv_dim = self.n_kv_heads * self.head_dim
+        self.gqa = self.n_kv_heads != self.n_heads  # SDPA then serves each key/value head to its group
         self.qkv = nn.Linear(cfg.emb_dim, cfg.emb_dim + 2 * self.kv_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
         self.kv_cache: KVCache | None = None
@@ -188,13 +189,7 @@ class MultiHeadAttention(nn.Module):
             # Fused kernel (FlashAttention / memory-efficient on GPU). is_causal only when no
             # mask is given, so both paths compute exactly the same function.
             y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=attn_mask,
-                dropout_p=dropout,
-                is_causal=attn_mask is None,
-                enable_gqa=self.n_kv_heads != self.n_heads,
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=attn_mask is None, enable_gqa=self.gqa
             )
             weights = None
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
@@ -239,10 +234,6 @@ class TransformerBlock(nn.Module):
         return x, weights
 
 
-def _rebuild_buffers(model: GPTModel, incompatible_keys) -> None:
-    model.reset_buffers()
-
-
 class GPTModel(nn.Module):
     """Token + position embeddings -> n_layers transformer blocks -> final norm -> output head.
 
@@ -264,10 +255,10 @@ class GPTModel(nn.Module):
             self.out_head.weight = self.tok_emb.weight
         self.reset_parameters()
         # RoPE's tables are not saved; a model built on the meta device gets them when its weights arrive.
-        self.register_load_state_dict_post_hook(_rebuild_buffers)
+        self.register_load_state_dict_post_hook(GPTModel.reset_buffers)
 
-    def reset_buffers(self) -> None:
-        """(Re)compute RoPE's tables, on the device of the weights."""
+    def reset_buffers(self, *_) -> None:
+        """(Re)compute RoPE's tables, on the device of the weights (`*_`: what load_state_dict's hook gets)."""
         if self.cfg.pos_emb == "rope":
             device = self.tok_emb.weight.device
             cos, sin = rope_tables(self.cfg.head_dim, self.cfg.context_length, self.cfg.rope_theta)
