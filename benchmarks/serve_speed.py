@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -106,7 +107,8 @@ def start_server(folder: Path, port: int, args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "dozero", "serve", "--model", str(folder), "--model-name", "bench",
            "--port", str(port), "--device", args.device, "--max-batch", "64",
            "--kv-cache-mb", str(args.kv_cache_mb)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -129,11 +131,16 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--kv-cache-mb", type=float, default=256)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the server and HF (default: torch's); on a busy machine 1 avoids "
+                   "threads spinning against each other")  # fmt: skip
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 and 4 clients, 4 requests, 8 tokens")
     args = p.parse_args()
     if args.quick:
         args.clients, args.requests, args.max_tokens = "1,4", 4, 8
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer("gpt2")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else Path(tmp) / "bench"
