@@ -438,3 +438,11 @@ def test_cli_gguf_errors_are_one_line(tmp_path, capsys, argv, message):
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (out, err)
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.gguf").exists()
+
+
+def test_cli_model_info_by_short_name(smollm2_path, capsys):
+    """Reads only the header: SmolLM2-135M's published shape and parameter count."""
+    code, out, err = run_cli(capsys, "model", "info", "smollm2-135m-instruct")
+    assert code == 0, err
+    assert "30 layers, 9 heads, emb_dim 576, context 8192, vocabulary 49152" in out
+    assert "134,515,008" in out

