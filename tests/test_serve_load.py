@@ -62,7 +62,6 @@ async def junk(client: httpx.AsyncClient) -> list[int]:
     return [*statuses, r.status_code]
 
 
-@pytest.mark.slow
 def test_32_concurrent_streams_with_hangups_and_junk():
     torch.set_num_threads(1)
     tokenizer, model = load_tokenizer("gpt2"), small_model()

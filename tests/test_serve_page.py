@@ -34,7 +34,6 @@ def browser():
         browser.close()
 
 
-@pytest.mark.slow
 def test_chat_page_streams_an_answer_and_stops_a_long_one(browser, tmp_path):
     torch.set_num_threads(1)
     tokenizer, model = load_tokenizer("gpt2"), small_model(context_length=1024)
