@@ -18,7 +18,7 @@ from dozero.generate.engine import BatchState, GenerationConfig, generate_ids
 from dozero.generate.layout import DecodingLinear, use_decoding_layout
 from dozero.model.checkpoint import load_model, model_config_from_dict, save_model
 from dozero.model.gpt import FeedForward, GPTModel, RMSNorm, apply_rope, explicit_attention, rope_tables
-from dozero.model.info import activation_bytes, layer_summary, parameter_breakdown
+from dozero.model.info import activation_bytes, layer_summary, memory_estimate, parameter_breakdown
 
 LLAMA = ModelConfig(
     vocab_size=97, context_length=32, emb_dim=48, n_heads=6, n_layers=2, n_kv_heads=2,
@@ -125,6 +125,9 @@ def test_parameter_breakdown_and_layer_table(preset):
     assert sum(r.params for r in rows if r.depth == 0) == model.num_parameters()
     qkv = next(r for r in rows if r.name == "trf_blocks.0.att.qkv")
     assert qkv.shape == (1, 8, cfg.emb_dim + 2 * cfg.kv_heads * cfg.head_dim)
+    # The KV cache holds the key/value heads only: SmolLM2 stores 3 of its 9 heads' worth.
+    kv_bytes = memory_estimate(cfg, batch_size=2, context_length=16)["fp32"]["kv_cache"]
+    assert kv_bytes == 2 * cfg.n_layers * 2 * 16 * cfg.kv_heads * cfg.head_dim * 4
 
 
 def test_layer_table_matches_forward():
