@@ -44,7 +44,8 @@ class ModelConfig:
     """Epsilon of every normalization layer, LayerNorm or RMSNorm (GPT-2: 1e-5)."""
     gelu_approximation: str = "tanh"
     """GELU of the feed-forward: 'tanh' (GPT-2's approximation, needed to load OpenAI's weights) or
-    'none' (the exact erf GELU, as nanoGPT trains; ~3x faster than tanh on the AVX2 CPU measured)."""
+    'none' (the exact erf GELU, as nanoGPT trains; ~3x faster than tanh on the AVX2 CPU measured). Unused
+    with ff='swiglu'."""
     norm: str = "layernorm"
     """Normalization: 'layernorm' (GPT-2: mean and variance, scale and shift) or 'rmsnorm' (Llama: root
     mean square only, scale only; Zhang & Sennrich 2019)."""
