@@ -31,6 +31,7 @@ from dozero.tokenizer.bpe import BPETokenizer
 from dozero.tokenizer.gguf import (
     SMOLLM_PATTERN,
     add_metadata,
+    read_gguf_header,
     read_gguf_tokenizer,
     tokenizer_metadata,
 )
@@ -299,7 +300,27 @@ def test_smollm2_tokenizer_equals_transformers(smollm2_path, smollm2_tokenizer):
     assert smollm2_tokenizer.eot_id == theirs.eos_token_id == smollm2_tokenizer.special_id("<|im_end|>")
 
 
-def test_smollm2_tokenizer_saved_and_read_back(tmp_path, smollm2_tokenizer):
+def test_smollm2_tokenizer_as_transformers_files(tmp_path, smollm2_tokenizer):
+    """`convert --to hf` writes the GGUF tokenizer as tokenizer.json (SmolLM2's own layout: Digits, then
+    ByteLevel): AutoTokenizer then gives llama.cpp's ids even where transformers' GGUF reader does not."""
+    transformers = need("transformers")
+    from dozero.tokenizer.gguf import write_hf_tokenizer
+
+    write_hf_tokenizer(smollm2_tokenizer, tmp_path, 8192)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in TEXTS + DIGIT_SPACES:
+        assert theirs.encode(text) == smollm2_tokenizer.encode(text, special="allow"), text
+    assert (theirs.eos_token, theirs.bos_token) == ("<|im_end|>", "<|im_start|>")
+    chat = theirs.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_smollm2_tokenizer_saved_and_read_back(tmp_path, smollm2_path, smollm2_tokenizer):
+    """tokenizer.gguf holds what the model file held: the same tokens, types and merges (in the file's order)."""
+    file_metadata = read_gguf_header(smollm2_path).metadata
+    metadata = tokenizer_metadata(smollm2_tokenizer)
+    for key in ("tokens", "token_type", "merges"):
+        assert metadata[f"tokenizer.ggml.{key}"] == file_metadata[f"tokenizer.ggml.{key}"], key
     smollm2_tokenizer.save(tmp_path)
     back = read_gguf_tokenizer(tmp_path / "tokenizer.gguf")
     assert back.fingerprint() == smollm2_tokenizer.fingerprint()
@@ -418,6 +439,21 @@ def test_cli_convert_gguf_to_dozero_and_back(tmp_path, capsys):
     assert (logits(back, ids) - logits(model, ids)).abs().max().item() < 3e-2
     code, out, err = run_cli(capsys, "generate", "--model", source, "--temperature", "0", "--max-new-tokens", "3", "x")
     assert code == 0, err
+
+
+def test_cli_convert_gguf_to_hf(tmp_path, capsys):
+    """A Llama-shaped GGUF -> a Hugging Face folder: transformers' logits and tokenizer ids are dozero's."""
+    transformers = need("transformers")
+    model, tok = perturbed(ModelConfig(**LLAMA_SHAPE)), small_tokenizer()
+    source = save_gguf(model, tmp_path / "tiny.gguf", tok, "f32")
+    code, out, err = run_cli(capsys, "model", "convert", source, tmp_path / "hf", "--to", "hf")
+    assert code == 0, err
+    assert "tokenizer.json" in out
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf")).encode(" the thin cat")
+    assert ids == tok.encode(" the thin cat")
+    with torch.no_grad():
+        assert (theirs(torch.tensor([ids])).logits[0] - logits(model, ids)).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize(

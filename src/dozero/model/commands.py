@@ -245,6 +245,10 @@ def run_convert(args) -> int:
         shutil.copyfile(src / f, dst / f)
     if src.is_file():  # a GGUF file: save_model wrote its tokenizer as tokenizer.gguf (chat template included)
         copied.append("tokenizer.gguf")
+        if args.to == "hf":
+            from dozero.tokenizer.gguf import write_hf_tokenizer
+
+            copied += [p.name for p in write_hf_tokenizer(tok, dst, model.cfg.context_length)]
     elif args.to == "hf" and tok is not None:
         copied += _export_hf_tokenizer(tok, dst, copied, model.cfg.context_length)
     print(f"wrote {dst} ({'Hugging Face' if args.to == 'hf' else 'dozero'} format, "

@@ -363,3 +363,43 @@ def write_gguf_tokenizer(tok: BPETokenizer, path: Path) -> None:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+
+
+def write_hf_tokenizer(tok: GGUFTokenizer, folder: Path, model_max_length: int | None = None) -> list[Path]:
+    """tokenizer.json + tokenizer_config.json that transformers' AutoTokenizer reads with the GGUF file's ids:
+    its pre-tokenizer as `tokenizers` spells it ("smollm": Digits(individual) then ByteLevel, as SmolLM2's own
+    tokenizer.json), every token in the vocabulary, the control tokens as special, the end token and the chat
+    template. (dozero.tokenizer.exports writes GPT-2-pattern tokenizers; this one covers GGUF's others too.)"""
+    import json
+
+    from dozero.files import atomic_write
+
+    meta = tokenizer_metadata(tok)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    pre = byte_level
+    if tok.pattern == SMOLLM_PATTERN:
+        pre = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    added = [
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}
+        for i, (t, kind) in enumerate(zip(tokens, types, strict=True)) if kind != NORMAL
+    ]  # fmt: skip
+    model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+             "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+             "vocab": {t: i for i, t in enumerate(tokens)},
+             "merges": [m.split(" ") for m in meta["tokenizer.ggml.merges"]]}  # fmt: skip
+    tokenizer_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+                      "normalizer": None, "pre_tokenizer": pre, "post_processor": byte_level,
+                      "decoder": byte_level, "model": model}  # fmt: skip
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    for key, value in (("bos_token", tok.bos_id), ("eos_token", tok.eot_id)):
+        if value is not None:
+            config[key] = tokens[value]
+    if tok.chat_template:
+        config["chat_template"] = tok.chat_template
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    atomic_write(folder / "tokenizer.json", json.dumps(tokenizer_json, ensure_ascii=False, indent=1))
+    atomic_write(folder / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=1) + "\n")
+    return [folder / "tokenizer.json", folder / "tokenizer_config.json"]
