@@ -140,3 +140,26 @@ def test_bad_settings_are_refused():
         apply_lora(tiny(LLAMA), LoRAConfig(rank=0))
     with pytest.raises(DozeroError, match="no LoRA layers"):
         save_adapter(tiny(LLAMA), "unused")
+
+
+def test_merge_lora_command_writes_a_plain_model(tmp_path, capsys):
+    from dozero.cli import main
+    from dozero.finetune.sft import load_base
+    from dozero.model.checkpoint import load_model
+    from dozero.tokenizer import gpt2
+
+    cfg = dataclasses.replace(GPT2, vocab_size=50257)
+    save_model(tiny(cfg), tmp_path / "base", tokenizer=gpt2())
+    model, _, _ = load_base(str(tmp_path / "base"))  # as finetune starts: ChatML tokens added
+    with_random_lora(model, rank=2)
+    save_adapter(model, tmp_path / "adapter")
+    assert main(["model", "merge-lora", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
+    merged = load_model(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS), merge_lora(model)(IDS), rtol=0, atol=1e-5)
+    save_model(tiny(dataclasses.replace(cfg, emb_dim=64)), tmp_path / "other", tokenizer=gpt2())
+    args = ["model", "merge-lora", str(tmp_path / "other"), str(tmp_path / "adapter"), str(tmp_path / "out2")]
+    assert main(args) == 2
+    assert "made for another model" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+    assert main(args[:4] + [str(tmp_path / "out")]) == 2  # never over another model
+    assert "already holds a model" in capsys.readouterr().err

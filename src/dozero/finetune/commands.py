@@ -27,6 +27,7 @@ At the prompt: /reset starts over, /save FILE writes the conversation as a JSON 
 
 def register(subparsers) -> None:
     _register_finetune(subparsers)
+    _register_merge_lora(subparsers)
     p = subparsers.add_parser(
         "chat",
         help="talk with a chat model in the terminal",
@@ -113,4 +114,48 @@ def run_finetune(args) -> int:
         return EXIT_CODES.get(result.stopped, 0)
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
     print(f"\ndone: {result.step} steps, best validation loss {best}. Talk to it: dozero chat --model {result.run_dir}")
+    return 0
+
+
+MERGE_DESCRIPTION = """\
+Merge a LoRA adapter (dozero's, from a `dozero finetune` checkpoint, or Hugging Face PEFT's
+adapter_config.json + adapter_model.safetensors) into its base model and write a plain model folder:
+W <- W + (alpha / r) B A in every adapted layer. The result loads and runs like any dozero model."""
+
+
+def _register_merge_lora(subparsers) -> None:
+    """`dozero model merge-lora`, an action of the model verb registered from here: it needs LoRA, and
+    finetune comes after model in the import order (model must not import finetune)."""
+    model_verb = subparsers.choices["model"]
+    (actions,) = [a for a in model_verb._actions if isinstance(a, argparse._SubParsersAction)]
+    p = actions.add_parser(
+        "merge-lora",
+        help="merge a LoRA adapter into its base model (a plain model folder)",
+        description=MERGE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("base", metavar="BASE", help="the base model: folder, run folder, GGUF file or short name")
+    p.add_argument("adapter", metavar="ADAPTER", help="folder with adapter_config.json + adapter_model.safetensors")
+    p.add_argument("out", metavar="OUT", help="folder to write (created; must not hold another model)")
+    p.add_argument("--force", action="store_true", help="write into a folder that holds other files")
+    p.set_defaults(func=run_merge_lora)
+
+
+def run_merge_lora(args) -> int:
+    from pathlib import Path
+
+    from dozero.errors import DozeroError
+    from dozero.files import check_output_folder
+    from dozero.finetune.lora import load_adapter, merge_lora
+    from dozero.finetune.sft import load_base
+    from dozero.model.checkpoint import CONFIG_FILE, save_model
+
+    out = Path(args.out).expanduser()
+    if (out / CONFIG_FILE).exists() and not args.force:
+        raise DozeroError(f"{out} already holds a model; choose another folder or pass --force")
+    check_output_folder(out, "model folder", lambda folder: (folder / CONFIG_FILE).exists(), args.force)
+    model, tokenizer, template = load_base(args.base)
+    merge_lora(load_adapter(model, args.adapter))  # checks every tensor first: a wrong base is one line
+    save_model(model, out, tokenizer=tokenizer, metadata={"chat_template": template, "merged_adapter": args.adapter})
+    print(f"wrote {out}: {args.base} with {args.adapter} merged in")
     return 0
