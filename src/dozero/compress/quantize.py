@@ -26,12 +26,14 @@ import torch
 
 from dozero.errors import DozeroError
 from dozero.model.quantized import (
+    KERNELS,
     QUANT_KEY,
     QuantizedEmbedding,
     QuantizedLinear,
     is_quantized,
     pack_int4,
     quantizable_linears,
+    set_kernel,
     set_module,
     tie_quantized_head,
 )
@@ -49,11 +51,17 @@ class QuantizeConfig:
     head: bool = True
     """Also quantize the output head (and the token embedding tied to it): the largest matrix of
     GPT-2 124M (38.6M of 124M parameters) and SmolLM2-135M (28.3M of 134.5M)."""
+    kernel: str = "reference"
+    """How the quantized layers multiply: 'reference' (dequantize, then a float product: weight-only, only
+    the weights' rounding costs quality) or 'fbgemm' (FBGEMM's int8 kernel, the fast one on x86 CPUs, which
+    also rounds each input row to 7 bits: SmolLM2's perplexity +150%; see model/quantized.py)."""
 
     def resolved_group(self, width: int, where: str) -> int:
         """The group size for a row of `width` inputs, or a one-line error."""
         if self.bits not in (8, 4):
             raise DozeroError(f"quantize: bits must be 8 or 4 (int8 / int4), got {self.bits}")
+        if self.kernel not in KERNELS:
+            raise DozeroError(f"quantize: kernel must be one of {', '.join(KERNELS)}, got '{self.kernel}'")
         group = self.group_size or (32 if self.bits == 4 else width)
         if group < 1 or width % group or (self.bits == 4 and group % 2):
             raise DozeroError(
@@ -107,14 +115,15 @@ def quantize(model, config: QuantizeConfig | None = None):
             model.tok_emb = QuantizedEmbedding(q, scales, config.bits)
             tie_quantized_head(model)
     model.quantization = spec_of(config, groups, model.cfg.emb_dim)
+    set_kernel(model, config.kernel)
     return model
 
 
 def spec_of(config: QuantizeConfig, groups: dict[str, int], width: int) -> dict:
     """config.json's "quantization" entry. group_size 0 = a whole row (differs per matrix)."""
     whole_rows = config.bits == 8 and not config.group_size
-    return {"bits": config.bits, "group_size": 0 if whole_rows else config.resolved_group(width, "the model"),
-            "head": config.head}  # fmt: skip
+    group = 0 if whole_rows else config.resolved_group(width, "the model")
+    return {"bits": config.bits, "group_size": group, "head": config.head, "kernel": config.kernel}
 
 
 def quantized_state(model) -> dict[str, torch.Tensor]:

@@ -15,14 +15,19 @@ inputs of a row (a whole row: "per output channel"):
 
 Scales are float16 on disk, as llama.cpp's Q8_0 / Q4_0 blocks keep them.
 
-Two ways to multiply (one function, `QuantizedLinear.forward`, chooses):
-  * reference: dequantize the whole matrix, then `F.linear` (readable; any device and dtype);
-  * kernel: FBGEMM's dynamic int8 linear (`quantized::linear_dynamic`), which quantizes the input row to
-    8 bits per call and multiplies integers. Measured on the project's 2-core AVX2 EPYC (MEASURED.md):
-    2.3x faster than fp32 at 768 x 3072, while `torch._weight_int8pack_mm` was 7x and
-    `_weight_int4pack_mm_for_cpu` 10x slower than fp32. FBGEMM knows only one scale per row, so a
-    grouped weight (int4, or int8 with groups) is requantized to int8 per row for the kernel: one more
-    rounding, at most half of that row's int8 step (tests/test_quantize.py measures both errors).
+Two ways to multiply (`kernel`, chosen when quantizing and kept in config.json; one function,
+`QuantizedLinear.forward`, applies it):
+  * "reference" (default): dequantize the matrix, then `F.linear`. Weight-only: the only error is the
+    weights' rounding (SmolLM2-135M int8: perplexity +0.7%). Readable, any device and dtype, but slower
+    than fp32 on a CPU (it writes the float matrix before reading it).
+  * "fbgemm": FBGEMM's dynamic int8 linear (`quantized::linear_dynamic`), which also rounds each input
+    row to 7 bits per call and multiplies integers. Measured on the project's 2-core AVX2 EPYC
+    (MEASURED.md): 2.3x faster than fp32 at 768 x 3072, while `torch._weight_int8pack_mm` was 7x and
+    `_weight_int4pack_mm_for_cpu` 10x slower than fp32: the only fast int8 path on this CPU. The input
+    rounding costs quality where activations have outliers: SmolLM2-135M's perplexity went from 48.3
+    to 119 (most of it at the SwiGLU down projection, whose inputs reach 100x their mean). FBGEMM knows
+    one scale per row, so a grouped weight (int4, or int8 with groups) is requantized to int8 per row
+    for it: one more rounding, at most half of that row's int8 step.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-QUANT_KEY = "quantization"  # config.json key: {"bits": 8|4, "group_size": G or 0 (a whole row), "head": bool}
+QUANT_KEY = "quantization"  # config.json: {"bits": 8|4, "group_size": G or 0 (a row), "head": bool, "kernel": ...}
+KERNELS = ("reference", "fbgemm")
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -92,7 +98,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight_q", q)
         self.register_buffer("scales", scales)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
-        self.kernel = "auto"  # "auto": FBGEMM where it runs (CPU, fp32 input), else "reference"
+        self.kernel = "reference"  # or "fbgemm": FBGEMM where it runs (CPU, fp32 input), else the reference
         self._packed = None  # made on the first kernel call; not saved, not copied
 
     @property
@@ -106,7 +112,7 @@ class QuantizedLinear(nn.Module):
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """FBGEMM for fp32 CPU inputs that need no gradient (the kernel has none)."""
         cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
-        return self.kernel == "auto" and cpu_fp32 and not x.requires_grad and fbgemm_available()
+        return self.kernel == "fbgemm" and cpu_fp32 and not x.requires_grad and fbgemm_available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_kernel(x):  # reference: dequantize, multiply in x's precision
@@ -172,6 +178,14 @@ def empty_quantized(model: nn.Module, spec: dict) -> None:
         V, C = model.tok_emb.weight.shape
         model.tok_emb = QuantizedEmbedding(*shapes(V, C), bits)
         tie_quantized_head(model)
+    set_kernel(model, spec.get("kernel", "reference"))
+
+
+def set_kernel(model: nn.Module, kernel: str) -> None:
+    """How every quantized linear layer of `model` multiplies: "reference" or "fbgemm" (module docstring)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.kernel = kernel
 
 
 def quantizable_linears(model: nn.Module, head: bool) -> list[tuple[str, nn.Linear]]:
@@ -184,8 +198,9 @@ def quantizable_linears(model: nn.Module, head: bool) -> list[tuple[str, nn.Line
 
 def tie_quantized_head(model: nn.Module) -> None:
     """The output head reads the quantized embedding's buffers (GPT-2 and SmolLM2 tie them)."""
-    emb = model.tok_emb
+    emb, kernel = model.tok_emb, getattr(model.out_head, "kernel", "reference")
     model.out_head = QuantizedLinear(emb.weight_q, emb.scales, None, emb.bits)
+    model.out_head.kernel = kernel
 
 
 def set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -203,10 +218,11 @@ def check_spec(spec, where: str) -> dict:
 
     ok = isinstance(spec, dict) and spec.get("bits") in (8, 4) and isinstance(spec.get("head"), bool)
     group = spec.get("group_size") if isinstance(spec, dict) else None
+    ok = ok and spec.get("kernel", "reference") in KERNELS
     if not ok or not isinstance(group, int) or group < 0 or (spec["bits"] == 4 and (group == 0 or group % 2)):
         raise DozeroError(
             f'{where}: bad "{QUANT_KEY}" entry {spec!r}; expected {{"bits": 8 or 4, "group_size": G (even; 0 = a '
-            'whole row, int8 only), "head": true/false}'
+            'whole row, int8 only), "head": true/false, "kernel": "reference" or "fbgemm"}'
         )
     return spec
 
