@@ -55,6 +55,9 @@ def test_completion_equals_dozero_generate(client, served):
     assert out.choices[0].text == expected
     assert out.choices[0].finish_reason == "length"
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (5, 12)
+    ids = tokenizer.encode("The meaning of life is")
+    out = client.completions.create(model=NAME, prompt=[ids, ids[:2]], max_tokens=12, temperature=0)
+    assert out.choices[0].text == expected and len(out.choices) == 2
     # Seeded sampling: n choices use seeds seed, seed + 1.
     out = client.completions.create(model=NAME, prompt="Hi", max_tokens=8, temperature=1.0, seed=7, n=2)
     for j, choice in enumerate(out.choices):
@@ -116,6 +119,9 @@ def test_wrong_or_missing_api_key_is_401(served, client):
         ({"prompt": "Hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
         ({"prompt": "Hi", "model": "gpt-4"}, 404, "model"),
         ({"max_tokens": 3}, 400, "prompt"),
+        ({"prompt": [], "max_tokens": 3}, 400, "prompt"),
+        ({"prompt": [50257]}, 400, "prompt"),  # a token id the vocabulary does not have
+        ({"prompt": "Hi", "logprobs": 2}, 400, "logprobs"),
     ],
 )
 def test_invalid_requests_get_openai_errors(served, client, body, status, param):

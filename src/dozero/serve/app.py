@@ -108,8 +108,9 @@ def create_app(engine: Engine, model_name: str, chat_template: str | None = None
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
+        prompt = body.prompt
+        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        if not prompts or any(isinstance(p, list) and not p for p in prompts):
             raise ApiError(400, "prompt must not be an empty list", param="prompt")
         ids = [encode(engine, p) for p in prompts]
         return await answer(engine, request, body, ids, (), "text_completion", model_name)
@@ -127,10 +128,14 @@ def create_app(engine: Engine, model_name: str, chat_template: str | None = None
     return app
 
 
-def encode(engine: Engine, text: str) -> list[int]:
+def encode(engine: Engine, text: str | list[int]) -> list[int]:
+    """Token ids of a prompt (text, or ids as OpenAI's API also takes them), checked against the context."""
     tok, ctx = engine.tokenizer, engine.model.cfg.context_length
     try:
-        ids = tok.encode(text, special="allow") if text else ([tok.eot_id] if tok.eot_id is not None else [])
+        if isinstance(text, list):
+            ids = tok.check_ids(text)
+        else:
+            ids = tok.encode(text, special="allow") if text else ([tok.eot_id] if tok.eot_id is not None else [])
     except DozeroError as e:  # e.g. a character the model's vocabulary does not have
         raise ApiError(400, str(e), param="prompt") from None
     if not ids:

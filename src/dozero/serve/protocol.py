@@ -36,6 +36,8 @@ class Sampling(BaseModel):
     seed: int | None = None
     presence_penalty: Literal[0, 0.0] = 0.0  # accepted at OpenAI's default only
     frequency_penalty: Literal[0, 0.0] = 0.0
+    logprobs: Literal[None, False, 0] = None  # not computed: asking for them is an error, not a silent null
+    top_logprobs: Literal[None, 0] = None
     ignore_eos: bool = False  # vLLM's extension: keep going past end-of-text (benchmarks want fixed lengths)
 
     def stops(self) -> tuple[str, ...]:
@@ -46,7 +48,7 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, texts, token ids, or lists of token ids
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: Literal[False] = False
 
