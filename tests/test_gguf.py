@@ -482,3 +482,38 @@ def test_cli_model_info_by_short_name(smollm2_path, capsys):
     assert code == 0, err
     assert "30 layers, 9 heads, emb_dim 576, context 8192, vocabulary 49152" in out
     assert "134,515,008" in out
+
+
+LOAD_PROBE = """
+import json, resource, sys
+from dozero.model.checkpoint import load_model  # (imports torch: not counted as loading)
+
+def status(key):  # kB, from the kernel's account of this process
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+before, start = status("VmRSS"), cpu()
+model = load_model(sys.argv[1])
+print(json.dumps({"growth": (status("VmHWM") - before) * 1024, "cpu": cpu() - start,
+                  "fp32": sum(p.numel() for p in model.parameters()) * 4}))
+"""
+
+
+@pytest.mark.slow
+def test_smollm2_loads_in_seconds_below_3x_its_fp32_size(smollm2_path):
+    """In a fresh process: the peak memory added by `load_model` (dequantized tensors, the model) stays under
+    3x the fp32 model (measured 1.75x: 0.94 GB for 0.54 GB), and the CPU time is seconds (measured 3-5 s)."""
+    import json
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("peak memory is read from /proc (Linux)")
+    out = subprocess.run([sys.executable, "-c", LOAD_PROBE, "smollm2-135m-instruct"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["growth"] < 3 * figures["fp32"], figures
+    assert figures["cpu"] < 20, figures
