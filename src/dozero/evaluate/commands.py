@@ -105,7 +105,8 @@ def run_eval(args) -> int:
     config = apply_args(EvalConfig(tasks=""), args)
     if not config.tasks and not args.text:
         raise DozeroError("nothing to evaluate: give --tasks hellaswag,arc_easy,... and/or --text FILE")
-    task_list(config.tasks) if config.tasks else None  # unknown tasks fail before the model loads
+    if config.tasks:
+        task_list(config.tasks)  # an unknown task or a bad .jsonl fails before the model loads
     folder = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(args.tokenizer or folder)
     model = load_model(folder, device=pick_device(args.device))

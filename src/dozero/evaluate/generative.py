@@ -55,9 +55,7 @@ class GenerativeTask:
         samples = [
             {"prompt": p, "completion": c, self.metric: s} for p, c, s in zip(prompts, completions, scores, strict=True)
         ]
-        result = summarize(self, {self.metric: scores}, [(it, None) for it in items], truncated, seconds, samples)
-        result["random"] = {self.metric: 0.0}
-        return result
+        return summarize(self, {self.metric: scores}, 0.0, truncated, seconds, samples)
 
 
 def generate_texts(model, tokenizer, prompts, stop, max_new_tokens: int, desc: str, batch_size: int = 8):

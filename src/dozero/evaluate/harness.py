@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from dozero.errors import DozeroError
 from dozero.evaluate import metrics
 from dozero.evaluate.scoring import encode_pair, score_requests
-from dozero.evaluate.tasks import ChoiceTask, Example, build_prompts, get_task, load_examples, pick_shots
+from dozero.evaluate.tasks import ChoiceTask, build_prompts, get_task, load_examples, pick_shots
 
 
 @dataclass
@@ -75,7 +75,8 @@ def evaluate_choices(model, tokenizer, task, examples, config: EvalConfig, first
         prompts.append(pairs)
         requests += [encode_pair(tokenizer, c, x) for c, x in pairs]
     start = time.perf_counter()
-    scores = score_requests(model, requests, config.batch_tokens, progress=task.name)
+    share = [1 / n for _, n in spans for _ in range(n)]
+    scores = score_requests(model, requests, config.batch_tokens, progress=task.name, share=share)
     seconds = time.perf_counter() - start
     per_metric: dict[str, list[float]] = {m: [] for m in task.metrics}
     samples = []
@@ -86,19 +87,16 @@ def evaluate_choices(model, tokenizer, task, examples, config: EvalConfig, first
             per_metric[m].append(got[m])
         if config.samples:
             samples.append({"context": pairs[0][0], "choices": ex.choices, "gold": ex.gold, "logprobs": lls, **got})
-    return summarize(task, per_metric, examples, scores.truncated, seconds, samples)
+    chance = metrics.mean([1 / len(ex.choices) for ex, _ in examples])  # guessing: 1 / choices, on average
+    return summarize(task, per_metric, chance, scores.truncated, seconds, samples)
 
 
-def summarize(task, per_metric: dict[str, list[float]], examples, truncated: int, seconds: float, samples) -> dict:
-    n = len(examples)
-    chance = (
-        metrics.mean([1 / len(ex.choices) for ex, _ in examples])
-        if examples and isinstance(examples[0][0], Example)
-        else 0.0
-    )
+def summarize(task, per_metric: dict[str, list[float]], chance: float, truncated: int, seconds: float, samples) -> dict:
+    """A report-card entry: mean and stderr of each metric over the items, and what chance would score."""
+    n = len(next(iter(per_metric.values())))
     return {
         "task": task.name,
-        "reproduces": getattr(task, "reproduces", None),
+        "reproduces": task.reproduces,
         "n": n,
         "metrics": {
             m: {"score": metrics.mean(v), "stderr": metrics.mean_stderr(v), "higher_is_better": True}

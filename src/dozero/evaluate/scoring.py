@@ -140,8 +140,11 @@ def score_batch(model, head, batch, device) -> list[tuple[int, float, bool]]:
     return [(i, lp, m == 0) for i, lp, m in zip(requests, sums, misses, strict=True)]
 
 
-def score_requests(model, requests, batch_tokens: int = 4096, progress: str | None = None) -> Scores:
-    """Log-likelihoods of `requests` [(context ids, continuation ids)] under `model` (eval mode, no grad)."""
+def score_requests(model, requests, batch_tokens: int = 4096, progress: str | None = None, share=None) -> Scores:
+    """Log-likelihoods of `requests` [(context ids, continuation ids)] under `model` (eval mode, no grad).
+
+    progress: a progress bar with this title; `share[i]` is the part of a question that request i is
+    (1 / its number of choices), so the bar counts questions (items/s); default one per request."""
     from tqdm.auto import tqdm
 
     grouped, truncated = plan_rows(requests, model.cfg.context_length)
@@ -152,7 +155,16 @@ def score_requests(model, requests, batch_tokens: int = 4096, progress: str | No
     device = model.tok_emb.weight.device
     logprobs, greedy = [0.0] * len(requests), [False] * len(requests)
     start = time.perf_counter()
-    bar = tqdm(total=len(requests), desc=progress, unit="choice", disable=progress is None, leave=False)
+    share = share or [1.0] * len(requests)
+    total = round(sum(share))
+    bar = tqdm(
+        total=total,
+        desc=progress,
+        unit="item",
+        disable=progress is None,
+        leave=False,
+        bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]",
+    )
     was_training, head = model.training, model.out_head
     model.eval()
     model.out_head = torch.nn.Identity()  # applied in score_batch to the positions that need it
@@ -161,9 +173,10 @@ def score_requests(model, requests, batch_tokens: int = 4096, progress: str | No
             for batch in batches(rows, batch_tokens):
                 for index, lp, g in score_batch(model, head, batch, device):
                     logprobs[index], greedy[index] = lp, g
-                bar.update(sum(len(r[4]) for r in batch))
+                bar.update(sum(share[i] for r in batch for i, _ in r[4]))
     finally:
         model.out_head = head  # the same module: weight tying with tok_emb is untouched
         model.train(was_training)
+        bar.n = total  # float shares may add up to 9.999...
         bar.close()
     return Scores(logprobs, greedy, truncated, time.perf_counter() - start)
