@@ -4,6 +4,7 @@ a stage with several methods takes the method as a sub-verb, as `dozero data pre
     dozero compress quantize --model smollm2-135m-instruct --to int8 --out out/smol-int8
     dozero compress quantize --model runs/shakespeare-char --to int4 --group-size 32 --out out/char-int4
     dozero generate --model out/smol-int8 "The capital of France is"     (every loader reads the folder)
+    dozero compress prune --model smollm2-135m-instruct --method neurons --sparsity 0.25 --out out/smol-n25
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from dozero.cli_args import add_dataclass_args, apply_args
+from dozero.compress.prune import PruneConfig
 from dozero.compress.quantize import QuantizeConfig
 from dozero.errors import DozeroError
 
@@ -29,7 +31,7 @@ GGUF's Q8_0 / Q4_0, value for value. The folder loads wherever a model does (gen
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "compress",
-        help="quantize (int8/int4) a finished model",
+        help="quantize (int8/int4) or prune a finished model",
         description="Make a finished model smaller and faster. `dozero compress METHOD --help` for each.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n" + __doc__.split("\n\n")[1],
@@ -50,6 +52,37 @@ def register(subparsers) -> None:
     q.add_argument("--force", action="store_true", help="overwrite a model in DIR, or write into a foreign folder")
     add_dataclass_args(q, QuantizeConfig, skip=("bits",))
     q.set_defaults(func=run_quantize)
+
+    pr = sub.add_parser(
+        "prune",
+        help="zero the least important weights, or remove feed-forward neurons",
+        description="Prune a finished model: magnitude or wanda (zeros, same shapes) or neurons (narrower "
+        "feed-forward layers: a smaller, faster model).",
+        epilog=PRUNE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pr.add_argument("--model", required=True, metavar="MODEL", help="model folder, run folder, GGUF file or short name")
+    pr.add_argument("--out", required=True, metavar="DIR", help="folder to write (a dozero model folder)")
+    pr.add_argument(
+        "--calibration",
+        default="tinyshakespeare",
+        metavar="TEXT",
+        help="text whose activations score the weights (wanda; a file or a bundled text's name; default: "
+        "tinyshakespeare)",
+    )
+    pr.add_argument("--force", action="store_true", help="overwrite a model in DIR, or write into a foreign folder")
+    add_dataclass_args(pr, PruneConfig)
+    pr.set_defaults(func=run_prune)
+
+
+PRUNE_EPILOG = """\
+examples:
+  dozero compress prune --model runs/shakespeare-char --method magnitude --sparsity 0.5 --out out/char-m50
+  dozero compress prune --model smollm2-135m-instruct --method wanda --sparsity 0.5 --out out/smol-w50
+  dozero compress prune --model smollm2-135m-instruct --method neurons --sparsity 0.25 --out out/smol-n25
+
+magnitude and wanda set weights to zero (the file and the speed stay the same); neurons removes whole
+feed-forward neurons, so the matrices, the file and the time per token shrink."""
 
 
 def prepare_out(out: str, src: Path, force: bool) -> Path:
@@ -82,4 +115,33 @@ def run_quantize(args) -> int:
     after = weight_bytes(model)
     print(f"{args.to}: weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({before / after:.1f}x smaller)")
     print(f"wrote {dst}")
+    return 0
+
+
+def run_prune(args) -> int:
+    import torch
+
+    from dozero.compress.prune import prune, sparsity_of
+    from dozero.compress.quantize import weight_bytes
+    from dozero.evaluate.perplexity import read_eval_tokens
+    from dozero.model.checkpoint import load_model, resolve_model_dir, save_model
+    from dozero.tokenizer import load_tokenizer
+
+    config = apply_args(PruneConfig(), args)
+    config.check()
+    src = resolve_model_dir(args.model)
+    dst = prepare_out(args.out, src, args.force)
+    tokenizer = load_tokenizer(src)
+    model = load_model(src)
+    calibration = None
+    if config.method == "wanda":
+        ids = read_eval_tokens(args.calibration, tokenizer, config.calibration_tokens)[0]
+        calibration = torch.tensor(ids)
+    before = weight_bytes(model)
+    pruned = prune(model, config, calibration)
+    save_model(pruned, dst, tokenizer=tokenizer, metadata={"pruned_from": str(args.model), "prune": vars(config)})
+    print(
+        f"{config.method}: {sparsity_of(pruned):.1%} of the blocks' weights are zero; weights {before / 1e6:.1f} MB "
+        f"-> {weight_bytes(pruned) / 1e6:.1f} MB; wrote {dst}"
+    )
     return 0
