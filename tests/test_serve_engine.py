@@ -175,3 +175,22 @@ def test_a_small_pool_preempts_and_the_text_is_unchanged(tokenizer):
         assert engine.pool.num_free == engine.pool.num_blocks
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_shared_prompt_beginnings_reuse_blocks_and_give_the_same_text(tokenizer, caching):
+    model = small_model()
+    system = "You are a helpful assistant who answers questions about the sea, ships and old maps. "
+    prompts = [system + "Where is", system + "Why do", system + "Where is", "Unrelated start"]
+    config = GenerationConfig(temperature=0, max_new_tokens=12, stop_at_eot=False)
+    expected = [generate(model, tokenizer, p, config=config) for p in prompts]
+    engine = run_engine(model, tokenizer, prefix_caching=caching)
+    try:
+        first = engine.generate_text(prompts[0], config)  # its blocks are now named in the pool
+        got = all_at_once(engine, prompts, [config] * len(prompts))
+        assert [first[0], *(text for text, _ in got)] == [expected[0], *expected]
+        cached = engine.metrics.counters["prompt_tokens_cached_total"]
+        assert cached >= 3 * 16 if caching else cached == 0  # 18 system tokens: two full blocks of 8 each
+        assert engine.pool.num_free == engine.pool.num_blocks
+    finally:
+        engine.close()

@@ -27,6 +27,8 @@ class ServeConfig:
     """Most requests waiting for a place in the batch; beyond it new requests get HTTP 429."""
     prefill_chunk: int = 256
     """Most prompt tokens read in one step, so a long prompt does not stall the running streams."""
+    prefix_caching: bool = True
+    """Share the KV blocks of identical prompt beginnings (a system prompt, earlier chat turns) between requests."""
     max_tokens: int = 1024
     """Largest max_tokens a request may ask for (also the default of chat requests, within the context)."""
     max_n: int = 8

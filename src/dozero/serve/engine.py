@@ -140,14 +140,15 @@ class Engine:
             self._end(seq, "cancelled")
         prefill, decode = None, []
         try:
-            preempted = self.scheduler.preemptions
+            preempted, cached = self.scheduler.preemptions, self.scheduler.cached_tokens
             prefill, decode = self.scheduler.schedule()
-            if self.scheduler.preemptions > preempted:
-                self.metrics.add("preemptions_total", self.scheduler.preemptions - preempted)
+            self.metrics.add("preemptions_total", self.scheduler.preemptions - preempted)
+            self.metrics.add("prompt_tokens_cached_total", self.scheduler.cached_tokens - cached)
             if prefill is not None:
                 seq, n = prefill
                 logits = self.runner.run([seq], [n])
                 seq.num_cached += n
+                self.scheduler.register(seq)
                 if not seq.in_prefill:
                     if seq.num_generated == 0:  # not a preempted sequence read again
                         self.metrics.add("prompt_tokens_total", len(seq.prompt))
@@ -156,6 +157,7 @@ class Engine:
                 logits = self.runner.run(decode, [1] * len(decode))
                 for seq in decode:
                     seq.num_cached += 1
+                    self.scheduler.register(seq)
                 self._sample(decode, logits)
         except Exception:  # a bad step must not take the server down: its sequences end with an error
             log.exception("engine step failed")

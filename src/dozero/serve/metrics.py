@@ -38,6 +38,7 @@ class Metrics:
         "prompt_tokens_total": "Prompt tokens read",
         "generation_tokens_total": "Tokens generated",
         "rejected_total": "Requests refused because the queue was full",
+        "prompt_tokens_cached_total": "Prompt tokens found in shared KV blocks instead of computed",
         "preemptions_total": "Sequences preempted when the KV pool ran dry (read again later)",
     }
     HISTOGRAMS = {

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from dozero.serve.block_manager import BlockPool, blocks_needed
+from dozero.serve.block_manager import BlockPool, blocks_needed, prefix_hashes
 from dozero.serve.config import ServeConfig
 from dozero.serve.sequence import Sequence
 
@@ -27,6 +27,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted: holding blocks, in prefill or decoding, oldest first
         self.preemptions = 0
+        self.cached_tokens = 0  # prompt tokens taken from shared blocks instead of computed
         # Blocks kept free at admission, so a newcomer does not at once force a preemption.
         self.watermark = max(1, pool.num_blocks // 100)
 
@@ -54,20 +55,41 @@ class Scheduler:
         return [s for s in decode if s in self.running]
 
     def admit(self) -> None:
-        """Move waiting sequences into the batch while there is room (in order: none jumps the queue)."""
+        """Move waiting sequences into the batch while there is room (in order: none jumps the queue).
+        A prompt that starts with blocks already in the pool takes them and skips their prefill."""
+        bs = self.pool.block_size
         while self.waiting and len(self.running) < self.config.max_batch:
             seq = self.waiting[0]
-            need = blocks_needed(seq.prefill_target + 1, self.pool.block_size)
-            if need + (self.watermark if self.running else 0) > self.pool.num_free:
+            shared = []
+            if self.config.prefix_caching:  # at least one token is left to read: its logits are needed
+                shared = self.pool.cached_prefix(prefix_hashes(seq.tokens[: seq.prefill_target - 1], bs))
+            # Shared blocks nobody holds now come out of the free list too.
+            idle_shared = sum(self.pool.users[b] == 0 for b in shared)
+            cost = blocks_needed(seq.prefill_target + 1, bs) - len(shared) + idle_shared
+            if cost + (self.watermark if self.running else 0) > self.pool.num_free:
                 break
             self.waiting.popleft()
-            seq.block_table = self.pool.allocate(seq.prefill_target + 1)
+            seq.block_table = self.pool.share(shared) + self.pool.allocate(seq.prefill_target + 1 - len(shared) * bs)
+            seq.num_cached = len(shared) * bs
+            seq.block_hashes = prefix_hashes(seq.tokens[: seq.num_cached], bs)
+            self.cached_tokens += seq.num_cached
             self.running.append(seq)
+
+    def register(self, seq: Sequence) -> None:
+        """Name the blocks `seq` has just filled, so later prompts can share them."""
+        if not self.config.prefix_caching:
+            return
+        bs, full = self.pool.block_size, seq.num_cached // self.pool.block_size
+        for i in range(len(seq.block_hashes), full):
+            previous = seq.block_hashes[-1] if seq.block_hashes else None
+            (h,) = prefix_hashes(seq.tokens[i * bs : (i + 1) * bs], bs, previous)
+            seq.block_hashes.append(h)
+            self.pool.register(seq.block_table[i], h)
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.pool.release(seq.block_table)
-        seq.num_cached, seq.prefill_target = 0, len(seq.tokens)
+        seq.num_cached, seq.prefill_target, seq.block_hashes = 0, len(seq.tokens), []
         self.waiting.appendleft(seq)
         self.preemptions += 1
 

@@ -40,6 +40,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys and values are in the cache
     prefill_target: int = 0  # tokens to read before decoding: the prompt, or all tokens after a preemption
+    block_hashes: list[int] = field(default_factory=list)  # prefix hashes of its full, computed blocks
     block_table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
