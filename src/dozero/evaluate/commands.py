@@ -45,7 +45,9 @@ def register(subparsers) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", metavar="RUN_OR_FOLDER", help="training run folder or model folder to evaluate")
+    p.add_argument(
+        "--model", metavar="RUN_OR_FOLDER", help="training run folder, model folder or GGUF file to evaluate"
+    )
     p.add_argument("--tokenizer", metavar="SPEC", help="the tokenizer, when the model folder has none (e.g. 'gpt2')")
     p.add_argument(
         "--text",
@@ -102,7 +104,7 @@ def run_eval(args) -> int:
         return run_compare(args)
     if not args.model:
         raise DozeroError("give --model RUN_OR_FOLDER to evaluate (or --compare REPORT.json ... to compare reports)")
-    config = apply_args(EvalConfig(tasks=""), args)
+    config = apply_args(EvalConfig(), args)
     if not config.tasks and not args.text:
         raise DozeroError("nothing to evaluate: give --tasks hellaswag,arc_easy,... and/or --text FILE")
     if config.tasks:

@@ -21,17 +21,17 @@ from dozero.evaluate.tasks import ChoiceTask, build_prompts, get_task, load_exam
 
 @dataclass
 class EvalConfig:
-    tasks: str = "hellaswag"
+    tasks: str = ""
     """Comma-separated task names (hellaswag, arc_easy, arc_challenge, piqa, winogrande, boolq, openbookqa,
     sciq, mmlu, mmlu_<subject>, gsm8k, humaneval) or .jsonl files of your own."""
     limit: int | None = None
-    """Score only the first N examples of each task (MMLU: of each subject); default all."""
+    """Score only the first N examples of each task (MMLU: of each subject); None = all."""
     shots: int = 0
     """Solved examples put before each question (few-shot)."""
     seed: int = 1234
     """Seed of the few-shot draw (lm-eval's default, 1234)."""
     batch_tokens: int = 2048
-    """Padded tokens per forward pass: memory is about batch_tokens x vocab_size x 4 bytes of logits."""
+    """Padded tokens per forward pass: larger is faster until memory runs short."""
     chat: bool = False
     """Wrap each question in the model's chat template (ChatML when the tokenizer has none)."""
     samples: bool = True
