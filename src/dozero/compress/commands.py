@@ -5,6 +5,7 @@ a stage with several methods takes the method as a sub-verb, as `dozero data pre
     dozero compress quantize --model runs/shakespeare-char --to int4 --group-size 32 --out out/char-int4
     dozero generate --model out/smol-int8 "The capital of France is"     (every loader reads the folder)
     dozero compress prune --model smollm2-135m-instruct --method neurons --sparsity 0.25 --out out/smol-n25
+    dozero compress distill --teacher smollm2-135m-instruct --student llama-char --data tinyshakespeare --out out/s
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from dozero.cli_args import add_dataclass_args, apply_args
+from dozero.compress.distill import DistillConfig
 from dozero.compress.prune import PruneConfig
 from dozero.compress.quantize import QuantizeConfig
 from dozero.errors import DozeroError
@@ -31,7 +33,7 @@ GGUF's Q8_0 / Q4_0, value for value. The folder loads wherever a model does (gen
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "compress",
-        help="quantize (int8/int4) or prune a finished model",
+        help="quantize (int8/int4), prune or distill a finished model",
         description="Make a finished model smaller and faster. `dozero compress METHOD --help` for each.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n" + __doc__.split("\n\n")[1],
@@ -74,6 +76,34 @@ def register(subparsers) -> None:
     add_dataclass_args(pr, PruneConfig)
     pr.set_defaults(func=run_prune)
 
+    d = sub.add_parser(
+        "distill",
+        help="train a small student on a teacher's next-token distributions",
+        description="Logit distillation: the student minimizes alpha * T^2 * KL(teacher || student) at "
+        "temperature T plus (1 - alpha) * cross-entropy, through the trainer's step (AdamW, schedule, clipping).",
+        epilog=DISTILL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d.add_argument("--teacher", required=True, metavar="MODEL", help="model folder, GGUF file or short name")
+    d.add_argument(
+        "--student",
+        required=True,
+        metavar="PRESET_OR_FOLDER",
+        help="a preset (a new model with the teacher's vocabulary, e.g. llama-char) or a model folder",
+    )
+    d.add_argument("--data", required=True, metavar="TEXT", help="text to train on (a file or a bundled text's name)")
+    d.add_argument("--out", required=True, metavar="DIR", help="folder to write the student to")
+    d.add_argument(
+        "--compare",
+        action="store_true",
+        help="also train the same student (same initial weights, tokens and steps) without the teacher "
+        "(alpha 0) and print both held-out losses",
+    )
+    d.add_argument("--max-tokens", type=int, default=200_000, metavar="N", help="tokens of --data (default: 200000)")
+    d.add_argument("--force", action="store_true", help="overwrite a model in DIR, or write into a foreign folder")
+    add_dataclass_args(d, DistillConfig)
+    d.set_defaults(func=run_distill)
+
 
 PRUNE_EPILOG = """\
 examples:
@@ -83,6 +113,16 @@ examples:
 
 magnitude and wanda set weights to zero (the file and the speed stay the same); neurons removes whole
 feed-forward neurons, so the matrices, the file and the time per token shrink."""
+
+
+DISTILL_EPILOG = """\
+examples:
+  dozero compress distill --teacher smollm2-135m-instruct --student llama-char --data tinyshakespeare \\
+      --out out/student --steps 200 --compare
+  dozero compress distill --teacher runs/big --student runs/small --data notes.txt --out out/s --alpha 0.9
+
+The student must read the teacher's token ids: a preset student is built with the teacher's vocabulary
+(and saved with its tokenizer); a folder student must already have it."""
 
 
 def prepare_out(out: str, src: Path, force: bool) -> Path:
@@ -145,3 +185,61 @@ def run_prune(args) -> int:
         f"-> {weight_bytes(pruned) / 1e6:.1f} MB; wrote {dst}"
     )
     return 0
+
+
+def run_distill(args) -> int:
+    import copy
+    import math
+
+    import torch
+
+    from dozero.compress.distill import check_same_vocabulary, distill, held_out_loss, split_tokens
+    from dozero.config import MODEL_PRESETS, get_model_config
+    from dozero.evaluate.perplexity import read_eval_tokens
+    from dozero.model.checkpoint import load_model, resolve_model_dir, save_model
+    from dozero.model.gpt import GPTModel
+    from dozero.tokenizer import load_tokenizer
+
+    config = apply_args(DistillConfig(), args)
+    config.check()
+    teacher_dir = resolve_model_dir(args.teacher)
+    dst = prepare_out(args.out, teacher_dir, args.force)
+    tokenizer = load_tokenizer(teacher_dir)
+    teacher = load_model(teacher_dir)
+    if args.student in MODEL_PRESETS:
+        torch.manual_seed(config.seed)
+        student = GPTModel(get_model_config(args.student, vocab_size=teacher.cfg.vocab_size))
+        check_same_vocabulary(teacher, student)
+    else:
+        student_dir = resolve_model_dir(args.student)
+        student = load_model(student_dir)
+        check_same_vocabulary(teacher, student, tokenizer, load_tokenizer(student_dir))
+    ids = read_eval_tokens(args.data, tokenizer, args.max_tokens)[0]
+    T = min(config.context_length, student.cfg.context_length)
+    train_tokens, val_tokens = split_tokens(ids, config.val_fraction, T)
+    print(f"{len(train_tokens):,} training tokens, {len(val_tokens):,} held out; student {student.num_parameters():,} "
+          f"parameters, teacher {teacher.num_parameters():,}")  # fmt: skip
+    runs = {"distilled": (student, config)}
+    if args.compare:
+        runs["from scratch"] = (copy.deepcopy(student), apply_args(DistillConfig(), args))
+        runs["from scratch"][1].alpha = 0.0
+    results = {}
+    for name, (model, cfg) in runs.items():
+        distill(model, teacher, train_tokens, cfg, progress=_progress(name, cfg.steps))
+        loss = held_out_loss(model, val_tokens, T)
+        results[name] = loss
+        print(f"{name}: held-out loss {loss:.4f} (perplexity {math.exp(loss):.2f})")
+    teacher_loss = held_out_loss(teacher, val_tokens, T)
+    print(f"teacher: held-out loss {teacher_loss:.4f} (perplexity {math.exp(teacher_loss):.2f})")
+    meta = {"distilled_from": str(args.teacher), "distill": vars(config), "held_out_loss": results["distilled"]}
+    save_model(student, dst, tokenizer=tokenizer, metadata=meta)
+    print(f"wrote {dst}")
+    return 0
+
+
+def _progress(name: str, steps: int):
+    def report(step: int, loss: float) -> None:
+        if step == 1 or step % 25 == 0 or step == steps:
+            print(f"  {name} step {step}/{steps}: loss {loss:.4f}", flush=True)
+
+    return report

@@ -39,6 +39,9 @@ class Stepper:
     device: torch.device
     dtype: torch.dtype
     scaler: object = None
+    loss_fn: object = None
+    """(logits (B, T, V), x, y) -> the loss to minimize; None: next-token cross-entropy (pretraining).
+    Distillation (compress/distill.py) passes its KL + cross-entropy mix."""
 
     def __call__(self, index: int) -> tuple[torch.Tensor, bool]:
         """Optimizer step number `index` (0-based). Returns its mean loss (a device tensor; reading it
@@ -54,7 +57,10 @@ class Stepper:
                     logits = self.model(x)  # (B, T, V)
                 # Flattened to (B*T, V) vs (B*T,): one mean over every position of every sequence.
                 # .float(): under autocast the softmax is computed in float32 (no-op in float32).
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                if self.loss_fn is None:
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                else:
+                    loss = self.loss_fn(logits, x, y)
                 loss_sum += loss.detach()
                 loss = loss / accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
