@@ -316,3 +316,12 @@ def test_gsm8k_checker_accepts_the_reference_solutions():
     solutions = [" " + r["doc"]["choices"][0] for r in requests]  # "... So the answer is 18."
     assert check_final_number(items[:100], solutions) == [1.0] * 100
     assert check_final_number(items[:1], [" So the answer is 17."]) == [0.0]
+
+
+def test_compare_refuses_what_is_not_a_report(tmp_path, capsys):
+    other = tmp_path / "config.json"
+    other.write_text('{"model_type": "gpt2"}')
+    assert main(["eval", "--compare", str(other)]) == 2
+    assert "is not a dozero eval report" in capsys.readouterr().err
+    assert main(["eval", "--compare", str(tmp_path / "missing.json")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dozero.evaluate import data, metrics
 
@@ -40,7 +40,6 @@ class GenerativeTask:
     metric: str
     stop: tuple[str, ...] = ()
     max_new_tokens: int = 256
-    kind: str = field(default="generate", init=False)
 
     def evaluate(self, model, tokenizer, config) -> dict:
         from dozero.evaluate.chat import chat_prompt

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -57,15 +56,11 @@ def write_report(report: dict, out: Path) -> tuple[Path, Path]:
 
 
 def read_report(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise DozeroError(f"report {p} not found")
-    try:
-        report = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DozeroError(f"{p} is not valid JSON ({e})") from None
-    if not isinstance(report, dict) or report.get("format") != "dozero-eval":
-        raise DozeroError(f"{p} is not a dozero eval report (written by `dozero eval`)")
+    from dozero.model.checkpoint import read_json  # not found / not JSON / not an object: one line each
+
+    report = read_json(Path(path))
+    if report.get("format") != "dozero-eval":
+        raise DozeroError(f"{path} is not a dozero eval report (written by `dozero eval`)")
     return report
 
 

@@ -28,7 +28,7 @@ import difflib
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 
 from dozero.errors import DozeroError
@@ -66,7 +66,6 @@ class ChoiceTask:
     """MMLU: few-shot examples are the first K of this sibling split (dev) of each dataset."""
     fixed_examples: tuple[Example, ...] = ()
     """A task of your own (usertasks.py): its examples, read from a .jsonl file instead of `datasets`."""
-    kind: str = field(default="choice", init=False)
 
 
 # ----------------------------------------------------------------------------- lm-eval's templates
