@@ -89,3 +89,23 @@ def test_shared_context_is_one_row():
     assert pos == [0, 1, 2, 3, 3, 4]  # each continuation restarts after the context
     assert seg == [0, 0, 0, 1, 2, 2]
     assert where == [[2, 3], [2, 4, 5]]  # the context's last position predicts every first token
+
+
+def test_llama_shape_loglikelihoods_equal_transformers(tmp_path):
+    """RoPE, grouped-query attention and SwiGLU: positions restart per continuation inside a packed row."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(
+        vocab_size=50257, context_length=64, emb_dim=32, n_heads=4, n_layers=2, n_kv_heads=2,
+        norm="rmsnorm", pos_emb="rope", ff="swiglu", ff_hidden_dim=64, bias=False,
+    )  # fmt: skip
+    model = GPTModel(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    save_model(model, tmp_path, tokenizer=gpt2(), format="hf")
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    tok = gpt2()
+    requests = [encode_pair(tok, c, x) for c, x in PAIRS]
+    ours = score_requests(load_model(tmp_path), requests, batch_tokens=96).logprobs
+    assert ours == pytest.approx([hf_loglikelihood(theirs, c, x, 64) for c, x in requests], abs=1e-4, rel=1e-5)
