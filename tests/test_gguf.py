@@ -86,8 +86,8 @@ def write_gguf(path, arch: str, metadata: dict, tensors: dict[str, tuple[np.ndar
     return path
 
 
-def gpt2_parts(model, tok, kind=gguf.GGMLQuantizationType.F32):
-    """(metadata, tensors) of a valid GPT-2 GGUF, for tests that then break one thing."""
+def gguf_parts(model, tok, kind=gguf.GGMLQuantizationType.F32):
+    """(metadata, tensors) of a valid GGUF of `model` (GPT-2 or Llama shape), for tests that break one thing."""
     config, state = _hf_export(model)
     arch, arch_meta = _gguf_metadata(config)
     meta = {f"{arch}.{k}": v for k, v in arch_meta.items()} | tokenizer_metadata(tok)
@@ -122,7 +122,7 @@ def test_each_tensor_type_reads_as_transformers_and_gguf_dequantize_it(tmp_path,
     # 1024 positions: transformers reads gpt2.context_length as n_ctx and keeps GPT2Config's n_positions=1024
     model, tok = perturbed(ModelConfig(**GPT2_SHAPE | {"context_length": 1024})), small_tokenizer()
     qtype = gguf.GGMLQuantizationType[kind]
-    meta, tensors = gpt2_parts(model, tok, qtype)
+    meta, tensors = gguf_parts(model, tok, qtype)
     path = write_gguf(tmp_path / "m.gguf", "gpt2", meta, tensors)
     _, state, _ = read_gguf(path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf").state_dict()
@@ -179,7 +179,7 @@ def dozero_greedy(model, ids, n):
 
 @pytest.fixture
 def valid(tmp_path):
-    return gpt2_parts(perturbed(ModelConfig(**GPT2_SHAPE)), small_tokenizer())
+    return gguf_parts(perturbed(ModelConfig(**GPT2_SHAPE)), small_tokenizer())
 
 
 def test_not_a_gguf_file(tmp_path):
@@ -231,6 +231,21 @@ def test_unsupported_tensor_type(tmp_path, valid):
 def test_metadata_that_disagrees_with_the_tensors(tmp_path, valid, key, value, message):
     meta, tensors = valid
     path = write_gguf(tmp_path / "m.gguf", "gpt2", meta | {key: value}, tensors)
+    with pytest.raises(DozeroError, match=message):
+        read_gguf(path)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, "scaled RoPE"),
+        ({"llama.rope.dimension_count": 8}, r"llama.rope.dimension_count = 8 \(dozero's Llama needs 16"),
+        ({"llama.attention.head_count_kv": 4}, r"'blk.0.attn_k.weight' has shape \(32, 64\)"),
+    ],
+)
+def test_llama_metadata_dozero_cannot_compute_is_refused(tmp_path, changes, message):
+    meta, tensors = gguf_parts(perturbed(ModelConfig(**LLAMA_SHAPE)), small_tokenizer())
+    path = write_gguf(tmp_path / "m.gguf", "llama", meta | changes, tensors)
     with pytest.raises(DozeroError, match=message):
         read_gguf(path)
 

@@ -291,6 +291,8 @@ def _convert_to_gguf(src: Path, dst: Path, args) -> int:
         raise DozeroError(f"{src} holds no tokenizer dozero reads; a GGUF file carries one (llama.cpp needs it)")
     save_gguf(model, dst, tok, args.type)
     print(f"wrote {dst} (GGUF, {args.type}, {model.num_parameters():,} parameters, tokenizer included)")
+    if model.cfg.norm == "layernorm" and model.cfg.gelu_approximation == "none":
+        print("note: llama.cpp's gpt2 computes the tanh GELU; this model uses the exact one (they differ by <5e-4)")
     return 0
 
 

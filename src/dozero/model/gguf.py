@@ -405,6 +405,7 @@ def save_gguf(model, path: str | os.PathLike, tokenizer, dtype: str = "f16", nam
 
     dtype: "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1" for the matrices; vectors (norms, biases) stay f32,
     and a matrix whose rows do not fill 32-value blocks falls back to f16, as llama.cpp's quantizer does.
+    GGUF's gpt2 has one GELU, the tanh one: a model with the exact GELU is written (and read back) with it.
     """
     from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
     from gguf.quants import quantize
