@@ -35,6 +35,12 @@ def end_id(tokenizer, template: str) -> int | None:
 def rollout(model, prompts: list[list[int]], k: int, config: GenerationConfig, end: int | None) -> list[list[int]]:
     """k completions (token ids, the end token included when written) of each prompt, prompt-major:
     rows [p*k, (p+1)*k) belong to prompt p. Sampled with `config` (its seed makes it reproducible)."""
+    from dozero.generate.layout import _TRANSPOSED_HEADS
+
+    # generation_mode reuses a transposed copy of the output head while weight._version is unchanged,
+    # but fused AdamW updates weights in place WITHOUT bumping _version (torch 2.13, checked): between
+    # RL steps the copy would be stale and every rollout sampled from the step-0 head. Forget it.
+    _TRANSPOSED_HEADS.pop(model.out_head, None)
     rows = [ids for ids in prompts for _ in range(k)]
     config = dataclasses.replace(config, stop=(), stop_at_eot=True)
     out = generate_ids(model, rows, config, eot_id=end)
