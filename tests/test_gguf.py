@@ -532,3 +532,10 @@ def test_smollm2_loads_in_seconds_below_3x_its_fp32_size(smollm2_path):
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["growth"] < 3 * figures["fp32"], figures
     assert figures["cpu"] < 20, figures
+
+
+def test_llama_export_with_biases_is_refused_not_dropped(tmp_path):
+    model = perturbed(ModelConfig(**LLAMA_SHAPE | {"qkv_bias": True}))
+    with pytest.raises(DozeroError, match="GGUF export writes Llama without biases; this model has"):
+        save_gguf(model, tmp_path / "m.gguf", small_tokenizer())
+    assert not (tmp_path / "m.gguf").exists()

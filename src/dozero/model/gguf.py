@@ -378,12 +378,13 @@ def _gguf_metadata(config: dict) -> tuple[str, dict]:
 
 def _gguf_tensors(config: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers names and layout -> GGUF names and layout (the inverse of `_to_hf`)."""
-    out = {}
+    out, used = {}, set()
     for name in _gguf_names(config):
         hf_name, _ = _to_hf(name, config)
         if hf_name not in state:
             continue  # output.weight of a tied model
         w = state[hf_name]
+        used.add(hf_name)
         if config["model_type"] == "gpt2":
             transposed = name.startswith("blk.") and GPT2_BLOCK[name.split(".", 2)[2]][1]
             w = w.t() if transposed else w
@@ -391,6 +392,11 @@ def _gguf_tensors(config: dict, state: dict[str, torch.Tensor]) -> dict[str, tor
             heads = config["num_attention_heads" if "attn_q" in name else "num_key_value_heads"]
             w = _llama_rows(w, heads, to_gguf=True)
         out[name] = w.contiguous()
+    left = sorted(k for k in set(state) - used if state[k].any())  # zeros stand for "no bias": nothing lost
+    if left:
+        raise DozeroError(
+            f"GGUF export writes Llama without biases; this model has {left[:2]}{' ...' if len(left) > 2 else ''}"
+        )
     return out
 
 
