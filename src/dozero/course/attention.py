@@ -163,9 +163,41 @@ def top_attended(weights_row: torch.Tensor, position: int, k: int = 5) -> list[t
     return [(int(j), float(v)) for j, v in zip(order[:k], values[:k], strict=True)]
 
 
+def word_of_each_token(pieces: list[bytes]) -> tuple[list[str], list[int | None]]:
+    """(the words of the text, the word index of each token): a token belongs to the word holding its
+    first non-space byte (None for a token of spaces only). A word is a run of letters/digits or of
+    punctuation, so "ela" is one word whether the tokenizer cut it into ' el' + 'a' or 'e', 'l', 'a'."""
+    text = b"".join(pieces).decode("utf-8", errors="replace")
+    spans, words = [], []
+    for m in re.finditer(r"\w+|[^\w\s]+", text):
+        spans.append((len(text[: m.start()].encode()), len(text[: m.end()].encode())))
+        words.append(m.group())
+    owner, at = [], 0
+    for piece in pieces:
+        skip = len(piece) - len(piece.lstrip())  # leading spaces belong to no word
+        first = at + skip if skip < len(piece) else None
+        owner.append(next((w for w, (a, b) in enumerate(spans) if first is not None and a <= first < b), None))
+        at += len(piece)
+    return words, owner
+
+
+def words_attended(row: torch.Tensor, position: int, words, owner, sink: bool = True) -> list[tuple[int, float]]:
+    """Earlier words ranked by the weight of their tokens added up (the chosen token's own word left out).
+
+    `sink`: the first token is set aside. Trained models park the weight a head has no use for on the
+    first token, whatever it is (an "attention sink", Xiao et al. 2023): SmolLM2 gives it half of all
+    attention. The ranking is then about the words the weight was really spent on."""
+    totals: dict[int, float] = {}
+    for j in range(1 if sink else 0, position):
+        w = owner[j]
+        if w is not None and w != owner[position]:
+            totals[w] = totals.get(w, 0.0) + float(row[j])
+    return sorted(totals.items(), key=lambda item: -item[1])
+
+
 def describe(result: AttentionResult, position: int, k: int = 5) -> str:
     """The report printed by `dozero attention`: where the chosen token looks, on average and in
-    the last layer."""
+    the last layer; then by word, and in each layer, with the first token's sink set aside."""
     label = result.labels[position]
     lines = [f"token {position} '{label}' attends most to (the top earlier tokens, then its own weight):"]
     views = [("average over all layers and heads", result.average[position])]
@@ -179,7 +211,39 @@ def describe(result: AttentionResult, position: int, k: int = 5) -> str:
         for j, weight in ranked:
             lines.append(f"    {weight:6.3f}  {j:3d} '{result.labels[j]}'  {'#' * round(weight * 40)}")
         lines.append(f"    {float(row[position]):6.3f}  itself")
-    return "\n".join(lines)
+    return "\n".join(lines + word_summary(result, position, k))
+
+
+def word_summary(result: AttentionResult, position: int, k: int = 5) -> list[str]:
+    """The lines that answer the course's question by word: all layers together, then layer by layer."""
+    lines, L = [], result.weights.shape[0]
+    words, owner = word_of_each_token(result.token_bytes)
+    ranked = words_attended(result.average[position], position, words, owner)
+    if ranked and position > 1:
+        sink = float(result.average[position][0])
+        lines.append(f"  by word, all layers and heads (the first token, an attention sink, set aside: {sink:.3f}):")
+        for w, weight in ranked[:k]:
+            lines.append(f"    {weight:6.3f}  {words[w]!r:14}  {'#' * round(weight * 40)}")
+        lines.append("  the earlier word each layer looks at most (heads averaged; the head that looks at it most):")
+        for layer in range(L):
+            per_head = result.weights[layer, :, position]  # (nh, T)
+            best_w, weight = words_attended(per_head.mean(0), position, words, owner)[0]
+            by_head = [
+                dict(words_attended(per_head[h], position, words, owner)).get(best_w, 0.0) for h in range(len(per_head))
+            ]
+            head = max(range(len(by_head)), key=by_head.__getitem__)
+            lines.append(
+                f"    layer {layer:2d}: {words[best_w]!r:14} {weight:5.3f}   head {head}: {by_head[head]:5.3f}"
+            )
+        lines.append("  the one head that looks hardest at each earlier word:")
+        strongest = {}  # word -> (weight, layer, head)
+        for layer in range(L):
+            for head in range(result.weights.shape[1]):
+                for w, weight in words_attended(result.weights[layer, head, position], position, words, owner):
+                    strongest[w] = max(strongest.get(w, (0.0, 0, 0)), (weight, layer, head))
+        for w, (weight, layer, head) in sorted(strongest.items()):
+            lines.append(f"    {words[w]!r:14} {weight:5.3f}  (layer {layer}, head {head})")
+    return lines
 
 
 def plot_attention(result: AttentionResult, path, title: str = "", highlight: int | None = None) -> None:
@@ -266,10 +330,11 @@ def load_for_attention(spec: str, device: str = "cpu", seed: int = 0):
     the GPT-2 shapes and the character vocabulary of the shipped tiny-Shakespeare for the char ones.
     """
     from dozero.config import MODEL_PRESETS, get_model_config, suggest
+    from dozero.model.gguf import is_gguf
     from dozero.runtime import pick_device
 
     torch_device = pick_device(device)
-    if Path(spec).exists():
+    if Path(spec).exists() or is_gguf(spec):  # a folder, a GGUF file, or a GGUF's short name (smollm2-135m-instruct)
         from dozero.model.checkpoint import load_model, resolve_model_dir
         from dozero.tokenizer import load_tokenizer
 
