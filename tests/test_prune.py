@@ -110,3 +110,31 @@ def test_cli_prune(tmp_path, capsys):
     assert main([*args, "--method", "magnitude", "--sparsity", "1"]) == 2
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_report_writes_the_table_and_the_plot(tmp_path, capsys):
+    """`dozero compress report` on a small model: one row per setting, sizes that shrink as they should."""
+    import json
+
+    from dozero.tokenizer.char import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'\n-&$3")
+    save_model(_tiny(), tmp_path / "fp32", tokenizer=tok)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog.\n" * 30)
+    args = ["compress", "report", "--model", str(tmp_path / "fp32"), "--text", str(text), "--out", str(tmp_path / "r")]
+    settings = ["fp32", "int8", "int4-g32", "wanda-50%", "neurons-25%"]
+    assert (
+        main([*args, "--calibration", str(text), "--max-tokens", "200", "--new-tokens", "4", "--settings", *settings])
+        == 0
+    )
+    rows = {r["setting"]: r for r in json.loads((tmp_path / "r" / "report.json").read_text())["rows"]}
+    assert list(rows) == settings
+    assert rows["int8"]["weights_mb"] < rows["fp32"]["weights_mb"] / 3  # int8 + fp16 scales, fp32 norms
+    assert rows["int4-g32"]["weights_mb"] < rows["int8"]["weights_mb"]
+    assert rows["neurons-25%"]["weights_mb"] < rows["fp32"]["weights_mb"] == rows["wanda-50%"]["weights_mb"]
+    assert all(r["perplexity"] > 1 and r["tokens_per_second"] > 0 for r in rows.values())
+    assert (tmp_path / "r" / "quality_vs_size.png").stat().st_size > 1000
+    assert "| int8 |" in (tmp_path / "r" / "report.md").read_text()
+    assert main([*args, "--settings", "int3"]) == 2
+    assert "unknown setting 'int3'" in capsys.readouterr().err

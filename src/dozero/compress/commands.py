@@ -69,8 +69,8 @@ def register(subparsers) -> None:
         "--calibration",
         default="tinyshakespeare",
         metavar="TEXT",
-        help="text whose activations score the weights (wanda; a file or a bundled text's name; default: "
-        "tinyshakespeare)",
+        help="text whose activations score the weights (wanda; a file or a bundled text's name, read from its "
+        "middle; default: tinyshakespeare)",
     )
     pr.add_argument("--force", action="store_true", help="overwrite a model in DIR, or write into a foreign folder")
     add_dataclass_args(pr, PruneConfig)
@@ -103,6 +103,30 @@ def register(subparsers) -> None:
     d.add_argument("--force", action="store_true", help="overwrite a model in DIR, or write into a foreign folder")
     add_dataclass_args(d, DistillConfig)
     d.set_defaults(func=run_distill)
+
+    r = sub.add_parser(
+        "report",
+        help="size, perplexity and decode speed of every method on one model: a table and a plot",
+        description="Apply each compression setting to a fresh copy of MODEL and measure weights (MB), "
+        "perplexity and bits per byte on --text, and greedy decode tokens/s; write report.md, report.json "
+        "and quality_vs_size.png to --out.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  dozero compress report --model smollm2-135m-instruct --out out/report",
+    )
+    r.add_argument("--model", required=True, metavar="MODEL", help="model folder, run folder, GGUF file or short name")
+    r.add_argument("--text", default="tinyshakespeare", metavar="TEXT", help="held-out text (default: tinyshakespeare)")
+    r.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, report.json, quality_vs_size.png")
+    r.add_argument(
+        "--calibration", default="tinyshakespeare", metavar="TEXT", help="Wanda's text (read from its middle)"
+    )
+    r.add_argument(
+        "--max-tokens", type=int, default=1024, metavar="N", help="tokens of --text measured (default: 1024)"
+    )
+    r.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens decoded for the speed (0: skip)")
+    r.add_argument(
+        "--settings", nargs="+", default=None, metavar="NAME", help="a subset of the settings (default: all)"
+    )
+    r.set_defaults(func=run_report)
 
 
 PRUNE_EPILOG = """\
@@ -159,11 +183,8 @@ def run_quantize(args) -> int:
 
 
 def run_prune(args) -> int:
-    import torch
-
-    from dozero.compress.prune import prune, sparsity_of
+    from dozero.compress.prune import calibration_tokens, prune, sparsity_of
     from dozero.compress.quantize import weight_bytes
-    from dozero.evaluate.perplexity import read_eval_tokens
     from dozero.model.checkpoint import load_model, resolve_model_dir, save_model
     from dozero.tokenizer import load_tokenizer
 
@@ -175,8 +196,7 @@ def run_prune(args) -> int:
     model = load_model(src)
     calibration = None
     if config.method == "wanda":
-        ids = read_eval_tokens(args.calibration, tokenizer, config.calibration_tokens)[0]
-        calibration = torch.tensor(ids)
+        calibration = calibration_tokens(args.calibration, tokenizer, config.calibration_tokens)
     before = weight_bytes(model)
     pruned = prune(model, config, calibration)
     save_model(pruned, dst, tokenizer=tokenizer, metadata={"pruned_from": str(args.model), "prune": vars(config)})
@@ -243,3 +263,19 @@ def _progress(name: str, steps: int):
             print(f"  {name} step {step}/{steps}: loss {loss:.4f}", flush=True)
 
     return report
+
+
+def run_report(args) -> int:
+    from dozero.compress.report import SETTINGS, main_report
+    from dozero.model.checkpoint import load_model, resolve_model_dir
+    from dozero.tokenizer import load_tokenizer
+
+    unknown = [n for n in args.settings or [] if n not in SETTINGS]
+    if unknown:
+        raise DozeroError(f"unknown setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
+    from dozero.files import check_output_folder
+
+    src = resolve_model_dir(args.model)
+    check_output_folder(args.out, "compression report", lambda folder: (folder / "report.md").exists(), False)
+    main_report(load_model(src), load_tokenizer(src), args)
+    return 0

@@ -150,3 +150,21 @@ def sparsity_of(model) -> float:
     """Fraction of zeros among the weights of the blocks' linear layers."""
     weights = [m.weight for _, m in block_linears(model)]
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def calibration_tokens(path, tokenizer, n: int) -> torch.Tensor:
+    """`n` token ids from the middle of a text file (or a bundled text's name): Wanda's calibration. The
+    middle, so that calibrating and measuring perplexity on the beginning of the same text do not overlap."""
+    from pathlib import Path
+
+    from dozero.files import input_path
+
+    p = Path(input_path(path))
+    if not p.is_file():
+        raise DozeroError(f"calibration text '{path}' not found: give a text file or a bundled text's name")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    piece = text[len(text) // 2 :][: 16 * n]  # ~4 characters a token: plenty, without encoding the whole file
+    ids = tokenizer.encode(piece, special="text")[:n]
+    if len(ids) < 16:
+        raise DozeroError(f"calibration text '{path}' is too short ({len(ids)} tokens from its middle)")
+    return torch.tensor(ids)
