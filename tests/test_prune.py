@@ -112,6 +112,7 @@ def test_cli_prune(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # five models measured and decoded: 30-140 s on the shared 2 cores
 def test_cli_report_writes_the_table_and_the_plot(tmp_path, capsys):
     """`dozero compress report` on a small model: one row per setting, sizes that shrink as they should."""
     import json
