@@ -26,6 +26,7 @@ RANK = {
     "serve": 6,
     "course": 7,
     "finetune": 7,  # after train: chat templates, SFT, LoRA; uses train's loop
+    "align": 7,  # after finetune: DPO, RL; uses finetune's templates, LoRA and train's loop
     "evaluate": 7,  # uses model, tokenizer, data and generate; never train
     "compress": 7,  # uses model, tokenizer, generate; distill reuses train's machinery
     "cli": 8,
@@ -102,6 +103,7 @@ def test_cli_lists_exactly_the_pipeline_verbs(capsys):
         "train",
         "finetune",
         "chat",
+        "align",
         "generate",
         "eval",
         "compress",

@@ -28,6 +28,7 @@ VERBS = [
     "dozero.data.commands",
     "dozero.train.commands",
     "dozero.finetune.commands",
+    "dozero.align.commands",
     "dozero.generate.commands",
     "dozero.evaluate.commands",
     "dozero.compress.commands",
