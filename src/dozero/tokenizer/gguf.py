@@ -146,8 +146,10 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
         raise DozeroError(f"GGUF file '{path}' not found")
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size < 24 or f.read(4) != MAGIC:
+        if f.read(4) != MAGIC:
             raise DozeroError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+        if size < 24:  # magic, version and the two counts
+            raise DozeroError(f"{path}: the file ends inside its header (truncated); download or export it again")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return _parse(_Cursor(memoryview(buf), path), size)
 
