@@ -1,6 +1,7 @@
-"""`dozero align dpo|rl`: preference tuning and reinforcement learning from rewards.
+"""`dozero align dpo|reward|rl`: preference tuning, reward models and reinforcement learning from rewards.
 
     dozero align dpo --model smollm2-135m-instruct --data pairs.jsonl --beta 0.1
+    dozero align reward --model smollm2-135m-instruct --data pairs.jsonl
     dozero align rl  --model smollm2-135m-instruct --data prompts.jsonl --reward number
     dozero align dpo --resume runs/dpo
 
@@ -20,6 +21,7 @@ _NOT_HERE = ("preset", "model", "data", "tokenizer", "val_fraction", "sample_pro
 
 def register(subparsers) -> None:
     from dozero.align.dpo import DPO_DEFAULTS, DPOConfig
+    from dozero.align.reward import REWARD_DEFAULTS, RewardConfig
     from dozero.align.rl import RL_DEFAULTS, RLConfig
 
     p = subparsers.add_parser("align", help="align a model: DPO on preference pairs, RL from rewards")
@@ -27,6 +29,7 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(metavar="METHOD")
     for name, cls, defaults, text in [
         ("dpo", DPOConfig, DPO_DEFAULTS, "direct preference optimization on prompt/chosen/rejected pairs"),
+        ("reward", RewardConfig, REWARD_DEFAULTS, "a reward model: scalar head on the last token, Bradley-Terry loss"),
         ("rl", RLConfig, RL_DEFAULTS, "GRPO-style RL: sampled groups, a reward function, KL to the reference"),
     ]:
         q = sub.add_parser(name, help=text, description=text)
@@ -38,12 +41,17 @@ def register(subparsers) -> None:
 
 def run_align(args) -> int:
     from dozero.align.dpo import DPO_DEFAULTS, DPOConfig, dpo
+    from dozero.align.reward import REWARD_DEFAULTS, RewardConfig, train_reward
     from dozero.align.rl import RL_DEFAULTS, RLConfig, rl
     from dozero.align.step import read_align_config
     from dozero.train.checkpoint import read_run_config, run_dir_of
     from dozero.train.loop import EXIT_CODES
 
-    cls, defaults, fn = {"dpo": (DPOConfig, DPO_DEFAULTS, dpo), "rl": (RLConfig, RL_DEFAULTS, rl)}[args.method]
+    cls, defaults, fn = {
+        "dpo": (DPOConfig, DPO_DEFAULTS, dpo),
+        "reward": (RewardConfig, REWARD_DEFAULTS, train_reward),
+        "rl": (RLConfig, RL_DEFAULTS, rl),
+    }[args.method]
     if args.resume:
         settings, cfg = read_align_config(run_dir_of(args.resume), cls), read_run_config(args.resume)[0]
     else:
@@ -53,5 +61,10 @@ def run_align(args) -> int:
     result = fn(settings, cfg, resume=args.resume)
     if result.stopped != "done":
         return EXIT_CODES.get(result.stopped, 0)
-    print(f"\ndone: {result.step} steps. Talk to it: dozero chat --model {result.run_dir}")
+    use = (
+        f"dozero align rl --reward {result.run_dir}"
+        if args.method == "reward"
+        else f"dozero chat --model {result.run_dir}"
+    )
+    print(f"\ndone: {result.step} steps. Use it: {use}")
     return 0

@@ -258,6 +258,7 @@ def rl(settings: RLConfig, cfg, resume=None, quiet: bool = False, reward_fn=None
     with runtime.torch_settings(device, cfg.threads):
         torch.manual_seed(cfg.seed)
         model, tokenizer, template = load_base(settings.model)
+        label = settings.reward if reward_fn is None else getattr(reward_fn, "__name__", "a Python function")
         reward_fn = reward_fn or load_reward(settings.reward, device)
         records = read_prompts(settings.data)
         limit = (settings.max_length or model.cfg.context_length) - settings.max_new_tokens
@@ -291,7 +292,7 @@ def rl(settings: RLConfig, cfg, resume=None, quiet: bool = False, reward_fn=None
         run.stepper = recipe.stepper = stepper
         run.observer.write(
             f"RL of {settings.model}: {settings.prompts_per_step} prompts x {settings.group_size} answers per step, "
-            f"reward {settings.reward if reward_fn is None else getattr(reward_fn, '__name__', 'custom')}, "
+            f"reward {label}, "
             f"KL {settings.kl_coef}; {source}"
         )
         _loop(run)

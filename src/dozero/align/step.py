@@ -115,9 +115,11 @@ class AlignRecipe(SFTRecipe):
         return model, metadata, writer
 
 
-def start_run(settings, cfg, model, tokenizer, loss_fn, recipe, data, resume, device, source: str, quiet: bool):
+def start_run(settings, cfg, model, tokenizer, loss_fn, recipe, data, resume, device, source: str, quiet: bool,
+              restore_model=None):  # fmt: skip
     """The trainer's Run for an alignment stage: `data` is (train examples, held-out examples, loader,
-    tokens of one optimizer step)."""
+    tokens of one optimizer step). `restore_model`: what the checkpoint's language model is loaded into
+    on resume, when it is not `model` itself (the reward model's body)."""
     from dozero.files import write_json
     from dozero.finetune.sft import _restore
     from dozero.train.corpus import Corpus
@@ -134,7 +136,7 @@ def start_run(settings, cfg, model, tokenizer, loss_fn, recipe, data, resume, de
     run_dir = ckpt.run_dir_of(resume) if resume else ckpt.choose_run_dir(cfg.out_dir) if main else Path(cfg.out_dir)
     result = TrainResult(run_dir=run_dir, step=0)
     if resume:
-        state = _restore(resume, run_dir, model, optimizer, loader, scaler)
+        state = _restore(resume, run_dir, restore_model or model, optimizer, loader, scaler)
         result.step, result.best_val_loss = state["step"], state.get("best_val_loss")
     if result.step >= cfg.max_steps:
         raise DozeroError(f"{run_dir} already ran {result.step} of {cfg.max_steps} steps; give a larger --max-steps")
