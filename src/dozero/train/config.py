@@ -18,6 +18,8 @@ from dozero.config import MODEL_PRESETS, suggest
 from dozero.errors import DozeroError
 
 SCHEDULES = ("cosine", "constant", "wsd")
+PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp", "zero2")
+"""--parallel choices (dozero.parallel applies them; listed here so that reading a config imports no process code)."""
 
 
 @dataclass
@@ -81,6 +83,14 @@ class TrainConfig:
     float16."""
     compile: bool = False
     """torch.compile the model (faster steps after a compile of some seconds to minutes)."""
+    parallel: str = "auto"
+    """How several processes (torchrun) share the work: ddp (a whole copy of the model on each), fsdp (weights,
+    gradients and AdamW moments sharded over the processes: ZeRO-3), zero2 (fsdp that keeps the gathered weights
+    from forward to backward: more memory, less communication), or auto (ddp under torchrun). See docs scaling.md."""
+    cpu_offload: bool = False
+    """fsdp/zero2 only: keep the shards and the optimizer step in CPU memory (fits larger models, slower)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations during backward instead of keeping them (less memory, ~1/3 more compute)."""
     threads: int = 0
     """CPU threads for PyTorch (0: PyTorch's choice)."""
     keep_last: int = 2
@@ -101,6 +111,7 @@ class TrainConfig:
         _check_types(self)
         choices = {"schedule": SCHEDULES, "model": tuple(MODEL_PRESETS), "tensorboard": ("auto", "on", "off")}
         choices["on_nan"] = ("stop", "skip")
+        choices["parallel"] = PARALLEL_STRATEGIES
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -127,6 +138,8 @@ class TrainConfig:
             _check_range(self, name, 0 <= getattr(self, name) < 1, "in [0, 1)")
         if not all(math.isfinite(getattr(self, f.name)) for f in dataclasses.fields(self) if _kind(f) is float):
             raise DozeroError("learning rates, betas and fractions must be finite numbers (not nan or inf)")
+        if self.cpu_offload and self.parallel not in ("fsdp", "zero2"):
+            raise DozeroError("--cpu-offload moves FSDP's shards to the CPU: use it with --parallel fsdp or zero2")
         if self.min_lr > self.lr:
             raise DozeroError(f"--min-lr ({self.min_lr}) is above --lr ({self.lr})")
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dozero import runtime
+from dozero import parallel, runtime
 from dozero.config import ModelConfig, get_model_config
 from dozero.errors import DozeroError
 from dozero.model.gpt import GPTModel
@@ -144,8 +144,8 @@ def _setup(cfg: TrainConfig, overrides: dict, resume, device: torch.device, quie
             ckpt.write_run_config(run_dir, cfg, model_cfg)
         except OSError as e:
             raise disk_error(e, run_dir) from None
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    model = runtime.wrap_ddp(model, device)
+    # DDP, FSDP, activation checkpointing, compile: applied to the finished (and restored) model.
+    model, optimizer = parallel.parallelize(raw_model, optimizer, lambda m: make_optimizer(m, cfg, device), cfg, device)
     stepper = Stepper(model, raw_model, optimizer, loader, cfg, accum, device, dtype, scaler)
     observer = RunObserver(run_dir, main, cfg.max_steps, result.step, show=not quiet, tensorboard=cfg.tensorboard)
     run = Run(
@@ -316,7 +316,8 @@ def _evaluate(run: Run) -> None:
         result.best_val_loss = val_loss
     run.observer.log([{"step": run.step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}])
     line = f"step {run.step}: train loss {result.losses.get(run.step, math.nan):.4f}, val loss {val_loss:.4f}"
-    if cfg.sample_tokens and runtime.is_main():
+    sharded = parallel.is_sharded(run.raw_model)  # then every rank runs the forward passes (all-gathers)
+    if cfg.sample_tokens and (runtime.is_main() or sharded):
         sample = sample_text(run.raw_model, run.corpus.tokenizer, cfg, run.device, cfg.sample_tokens)
         line += " | " + sample.replace("\n", " ")
     run.observer.write(line)
@@ -325,6 +326,12 @@ def _evaluate(run: Run) -> None:
 
 
 def _save(run: Run, is_best: bool, val_loss: float | None) -> None:
+    raw_model, optimizer = run.raw_model, run.optimizer
+    if parallel.is_sharded(raw_model):  # every rank sends its shards; rank 0 writes an ordinary checkpoint
+        cpu = torch.device("cpu")
+        raw_model, optimizer = parallel.gather_to_plain(
+            raw_model, optimizer, lambda: GPTModel(run.model_cfg), lambda m: make_optimizer(m, run.cfg, cpu)
+        )
     if runtime.is_main():
         trainer_state = {
             "loader": run.loader.state_dict(),
@@ -334,9 +341,9 @@ def _save(run: Run, is_best: bool, val_loss: float | None) -> None:
             "tokens_seen": run.step * run.tokens_per_step,
         }
         metadata = {"train": {"step": run.step, "val_loss": val_loss, "preset": run.cfg.preset}}
-        model, extra_files = run.raw_model, None
+        model, extra_files = raw_model, None
         if run.recipe is not None:
-            model, more, extra_files = run.recipe.checkpoint(run.raw_model)
+            model, more, extra_files = run.recipe.checkpoint(raw_model)
             metadata.update(more)
         try:
             ckpt.save_checkpoint(
@@ -344,7 +351,7 @@ def _save(run: Run, is_best: bool, val_loss: float | None) -> None:
                 run.step,
                 model,
                 run.corpus.tokenizer,
-                run.optimizer,
+                optimizer,
                 trainer_state,
                 metadata,
                 is_best,

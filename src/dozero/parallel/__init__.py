@@ -1,0 +1,38 @@
+"""Scaling past one device: strategies applied to a finished model from outside (torchtitan's
+parallelize.py), one function each.
+
+    from dozero.parallel import apply_activation_checkpointing, apply_fsdp
+    apply_activation_checkpointing(model)      # recompute each block's activations in backward
+    apply_fsdp(model, reshard_after_forward=True, cpu_offload=False)   # ZeRO-3 (False: ZeRO-2-like)
+
+`dozero train --parallel auto|ddp|fsdp|zero2` chooses one (`parallelize` below); under torchrun
+`auto` is DDP, as before. Run the processes with torchrun, e.g.
+
+    torchrun --nproc_per_node=2 -m dozero train --parallel fsdp
+
+`torch.distributed` is imported here and in dozero.runtime only.
+"""
+
+from __future__ import annotations
+
+from dozero.parallel.fsdp import (
+    STRATEGIES,
+    apply_activation_checkpointing,
+    apply_fsdp,
+    full_training_state,
+    gather_to_plain,
+    is_sharded,
+    local_state_bytes,
+    parallelize,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "apply_activation_checkpointing",
+    "apply_fsdp",
+    "full_training_state",
+    "gather_to_plain",
+    "is_sharded",
+    "local_state_bytes",
+    "parallelize",
+]
