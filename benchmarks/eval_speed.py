@@ -82,7 +82,8 @@ def run_lm_eval(hflm_args: dict, limit: int, device, batch_size: int):
     yaml_dir = Path(tempfile.mkdtemp())
     (yaml_dir / "dz_hellaswag.yaml").write_text(
         f"include: {Path(lm_eval.__file__).parent / 'tasks/hellaswag/hellaswag.yaml'}\ntask: dz_hellaswag\n"
-        f"dataset_path: arrow\ndataset_kwargs:\n  data_files:\n    validation: {arrow}\ntraining_split: null\n"
+        f"dataset_path: arrow\ndataset_kwargs:\n  cache_dir: {yaml_dir / 'cache'}\n"
+        f"  data_files:\n    validation: {arrow}\ntraining_split: null\n"
     )
     lm = HFLM(**hflm_args, device=str(device), batch_size=batch_size)
     start = time.perf_counter()

@@ -4,7 +4,6 @@ continuation equal, every log-likelihood equal (1e-4), the same choice per quest
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -51,7 +50,7 @@ TASKS = {
 }
 
 
-def write_task_yamls(folder: Path) -> None:
+def write_task_yamls(folder: Path, cache: Path) -> None:
     import lm_eval
 
     lm_tasks = Path(lm_eval.__file__).parent / "tasks"
@@ -60,7 +59,7 @@ def write_task_yamls(folder: Path) -> None:
         files = "".join(f"    {split}: {next((hf / path).glob('*.arrow'))}\n" for split, path in splits.items())
         (folder / f"dz_{name}.yaml").write_text(
             f"include: {lm_tasks / yaml}\ntask: dz_{name}\ndataset_path: arrow\n"
-            f"dataset_kwargs:\n  data_files:\n{files}training_split: null\n{extra}"
+            f"dataset_kwargs:\n  cache_dir: {cache}\n  data_files:\n{files}training_split: null\n{extra}"
         )
 
 
@@ -83,8 +82,13 @@ def run_lm_eval(model_dir: Path, tasks_dir: Path, names: list[str], shots: int) 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_DATASETS_OFFLINE", "1")
+        env.setenv("HF_HUB_OFFLINE", "1")
+        return build_and_run(tmp_path_factory)
+
+
+def build_and_run(tmp_path_factory):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50257, context_length=128, emb_dim=32, n_heads=4, n_layers=2, qkv_bias=True)
     model = GPTModel(cfg)
@@ -94,7 +98,7 @@ def setup(tmp_path_factory):
     save_model(model, model_dir, tokenizer=gpt2(), format="hf")
     export_tokenizer(gpt2(), model_dir, "hf", model_max_length=cfg.context_length)
     tasks_dir = tmp_path_factory.mktemp("lm_eval_tasks")
-    write_task_yamls(tasks_dir)
+    write_task_yamls(tasks_dir, tmp_path_factory.mktemp("datasets_cache"))  # not ~/.cache
     zero = run_lm_eval(model_dir, tasks_dir, list(TASKS), shots=0)
     few = run_lm_eval(model_dir, tasks_dir, ["mmlu_anatomy"], shots=2)
     return load_model(model_dir), gpt2(), zero, few
