@@ -4,6 +4,7 @@
     dozero generate --model runs/shakespeare-char "ROMEO:" --num-samples 3 --temperature 1.0 --seed 7
     dozero generate --model path/to/hf-gpt2-folder "The meaning of life is" --top-p 0.9 --stop "\\n\\n"
     dozero generate --model path/to/weights-only --tokenizer gpt2 "Hello"
+    dozero generate --model smollm2-135m-instruct --chat "What is the capital of France?"
 
 The sampling flags come from `GenerationConfig` and `SamplingConfig` (generate/config.py).
 """
@@ -25,7 +26,11 @@ folder's own; --tokenizer names one for a folder without (weights only), and mus
 Each new token is drawn from the model's probabilities for the next position: --temperature
 reshapes them (0 = always the most likely token), --top-k / --top-p / --min-p cut off the unlikely
 tail. The same --seed gives the same text. Generation stops at end-of-text, at a --stop string, or
-after --max-new-tokens. Past the model's context length the window slides (with a warning)."""
+after --max-new-tokens. Past the model's context length the window slides (with a warning).
+
+--chat makes PROMPT a user's turn in the model's own chat template (a GGUF file's or a Hugging Face
+folder's; ChatML otherwise), as a chat model was tuned to see it, and stops at the end of the turn:
+only the answer is printed. --system adds a system turn before it."""
 
 EXAMPLES = """\
 examples:
@@ -33,7 +38,8 @@ examples:
   dozero generate --model runs/shakespeare-char "" --num-samples 3 --seed 1      (empty prompt: start from scratch)
   dozero generate --model runs/shakespeare-char "JULIET:" --temperature 0 --max-new-tokens 50   (greedy)
   dozero generate --model gpt2-folder "Hello, I'm a language model," --top-p 0.9 --stop "\\n"
-  dozero generate --model hf-weights-only/ --tokenizer gpt2 "Hello"     (a folder without tokenizer files)"""
+  dozero generate --model hf-weights-only/ --tokenizer gpt2 "Hello"     (a folder without tokenizer files)
+  dozero generate --model smollm2-135m-instruct --chat "What is the capital of France?" --temperature 0"""
 
 
 def register(subparsers) -> None:
@@ -70,6 +76,15 @@ def register(subparsers) -> None:
         help="print the first sample as it is produced, flushed piece by piece even into a pipe or file "
         "(default: on; --no-stream prints each sample when it is complete)",
     )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="PROMPT is a user's message: wrap it in the model's chat template, stop at the end of the turn, "
+        "print only the answer",
+    )
+    p.add_argument(
+        "--system", default=None, metavar="TEXT", help="with --chat: a system message before the user's (default: none)"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     add_dataclass_args(p, GenerationConfig, skip=("stop",), group_title="sampling")
     p.set_defaults(func=run_generate)
@@ -89,12 +104,18 @@ def run_generate(args) -> int:
         raise DozeroError(f"--num-samples must be >= 1, got {args.num_samples}")
     # A shell passes "\\n" as backslash + n; the user meant a newline.
     stops = tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in (args.stop or []))
+    if args.system is not None and not args.chat:
+        raise DozeroError("--system is a chat turn: add --chat (PROMPT is then the user's message)")
     config = apply_args(GenerationConfig(stop=stops), args)
     device = pick_device(args.device)
     folder = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(args.tokenizer or folder)  # first: a missing tokenizer fails before the weights load
     model = load_model(folder, device=device)
     tokenizer.check_fits_model(model.cfg.vocab_size, f"the model in {folder}")
+    prompt, shown = args.prompt, args.prompt
+    if args.chat:
+        prompt, stop = chat_prompt(tokenizer, folder, args.prompt, args.system)
+        config.stop, shown = config.stop + (stop,) * bool(stop), ""  # the answer alone, not the template's text
     if device.type == "cuda":  # bf16 halves memory traffic, the bottleneck of decoding one token at a time
         model = model.to(torch.bfloat16) if torch.cuda.is_bf16_supported() else model.half()
     use_decoding_layout(model)  # CPU: weights stored transposed, faster one token at a time (layout.py)
@@ -103,12 +124,12 @@ def run_generate(args) -> int:
     out = sys.stdout
     texts = [""] * args.num_samples
     if live:
-        out.write(args.prompt)
+        out.write(shown)
         out.flush()
     with warnings.catch_warnings():
         # Warnings (a long prompt cut, the window sliding) as one line of their own, not Python's format.
         warnings.showwarning = lambda message, *_, **__: print(f"\n[warning: {message}]", file=sys.stderr, flush=True)
-        for b, piece in stream_batch(model, tokenizer, [args.prompt] * args.num_samples, config):
+        for b, piece in stream_batch(model, tokenizer, [prompt] * args.num_samples, config):
             texts[b] += piece
             if live and b == 0:  # the first sample streams; the others are printed when all are done
                 out.write(piece)
@@ -117,7 +138,16 @@ def run_generate(args) -> int:
         if b > 0:
             out.write(f"\n{'-' * 40} sample {b + 1}\n")
         if not (live and b == 0):
-            out.write(args.prompt + text)
+            out.write(shown + text)
     out.write("\n")
     out.flush()
     return 0
+
+
+def chat_prompt(tokenizer, folder, message: str, system: str | None) -> tuple[str, str]:
+    """(the prompt text that asks for the assistant's answer, the text that ends its turn)."""
+    from dozero.tokenizer.chat_template import chat_template, end_of_turn, render_text
+
+    template = chat_template(tokenizer, folder)
+    turns = [{"role": "system", "content": system}] * (system is not None) + [{"role": "user", "content": message}]
+    return render_text(tokenizer, turns, template, add_generation_prompt=True), end_of_turn(template, tokenizer)
