@@ -92,14 +92,25 @@ def test_bad_parallel_settings_are_one_line_errors(tmp_path, capsys):
         assert code == 2 and expected in err and err.count("\n") == 1, err
 
 
+def _two_nodes(args: list[str], port: int) -> None:
+    """2 "nodes" x 1 process on this machine: two torchrun launchers meeting at 127.0.0.1 (docs/en/scaling.md)."""
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+    node += ["--master_addr=127.0.0.1", f"--master_port={port}"]
+    launch = [[*node, f"--node_rank={n}", "-m", "dozero", "train", *args] for n in (0, 1)]
+    procs = [subprocess.Popen(c, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in launch]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+
+
 @pytest.mark.slow
-def test_fsdp_matches_one_process_and_its_checkpoint_resumes_on_one(tmp_path):
-    """GPT-2 blocks: 2 ranks x 4 sequences under FSDP (ZeRO-3) take the same steps as 1 process x 8;
-    the checkpoint FSDP writes at step 3 resumes in one process as if the run had not moved."""
+def test_fsdp_on_two_nodes_matches_one_process_and_its_checkpoint_resumes_on_one(tmp_path):
+    """GPT-2 blocks: 2 nodes x 1 process x 4 sequences under FSDP (ZeRO-3) take the same steps as 1
+    process x 8; the checkpoint FSDP writes at step 3 resumes in one process as if the run had not moved."""
     common = ["--max-steps", "6", *TINY]
     _run(["--out-dir", str(tmp_path / "one"), "--micro-batch-size", "8", *common])
     sharded = tmp_path / "fsdp"
-    _run(
+    _two_nodes(
         ["--out-dir", str(sharded), "--micro-batch-size", "4", "--parallel", "fsdp", "--stop-after", "3", *common],
         29621,
     )
@@ -109,6 +120,7 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_on_one(tmp_path):
     for s in one:
         assert moved[s] == pytest.approx(one[s], abs=TOLERANCE), f"step {s}"
     assert one[6] < one[1] - 0.1
+    assert not (tmp_path / "fsdp-2").exists()  # global rank 0 alone wrote
 
 
 @pytest.mark.slow
