@@ -40,6 +40,8 @@ class GenerativeTask:
     metric: str
     stop: tuple[str, ...] = ()
     max_new_tokens: int = 256
+    note: str = ""
+    """Said in the report card under the table."""
 
     def evaluate(self, model, tokenizer, config) -> dict:
         from dozero.evaluate.chat import chat_prompt

@@ -106,6 +106,7 @@ def summarize(task, per_metric: dict[str, list[float]], chance: float, truncated
         "truncated": truncated,
         "seconds": seconds,
         "items_per_second": n / seconds if seconds > 0 else None,
+        "note": getattr(task, "note", ""),
         "samples": samples,
     }
 

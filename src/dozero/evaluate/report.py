@@ -34,12 +34,10 @@ def markdown(report: dict) -> str:
     lines = ["| task | metric | score | ± stderr | random | n |", "|---|---|---:|---:|---:|---:|"]
     for task, metric, score, stderr, chance, n in rows(report):
         lines.append(f"| {task} | {metric} | {_fmt(score)} | {_fmt(stderr)} | {_fmt(chance)} | {n:,} |")
-    notes = []
+    notes = [f"{r['task']}: {r['note']}." for r in report["results"] if r.get("note")]
     truncated = sum(r.get("truncated", 0) for r in report["results"])
     if truncated:
         notes.append(f"{truncated} prompts were longer than the model's context and were cut from the left.")
-    if any(r["task"].startswith("perplexity:") for r in report["results"]):
-        notes.append("bits_per_byte is comparable across tokenizers; perplexity is per token of this tokenizer.")
     return "\n".join(lines + [""] + notes).rstrip() + "\n"
 
 

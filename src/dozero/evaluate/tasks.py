@@ -66,6 +66,8 @@ class ChoiceTask:
     """MMLU: few-shot examples are the first K of this sibling split (dev) of each dataset."""
     fixed_examples: tuple[Example, ...] = ()
     """A task of your own (usertasks.py): its examples, read from a .jsonl file instead of `datasets`."""
+    note: str = ""
+    """Said in the report card under the table (e.g. which split is scored)."""
 
 
 # ----------------------------------------------------------------------------- lm-eval's templates
@@ -136,6 +138,7 @@ def mmlu(doc: dict) -> Example:
 
 
 MMLU_ROOT = "hails/mmlu_no_train"
+VALIDATION = "the validation split (lm-eval scores the test split, not shipped offline)"
 
 
 @cache
@@ -153,13 +156,13 @@ BUILTIN = {
     t.name: t
     for t in [
         ChoiceTask("hellaswag", "hellaswag", ("hellaswag/none/validation",), hellaswag),
-        ChoiceTask("arc_easy", "arc_easy", ("ai2_arc/ARC-Easy/validation",), arc),
-        ChoiceTask("arc_challenge", "arc_challenge", ("ai2_arc/ARC-Challenge/validation",), arc),
+        ChoiceTask("arc_easy", "arc_easy", ("ai2_arc/ARC-Easy/validation",), arc, note=VALIDATION),
+        ChoiceTask("arc_challenge", "arc_challenge", ("ai2_arc/ARC-Challenge/validation",), arc, note=VALIDATION),
         ChoiceTask("piqa", "piqa", ("piqa/plain_text/validation",), piqa),
         ChoiceTask("winogrande", "winogrande", ("winogrande/winogrande_xl/validation",), winogrande, ("acc",)),
         ChoiceTask("boolq", "boolq", ("boolq/none/validation",), boolq, ("acc",)),
-        ChoiceTask("openbookqa", "openbookqa", ("openbookqa/main/validation",), openbookqa),
-        ChoiceTask("sciq", "sciq", ("sciq/none/validation",), sciq),
+        ChoiceTask("openbookqa", "openbookqa", ("openbookqa/main/validation",), openbookqa, note=VALIDATION),
+        ChoiceTask("sciq", "sciq", ("sciq/none/validation",), sciq, note=VALIDATION),
     ]
 }
 GENERATIVE = ("gsm8k", "humaneval")  # defined in generative.py
