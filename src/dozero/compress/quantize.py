@@ -54,7 +54,7 @@ class QuantizeConfig:
     kernel: str = "reference"
     """How the quantized layers multiply: 'reference' (dequantize, then a float product: weight-only, only
     the weights' rounding costs quality) or 'fbgemm' (FBGEMM's int8 kernel, the fast one on x86 CPUs, which
-    also rounds each input row to 7 bits: SmolLM2's perplexity +150%; see model/quantized.py)."""
+    also rounds each input row to 7 bits: SmolLM2-135M's perplexity 2.5x worse; see model/quantized.py)."""
 
     def resolved_group(self, width: int, where: str) -> int:
         """The group size for a row of `width` inputs, or a one-line error."""
