@@ -158,6 +158,21 @@ def _positive(value: int | None, flag: str) -> None:
         raise DozeroError(f"{flag} must be >= 1, got {value}")
 
 
+def _print_strategies(cfg, batch_size: int, context_length: int | None) -> None:
+    """Training memory per device, bf16 mixed, for each --parallel strategy and number of GPUs."""
+    from dozero.model.info import STRATEGIES, human_bytes, strategy_memory
+
+    worlds = (1, 2, 4, 8)
+    table = {w: strategy_memory(cfg, batch_size, w, context_length=context_length) for w in worlds}
+    print()
+    print(
+        f"{'training per GPU, bf16 mixed':<28}" + "".join(f"{f'{w} GPU' + ('s' if w > 1 else ''):>12}" for w in worlds)
+    )
+    for strategy in STRATEGIES:
+        print(f"  {strategy:<26}" + "".join(f"{human_bytes(table[w][strategy]):>12}" for w in worlds))
+    print("--parallel ddp|zero2|fsdp, +ac: --activation-checkpointing (docs: scaling.md); batch is per GPU.")
+
+
 def run_info(args) -> int:
     from dozero.model.info import human_bytes, human_count, memory_estimate, parameter_breakdown
 
@@ -196,6 +211,7 @@ def run_info(args) -> int:
         print(f"  {label:<{width - 2}}{human_bytes(mem['fp32'][key]):>14}{human_bytes(mem['bf16'][key]):>14}")
     print()
     print("bf16 mixed: fp32 master weights + bf16 copies, fp32 gradients and AdamW states, bf16 activations.")
+    _print_strategies(cfg, args.batch_size, args.context_length)
     print("Add 10-20% for the framework and fragmentation. Other sizes: --batch-size N --context-length T")
     return 0
 

@@ -127,6 +127,62 @@ def memory_estimate(cfg: ModelConfig, batch_size: int, context_length: int | Non
     return out
 
 
+STRATEGIES = ("ddp", "zero2", "fsdp", "fsdp+ac")
+"""Ways to spread training over processes (dozero train --parallel, --activation-checkpointing), least
+memory last."""
+
+
+def strategy_memory(
+    cfg: ModelConfig, batch_size: int, world_size: int, precision: str = "bf16", context_length: int | None = None
+) -> dict:
+    """Bytes one device needs to train with each strategy in STRATEGIES, `batch_size` sequences per
+    device, `world_size` processes (the arithmetic of ZeRO, Rajbhandari et al. 2020, section 5):
+
+      ddp      every device: the whole training row of `memory_estimate`.
+      zero2    fp32 weights, gradients and AdamW moments (16 bytes/parameter) split over the devices;
+               the whole fp32 weights gathered in forward stay until backward (4 bytes/parameter),
+               plus autocast's bf16 copies; all activations.
+      fsdp     the same split; only the root's weights (embeddings, head, final norm) and two blocks
+               (the one running, the next one prefetched) are whole at a time; all activations.
+      fsdp+ac  fsdp with activation checkpointing: each block keeps its input (B, T, C) in fp32, and
+               one block's activations exist at a time while it is recomputed.
+    Same caveats as memory_estimate (plan for 10-20% more); communication buffers are not counted.
+    """
+    est, counts = memory_estimate(cfg, batch_size, context_length), parameter_breakdown(cfg)
+    row, N, W, L = est[precision], counts["total"], world_size, cfg.n_layers
+    cast = 2 if precision == "bf16" else 0  # bytes/parameter of autocast's copies
+    sharded = 16 * N / W
+    block = sum(_block_parameters(cfg).values())
+    root = N - L * block
+    activations, T = row["activations"], est["context_length"]
+    one_block = activation_bytes(_layers(cfg, 2), batch_size, T, precision) - activation_bytes(
+        _layers(cfg, 1), batch_size, T, precision
+    )
+    checkpointed = activations - (L - 1) * one_block + L * batch_size * T * cfg.emb_dim * 4
+    gathered_two = (4 + cast) * (root + min(2, L) * block)
+    return {
+        "ddp": row["training"],
+        "zero2": int(sharded + (4 + cast) * N + activations),
+        "fsdp": int(sharded + gathered_two + activations),
+        "fsdp+ac": int(sharded + gathered_two + checkpointed),
+    }
+
+
+def _layers(cfg: ModelConfig, n_layers: int) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, n_layers=n_layers)
+
+
+def suggest_strategy(
+    cfg: ModelConfig, batch_size: int, world_size: int, memory: int, precision: str = "bf16"
+) -> str | None:
+    """The first strategy (least communication first) whose estimate fits in `memory` bytes per device, or None."""
+    need = strategy_memory(cfg, batch_size, world_size, precision)
+    candidates = STRATEGIES if world_size > 1 else ("ddp",)
+    return next((s for s in candidates if need[s] <= memory), None)
+
+
 class LayerRow(NamedTuple):
     name: str  # the module's name in GPTModel (the course's names)
     dims: str  # output shape in the legend's letters, e.g. "(B, T, 3C)"
