@@ -42,6 +42,7 @@ PAGES = [
     "4-architecture.md",
     "5-training.md",
     "6-generating-text.md",
+    "7-from-gpt2-to-llama.md",
 ]
 READMES = [REPO / "README.md", REPO / "README.pt-BR.md"]
 FENCE = re.compile(r"^```(\w[\w-]*)?\s*$")
