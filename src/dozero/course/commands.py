@@ -14,9 +14,12 @@ refers to "cachorra").
 examples:
   dozero attention --model runs/shakespeare-char "To be, or not to be" --out attention.png
   dozero attention --model gpt2 "{EXAMPLE_SENTENCE}" --token ela
+  dozero attention --model smollm2-135m-instruct "{EXAMPLE_SENTENCE}" --token ela   (a pretrained model)
 
---model takes a training run folder, a dozero or Hugging Face GPT-2 model folder, or a preset
-name; a preset has random weights, so its picture shows nothing learned yet."""
+--model takes a training run folder, a dozero or Hugging Face model folder (GPT-2 or Llama), a GGUF
+file or smollm2-135m-instruct, or a preset name; a preset has random weights, so its picture shows
+nothing learned yet. Besides each token, the report adds up each word's tokens (byte-level BPE cuts
+words into pieces) and sets the first token aside: trained models park unused attention there."""
 
 DOCTOR_HELP = """\
 Check this computer before training: Python and PyTorch versions, CPU/GPU and memory, bf16,
@@ -36,7 +39,9 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("sentence", nargs="?", default=EXAMPLE_SENTENCE, help="the text to look at (default: %(default)s)")
-    p.add_argument("--model", required=True, help="run folder, model folder, or preset name (random weights)")
+    p.add_argument(
+        "--model", required=True, help="run folder, model folder, GGUF file, or preset name (random weights)"
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--token", help="the word whose attention to explain (default: the last token)")
     which.add_argument("--index", type=int, help="the position of that token instead (0 = first; -1 = last)")
