@@ -122,3 +122,17 @@ def test_a_failing_reward_skips_the_step_and_is_counted(tmp_path, toy):
     assert [(r["step"], r["reward_errors"]) for r in errors] == [(3, 1), (5, 2)]
     assert "ValueError: the checker crashed" in errors[0]["reward_error"] and "nan" in errors[1]["reward_error"]
     assert [r["step"] for r in records if r.get("skipped")] == [3, 5]
+
+
+def test_self_made_pairs_keep_the_best_and_worst_answer(toy):
+    from dozero.align.data import make_pairs
+    from dozero.finetune.sft import load_base
+
+    base, _ = toy
+    model, tokenizer, template = load_base(str(base))
+    prompts = ["abc", "def", "ghi", "jab", "cfi", "hed"]
+    records = make_pairs(model, tokenizer, template, prompts, ends_with_bang, k=16, seed=0, max_new_tokens=2)
+    assert records, "with 16 answers of 2 characters from 19, some prompt gets an answer ending in '!'"
+    for r in records:
+        assert r["prompt"] in prompts and r["chosen"].endswith("!") and not r["rejected"].endswith("!")
+    assert make_pairs(model, tokenizer, template, prompts, lambda p, a, r: 1.0, k=4) == []  # no preference

@@ -142,7 +142,8 @@ class PairLoader(SFTLoader):
 
 
 def make_pairs(model, tokenizer, template: str, prompts: list[str], reward_fn, k: int = 4, seed: int = 0, **sampling):
-    """Self-made preference records: k sampled answers per prompt, scored by `reward_fn(prompt, answer)`;
+    """Self-made preference records: k sampled answers per prompt, scored by `reward_fn(prompt, answer,
+    record)` (the signature of align/rewards.py; record is {"prompt": prompt});
     the best and the worst become chosen and rejected. Prompts whose answers all score the same (or
     whose best and worst texts are equal) give no pair: there is no preference to learn."""
     from dozero.align.rollout import sample_answers
@@ -153,7 +154,7 @@ def make_pairs(model, tokenizer, template: str, prompts: list[str], reward_fn, k
         scored = []
         for answer in answers:
             try:
-                score = float(reward_fn(prompt, answer))
+                score = float(reward_fn(prompt, answer, {"prompt": prompt}))
             except Exception:  # a reward that fails on one answer only loses that answer
                 continue
             if math.isfinite(score) and answer.strip():
