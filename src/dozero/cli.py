@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plug_in_later_stages(args) -> None:
+    """Wire a later stage into an earlier stage's loop: only this module may import both. `dozero train
+    --eval-tasks` scores benchmarks at every evaluation through dozero.evaluate."""
+    if args.verb == "train":
+        from dozero.evaluate.during_training import benchmark_hooks
+
+        args.train_hooks = benchmark_hooks
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug is accepted anywhere on the line, not only before the verb.
@@ -72,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         (getattr(args, "verb_parser", None) or parser).print_help()
         return 0 if args.verb is None else 2
     try:
+        plug_in_later_stages(args)
         result = args.func(args)
         return int(result or 0)
     except DozeroError as e:

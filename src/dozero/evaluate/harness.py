@@ -61,8 +61,23 @@ def task_list(spec: str) -> list:
     return [resolve_task(n) for n in names]
 
 
-def evaluate_choices(model, tokenizer, task, examples, config: EvalConfig, first_n: bool) -> dict:
-    """Score multiple-choice `examples` [(Example, few-shot pool)] and summarize them."""
+@dataclass
+class Prepared:
+    """A multiple-choice task's questions as token pairs: built once, scored as often as wanted."""
+
+    task: ChoiceTask
+    examples: list
+    """[(Example, its few-shot pool)]"""
+    requests: list[tuple[list[int], list[int]]]
+    """(context ids, continuation ids), every choice of every question in order."""
+    spans: list[tuple[int, int]]
+    """Per question: (index of its first request, number of choices)."""
+    prompts: list[list[tuple[str, str]]]
+    """Per question: the (context, continuation) texts."""
+
+
+def prepare_choices(tokenizer, task, examples, config: EvalConfig, first_n: bool) -> Prepared:
+    """Prompts (with few-shot examples and --chat) and their token ids for `examples` [(Example, pool)]."""
     from dozero.evaluate.chat import wrap_chat
 
     rng = random.Random(config.seed)
@@ -74,13 +89,20 @@ def evaluate_choices(model, tokenizer, task, examples, config: EvalConfig, first
         spans.append((len(requests), len(pairs)))
         prompts.append(pairs)
         requests += [encode_pair(tokenizer, c, x) for c, x in pairs]
+    return Prepared(task, examples, requests, spans, prompts)
+
+
+def score_choices(model, prepared: Prepared, config: EvalConfig, progress: bool = True) -> dict:
+    """Score prepared questions and summarize them (a report-card entry)."""
+    task, examples, spans = prepared.task, prepared.examples, prepared.spans
     start = time.perf_counter()
     share = [1 / n for _, n in spans for _ in range(n)]
-    scores = score_requests(model, requests, config.batch_tokens, progress=task.name, share=share)
+    title = task.name if progress else None
+    scores = score_requests(model, prepared.requests, config.batch_tokens, progress=title, share=share)
     seconds = time.perf_counter() - start
     per_metric: dict[str, list[float]] = {m: [] for m in task.metrics}
     samples = []
-    for (ex, _), (first, n), pairs in zip(examples, spans, prompts, strict=True):
+    for (ex, _), (first, n), pairs in zip(examples, spans, prepared.prompts, strict=True):
         lls = scores.logprobs[first : first + n]
         got = metrics.choice_metrics(lls, ex.gold, ex.choices)
         for m in task.metrics:
@@ -89,6 +111,11 @@ def evaluate_choices(model, tokenizer, task, examples, config: EvalConfig, first
             samples.append({"context": pairs[0][0], "choices": ex.choices, "gold": ex.gold, "logprobs": lls, **got})
     chance = metrics.mean([1 / len(ex.choices) for ex, _ in examples])  # guessing: 1 / choices, on average
     return summarize(task, per_metric, chance, scores.truncated, seconds, samples)
+
+
+def evaluate_choices(model, tokenizer, task, examples, config: EvalConfig, first_n: bool) -> dict:
+    """Score multiple-choice `examples` [(Example, few-shot pool)] and summarize them."""
+    return score_choices(model, prepare_choices(tokenizer, task, examples, config, first_n), config)
 
 
 def summarize(task, per_metric: dict[str, list[float]], chance: float, truncated: int, seconds: float, samples) -> dict:
@@ -111,10 +138,15 @@ def summarize(task, per_metric: dict[str, list[float]], chance: float, truncated
     }
 
 
+def prepare_task(tokenizer, task: ChoiceTask, config: EvalConfig) -> Prepared:
+    """The first `config.limit` questions of a multiple-choice task, as token pairs."""
+    examples = load_examples(task, config.limit)
+    return prepare_choices(tokenizer, task, examples, config, first_n=task.fewshot_split is not None)
+
+
 def evaluate_task(model, tokenizer, task, config: EvalConfig) -> dict:
     if isinstance(task, ChoiceTask):
-        examples = load_examples(task, config.limit)
-        return evaluate_choices(model, tokenizer, task, examples, config, first_n=task.fewshot_split is not None)
+        return score_choices(model, prepare_task(tokenizer, task, config), config)
     return task.evaluate(model, tokenizer, config)
 
 

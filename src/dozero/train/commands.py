@@ -96,7 +96,8 @@ def run_train(args) -> int:
     cfg, overrides = build_config(args)
     if args.resume and overrides:
         raise DozeroError(f"--resume keeps the run's model shape; drop {', '.join(overrides)}")
-    result = train(cfg, overrides, resume=args.resume)
+    # --eval-tasks: dozero.cli hands over dozero.evaluate's hooks (train may not import a later stage).
+    result = train(cfg, overrides, resume=args.resume, hooks=getattr(args, "train_hooks", None))
     if result.stopped != "done":
         return EXIT_CODES.get(result.stopped, 0)  # the loop printed how to resume
     if not runtime.is_main():

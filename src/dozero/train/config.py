@@ -104,6 +104,11 @@ class TrainConfig:
     auto (when the tensorboard package is installed), on, or off."""
     stop_after: int = 0
     """Stop (with a checkpoint) after this step, as if interrupted; resume later with --resume. 0: off."""
+    eval_tasks: str = ""
+    """Benchmarks scored at every evaluation, e.g. hellaswag,arc_easy (`dozero eval`'s task names or a .jsonl of
+    your own), into metrics.jsonl, TensorBoard and report.md as eval/<task>/<metric>. Empty: none."""
+    eval_limit: int = 50
+    """With --eval-tasks: the first this many questions of each task (MMLU: of each subject), the same every time."""
 
     def validate(self) -> None:
         """Refuse a setting that cannot work, naming its flag: the same checks for the command line,
@@ -117,7 +122,7 @@ class TrainConfig:
             if value not in allowed:
                 what = "is not a model shape" if name == "model" else "is not known"
                 raise DozeroError(f"{_flag(name)} '{value}' {what}: {suggest(value, allowed)}")
-        for name in ("micro_batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval"):
+        for name in ("micro_batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval", "eval_limit"):
             _check_range(self, name, getattr(self, name) >= 1, ">= 1")
         for name in (
             "global_batch_tokens",

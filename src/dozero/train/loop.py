@@ -60,6 +60,8 @@ class TrainResult:
     """'done', 'stop_after', or the name of the signal that stopped the run (SIGINT, SIGTERM)."""
     tokens_per_second: float = 0.0
     seconds: float = 0.0
+    benchmarks: dict[str, float] = field(default_factory=dict)
+    """What the hooks reported at the last evaluation (e.g. {"eval/hellaswag/acc": 0.31}); see `train`."""
 
 
 @dataclass
@@ -89,21 +91,38 @@ class Run:
     """What a later stage changes in this loop (fine-tuning: dozero.finetune.sft.SFTRecipe): `verb`, and
     `evaluate` (same arguments as `evaluate` below) and `checkpoint(model)` -> (model to save, extra
     metadata, a function that writes extra files into the checkpoint folder). None for pretraining."""
+    hooks: list = field(default_factory=list)
+    """Called at every evaluation as hook(model, tokenizer, step) -> {name: number}; logged as metrics."""
 
 
 def train(
-    cfg: TrainConfig, model_overrides: dict | None = None, resume: str | Path | None = None, quiet: bool = False
+    cfg: TrainConfig,
+    model_overrides: dict | None = None,
+    resume: str | Path | None = None,
+    quiet: bool = False,
+    hooks=None,
 ) -> TrainResult:
     """Train per `cfg` (model shape: `cfg.model` plus `model_overrides`), or continue the run that
     `resume` names: a run folder (from its latest/) or one of its checkpoints (RUN/checkpoints/step_N).
     The run's saved settings hold; `cfg` may change max_steps and the like. Torch's thread count
-    and TF32 switches are restored on return."""
+    and TF32 switches are restored on return.
+
+    hooks: a function (cfg, tokenizer) -> [hook(model, tokenizer, step) -> {name: number}], called once
+    the data is read; each hook runs at every evaluation and its numbers go into metrics.jsonl. A later
+    stage plugs in here: cfg.eval_tasks needs dozero.evaluate.during_training.benchmark_hooks (what
+    `dozero train` passes), since train may not import evaluate."""
     cfg.validate()
+    if cfg.eval_tasks and hooks is None:
+        raise DozeroError(
+            "--eval-tasks needs the evaluation stage: train(cfg, hooks=benchmark_hooks) with "
+            "dozero.evaluate.during_training.benchmark_hooks (the dozero train command does this)"
+        )
     device = runtime.pick_device(cfg.device)
     with runtime.torch_settings(device, cfg.threads):
         distributed = runtime.init_distributed(device)
         try:
             run = _setup(cfg, model_overrides or {}, resume, device, quiet)
+            run.hooks = hooks(run.cfg, run.corpus.tokenizer) if hooks else []
             _loop(run)
             return _finish(run)
         finally:
@@ -323,6 +342,12 @@ def _evaluate(run: Run) -> None:
     run.observer.write(line)
     run.observer.plot()
     _save(run, is_best, val_loss)
+    if runtime.is_main() or sharded:  # after the save: a failing hook loses no training
+        for hook in run.hooks:
+            scores = hook(run.raw_model, run.corpus.tokenizer, run.step)
+            result.benchmarks.update(scores)
+            run.observer.log([{"step": run.step, **scores}])
+            run.observer.write(f"step {run.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
 
 def _save(run: Run, is_best: bool, val_loss: float | None) -> None:
@@ -378,6 +403,7 @@ def _finish(run: Run) -> TrainResult:
         "tokens_per_second": result.tokens_per_second,
         "train_loss": sum(last) / len(last) if last else math.nan,
         "train_window": len(last),
+        "benchmarks": result.benchmarks,
     }
     run.observer.write_report(
         cfg=run.cfg,

@@ -176,6 +176,8 @@ class RunObserver:
             lines.append(f"- final validation loss: {val:.4f} (perplexity {math.exp(val):.2f})")
         if summary.get("best_val_loss") is not None:
             lines.append(f"- best validation loss: {summary['best_val_loss']:.4f} (kept in best/)")
+        for name, value in summary.get("benchmarks", {}).items():  # --eval-tasks, at the last evaluation
+            lines.append(f"- {name}: {value:.4f} (first {cfg.eval_limit} questions)")
         lines += ["", "## Loss curve", "", "![loss](loss.png)", "", "## Configuration", "", "```json"]
         lines += [json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=2), "```", ""]
         with _disk_errors(self.run_dir / "report.md"):
