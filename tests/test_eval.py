@@ -325,3 +325,19 @@ def test_compare_refuses_what_is_not_a_report(tmp_path, capsys):
     assert "is not a dozero eval report" in capsys.readouterr().err
     assert main(["eval", "--compare", str(tmp_path / "missing.json")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_task_can_carry_its_own_limit(tiny_run, tmp_path, capsys):
+    from dozero.evaluate.harness import task_plan
+
+    lines = [{"question": f"Q{i}:", "choices": ["a", "b"], "answer": i % 2} for i in range(8)]
+    mc, other = write(tmp_path, "q.jsonl", lines), write(tmp_path, "r.jsonl", lines)
+    plan = task_plan(f"hellaswag, mmlu:2,{mc}:3", 100)
+    assert [(t.name, n) for t, n in plan] == [("hellaswag", 100), ("mmlu", 2), ("q", 3)]
+    with pytest.raises(DozeroError, match="hellaswag:0: a task's limit must be >= 1"):
+        task_plan("hellaswag:0", None)
+    out = tmp_path / "limits.json"
+    assert (
+        main(["eval", "--model", str(tiny_run), "--tasks", f"{mc}:3,{other}", "--limit", "5", "--out", str(out)]) == 0
+    )
+    assert [r["n"] for r in json.loads(out.read_text())["results"]] == [3, 5]

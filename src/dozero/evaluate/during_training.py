@@ -15,7 +15,7 @@ takes `hooks`, callables (model, tokenizer, step) -> {name: number}, and `dozero
 
 from __future__ import annotations
 
-from dozero.evaluate.harness import EvalConfig, Prepared, prepare_task, score_choices, task_list
+from dozero.evaluate.harness import EvalConfig, Prepared, prepare_task, score_choices, task_plan
 from dozero.evaluate.tasks import ChoiceTask
 
 
@@ -23,21 +23,21 @@ class BenchmarkHook:
     """Scores a fixed set of questions; multiple-choice questions are tokenized once, at the start."""
 
     def __init__(self, tasks: str, limit: int, tokenizer):
-        self.config = EvalConfig(tasks=tasks, limit=limit, samples=False)
-        self.tasks = task_list(tasks)
         # Tokenizing now fails before the first training step on a text the tokenizer cannot read
         # (a character vocabulary meets a character it never saw), not at the first evaluation.
-        self.prepared = [
-            prepare_task(tokenizer, t, self.config) if isinstance(t, ChoiceTask) else t for t in self.tasks
-        ]
+        self.prepared = []
+        for task, own in task_plan(tasks, limit):  # hellaswag:200 keeps its own limit
+            config = EvalConfig(tasks=tasks, limit=own, samples=False)
+            item = prepare_task(tokenizer, task, config) if isinstance(task, ChoiceTask) else task
+            self.prepared.append((item, config))
 
     def __call__(self, model, tokenizer, step: int) -> dict[str, float]:
         out = {}
-        for item in self.prepared:
+        for item, config in self.prepared:
             if isinstance(item, Prepared):
-                result = score_choices(model, item, self.config, progress=False)
+                result = score_choices(model, item, config, progress=False)
             else:  # generative: GSM8K, HumanEval, a generate-and-check .jsonl
-                result = item.evaluate(model, tokenizer, self.config)
+                result = item.evaluate(model, tokenizer, config)
             for metric, value in result["metrics"].items():
                 out[f"eval/{result['task']}/{metric}"] = value["score"]
         return out

@@ -9,6 +9,7 @@ Each multiple-choice task: examples -> prompts (tasks.py) -> (context, continuat
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -23,9 +24,10 @@ from dozero.evaluate.tasks import ChoiceTask, build_prompts, get_task, load_exam
 class EvalConfig:
     tasks: str = ""
     """Comma-separated task names (hellaswag, arc_easy, arc_challenge, piqa, winogrande, boolq, openbookqa,
-    sciq, mmlu, mmlu_<subject>, gsm8k, humaneval) or .jsonl files of your own."""
+    sciq, mmlu, mmlu_<subject>, gsm8k, humaneval) or .jsonl files of your own; name:N gives a task its own --limit."""
     limit: int | None = None
-    """Score only the first N examples of each task (MMLU: of each subject); None = all."""
+    """Score only the first N examples of each task (MMLU: of each subject); None = all. A task given as
+    name:N (mmlu:2) takes its own N."""
     shots: int = 0
     """Solved examples put before each question (few-shot)."""
     seed: int = 1234
@@ -54,11 +56,26 @@ def resolve_task(name: str):
     return get_task(name)
 
 
-def task_list(spec: str) -> list:
+def task_plan(spec: str, limit: int | None) -> list[tuple[object, int | None]]:
+    """(task, how many questions) for each name of `spec`. A name may carry its own limit, `mmlu:2`
+    (2 per subject) beside `--limit 100` for the rest: one command for tasks of very different sizes."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
         raise DozeroError("--tasks is empty: give task names separated by commas, e.g. hellaswag,arc_easy")
-    return [resolve_task(n) for n in names]
+    plan = []
+    for name in names:
+        own = limit
+        head, _, tail = name.rpartition(":")
+        if head and tail.strip().lstrip("-").isdigit():
+            name, own = head.strip(), int(tail)
+            if own < 1:
+                raise DozeroError(f"--tasks {name}:{own}: a task's limit must be >= 1")
+        plan.append((resolve_task(name), own))
+    return plan
+
+
+def task_list(spec: str) -> list:
+    return [task for task, _ in task_plan(spec, None)]
 
 
 @dataclass
@@ -156,14 +173,14 @@ def evaluate_model(model, tokenizer, config: EvalConfig, text: str | None = None
 
     from dozero import __version__
 
-    tasks = task_list(config.tasks) if config.tasks else []
+    plan = task_plan(config.tasks, config.limit) if config.tasks else []
     results = []
     if text is not None:
         from dozero.evaluate.perplexity import evaluate_text
 
         results.append(evaluate_text(model, tokenizer, text, max_text_tokens))
-    for task in tasks:
-        results.append(evaluate_task(model, tokenizer, task, config))
+    for task, limit in plan:
+        results.append(evaluate_task(model, tokenizer, task, dataclasses.replace(config, limit=limit)))
     return {
         "format": "dozero-eval",
         "format_version": 1,
