@@ -104,6 +104,20 @@ def _two_nodes(args: list[str], port: int) -> None:
         assert proc.returncode == 0, err[-3000:]
 
 
+@pytest.mark.slow  # 10-50 s on 2 busy cores: it also trains one step without FSDP
+def test_fsdp_on_a_torch_without_it_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """dozero runs on torch >= 2.4; FSDP2 is public from 2.6. On an older torch only --parallel fsdp
+    fails, with the way out; DDP and single-process training never import it."""
+    from dozero.cli import main
+
+    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", None)  # `import` now raises ImportError
+    code = main(["train", "--out-dir", str(tmp_path / "run"), "--max-steps", "1", *TINY, "--parallel", "zero2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--parallel zero2 needs torch.distributed.fsdp" in err and "use --parallel ddp" in err, err
+    assert err.count("\n") == 1
+    assert main(["train", "--out-dir", str(tmp_path / "ok"), "--max-steps", "1", *TINY]) == 0
+
+
 @pytest.mark.slow
 def test_fsdp_on_two_nodes_matches_one_process_and_its_checkpoint_resumes_on_one(tmp_path):
     """GPT-2 blocks: 2 nodes x 1 process x 4 sequences under FSDP (ZeRO-3) take the same steps as 1

@@ -18,12 +18,10 @@ reduce-scattered as averages, so N ranks x B sequences take the same step as one
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from dozero import runtime
@@ -33,6 +31,18 @@ from dozero.train.config import PARALLEL_STRATEGIES
 STRATEGIES = PARALLEL_STRATEGIES
 """auto: DDP under torchrun, nothing in one process; ddp; fsdp (ZeRO-3); zero2 (FSDP, weights kept
 from forward to backward). Defined with TrainConfig's --parallel."""
+
+
+def _torch_module(name: str, strategy: str = "fsdp"):
+    """torch.distributed.<name>, imported when a strategy needs it: FSDP2 is public from torch 2.6,
+    and dozero runs on torch >= 2.4 without it (a DDP or single-process run never imports it)."""
+    try:
+        return importlib.import_module(f"torch.distributed.{name}")
+    except ImportError:
+        raise DozeroError(
+            f"--parallel {strategy} needs torch.distributed.{name}, which this torch ({torch.__version__}) "
+            "lacks: install torch >= 2.6, or use --parallel ddp"
+        ) from None
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -64,20 +74,25 @@ def apply_fsdp(
     With `param_dtype` bfloat16 the shards stay float32 (the optimizer's master weights) but are
     all-gathered as bfloat16 (half the traffic, and the forward computes in bf16); gradients are
     reduce-scattered in float32, so the average over ranks loses nothing (torchtitan's default)."""
-    mesh = init_device_mesh(device.type, (runtime.world_size(),))
+    fsdp = _torch_module("fsdp")
+    mesh = _torch_module("device_mesh").init_device_mesh(device.type, (runtime.world_size(),))
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if param_dtype != torch.float32:
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        options["mp_policy"] = fsdp.MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy()
+        options["offload_policy"] = fsdp.CPUOffloadPolicy()
     for block in model.trf_blocks:
-        fully_shard(block, **options)
+        fsdp.fully_shard(block, **options)
     # The root's parameters are needed again at once by the loss (the head), so it never reshards.
-    fully_shard(model, **{**options, "reshard_after_forward": False})
+    fsdp.fully_shard(model, **{**options, "reshard_after_forward": False})
     return model
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 shards nothing
+        return False
     return isinstance(model, FSDPModule)
 
 
@@ -98,6 +113,7 @@ def parallelize(model, optimizer, make_optimizer, cfg, device):
     if strategy in ("auto", "ddp"):
         forward = torch.compile(model) if compile else model
         return runtime.wrap_ddp(forward, device), optimizer
+    _torch_module("fsdp", strategy)
     if not (dist.is_available() and dist.is_initialized()):
         raise DozeroError(
             f"--parallel {strategy} shards the model over processes: launch with torchrun --nproc_per_node=N "
@@ -107,22 +123,24 @@ def parallelize(model, optimizer, make_optimizer, cfg, device):
 
 
 def _shard(model, optimizer, make_optimizer, strategy, device, compile: bool, cpu_offload: bool, dtype: str):
-    restored = get_optimizer_state_dict(model, optimizer) if optimizer.state else None  # keyed by name
+    state_dict = _torch_module("checkpoint.state_dict")
+    restored = state_dict.get_optimizer_state_dict(model, optimizer) if optimizer.state else None  # by name
     param_dtype = runtime.resolve_dtype(dtype, device)
     apply_fsdp(model, device, strategy == "fsdp", cpu_offload, param_dtype)
     optimizer = make_optimizer(model)
     if restored is not None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, restored, options=StateDictOptions(full_state_dict=True))
+        options = state_dict.StateDictOptions(full_state_dict=True)
+        state_dict.set_optimizer_state_dict(model, optimizer, restored, options=options)
     return (torch.compile(model) if compile else model), optimizer
 
 
 def full_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """The whole model and optimizer state, gathered from the shards into CPU tensors. Every rank
     must call it (it all-gathers); the tensors arrive on rank 0 only (others get empty dicts)."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    state_dict = _torch_module("checkpoint.state_dict")
+    options = state_dict.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = state_dict.get_model_state_dict(model, options=options)
+    return weights, state_dict.get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def gather_to_plain(model, optimizer, make_model, make_optimizer):
@@ -152,7 +170,7 @@ def local_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     """Bytes of weights and optimizer state held by this process (its shards under FSDP)."""
 
     def size(t: torch.Tensor) -> int:
-        t = t.to_local() if isinstance(t, DTensor) else t
+        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this process's shard
         return t.numel() * t.element_size()
 
     params = sum(size(p) for p in model.parameters())
