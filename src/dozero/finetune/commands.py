@@ -76,8 +76,21 @@ examples:
   dozero chat --model runs/sft"""
 
 # TrainConfig fields that fine-tuning sets itself (the data and model come from FinetuneConfig).
-_NOT_FOR_FINETUNE = ("preset", "model", "data", "tokenizer", "val_fraction", "sample_prompt", "sample_tokens",
-                     "global_batch_tokens", "eval_iters", "compile")  # fmt: skip
+_NOT_FOR_FINETUNE = (
+    "preset",
+    "model",
+    "data",
+    "tokenizer",
+    "val_fraction",
+    "sample_prompt",
+    "sample_tokens",
+    "global_batch_tokens",
+    "eval_iters",
+    "compile",
+    "parallel",
+    "cpu_offload",
+    "activation_checkpointing",
+)  # fmt: skip (fine-tuning runs one process or plain DDP)
 
 
 def _register_finetune(subparsers) -> None:

@@ -129,8 +129,11 @@ def finetune(ft: FinetuneConfig, cfg: TrainConfig, resume=None, quiet: bool = Fa
     folder or one of its checkpoints). Returns the trainer's TrainResult."""
     from dozero.train.loop import _finish, _loop
 
-    cfg.validate()
     ft.validate()
+    # The trainer's data/tokenizer fields are pretraining's; set them so train_config.json and report.md
+    # say what this run read (the tokenizer is the model's own).
+    cfg = dataclasses.replace(cfg, data=ft.data, tokenizer=ft.model)
+    cfg.validate()
     device = runtime.pick_device(cfg.device)
     with runtime.torch_settings(device, cfg.threads):
         distributed = runtime.init_distributed(device)
