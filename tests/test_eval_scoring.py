@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dozero.config import ModelConfig
-from dozero.evaluate.scoring import encode_pair, pack_row, plan_rows, score_requests
+from dozero.evaluate.scoring import encode_pair, pack_lines, pack_row, plan_rows, score_requests
 from dozero.model.checkpoint import load_model, save_model
 from dozero.model.gpt import GPTModel
 from dozero.tokenizer import gpt2
@@ -89,6 +89,25 @@ def test_shared_context_is_one_row():
     assert pos == [0, 1, 2, 3, 3, 4]  # each continuation restarts after the context
     assert seg == [0, 0, 0, 1, 2, 2]
     assert where == [[2, 3], [2, 4, 5]]  # the context's last position predicts every first token
+
+
+def test_short_rows_share_a_line_and_do_not_see_each_other(models):
+    items = [(0, [7, 8]), (1, [9])]
+    lines = pack_lines([(*pack_row(p, [[7, 8], [9]]), items) for p in [(1, 2, 3, 4, 5, 6), (1, 2), (3,)]])
+    assert [len(x[0]) for x in lines] == [7, 5]  # rows of 7, 3 and 2 tokens: the 3 and the 2 share a line
+    ids, pos, seg, where, items, qid = lines[1]
+    assert ids == [1, 2, 7, 3, 7] and pos == [0, 1, 2, 0, 1] and qid == [0, 0, 0, 1, 1]
+    assert where == [[1, 2], [1], [3, 4], [3]]  # the second row's indices moved by the first's length
+    # And the scores: packed lines (batch_tokens=100_000 puts every row of PAIRS on few lines) equal
+    # one row per batch, where nothing is packed.
+    ours, _, tok = models
+    requests = [encode_pair(tok, c, x) for c, x in PAIRS]  # the long last one leaves room for the others
+    grouped, _ = plan_rows(requests, 64)
+    packed = pack_lines([(*pack_row(p, [c for _, c in it]), it) for p, it in grouped.items()])
+    assert len(packed) < len(grouped)
+    assert score_requests(ours, requests, 100_000).logprobs == pytest.approx(
+        score_requests(ours, requests, 1).logprobs, abs=1e-4
+    )
 
 
 def test_llama_shape_loglikelihoods_equal_transformers(tmp_path):

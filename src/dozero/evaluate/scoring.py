@@ -93,6 +93,29 @@ def pack_row(prefix: tuple[int, ...], conts: list[list[int]]):
     return ids, pos, seg, where
 
 
+def pack_lines(rows: list) -> list:
+    """Rows laid end to end into lines no longer than the longest row (first fit, longest first), so a
+    batch pads almost nothing: sorting alone left 7-19% of HellaSwag's, ARC's and PIQA's batches padding
+    (SmolLM2 tokenizer, 200 questions, 2,048-token batches). Each token keeps its row number (`qid`): the
+    mask stops a question from seeing its neighbour, and positions restart with every row."""
+    rows = sorted(rows, key=lambda r: -len(r[0]))
+    limit = len(rows[0][0]) if rows else 0
+    lines: list[list] = []
+    for ids, pos, seg, where, items in rows:
+        line = next((x for x in lines if len(x[0]) + len(ids) <= limit), None)
+        if line is None:
+            line = [[], [], [], [], [], []]
+            lines.append(line)
+        offset, qid = len(line[0]), len(line[5]) and line[5][-1] + 1
+        line[0] += ids
+        line[1] += pos
+        line[2] += seg
+        line[3] += [[i + offset for i in w] for w in where]
+        line[4] += items
+        line[5] += [qid] * len(ids)
+    return [tuple(x) for x in lines]
+
+
 def batches(rows: list, batch_tokens: int):
     """Rows (longest first) cut into batches whose padded size B * T stays within `batch_tokens`."""
     rows = sorted(rows, key=lambda r: -len(r[0]))
@@ -117,13 +140,15 @@ def score_batch(model, head, batch, device) -> list[tuple[int, float, bool]]:
     ids = torch.tensor(pad([r[0] for r in batch], 0), device=device)  # (B, T)
     pos = torch.tensor(pad([r[1] for r in batch], 0), device=device)  # (B, T)
     seg = torch.tensor(pad([r[2] for r in batch], -1), device=device)  # (B, T); -1 = padding
+    qid = torch.tensor(pad([r[5] for r in batch], -1), device=device)  # (B, T): which row of the line
     q = torch.arange(T, device=device)
     causal = q[None, :, None] >= q[None, None, :]  # (1, T, T): query index >= key index
     same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
-    mask = causal & (same | (seg[:, None, :] == 0))  # see the context, and your own segment
+    own_row = qid[:, :, None] == qid[:, None, :]  # (B, T, T)
+    mask = causal & own_row & (same | (seg[:, None, :] == 0))  # see your row's context, and your own segment
     hidden = model(ids, q, pos, mask[:, None])  # (B, T, C): final_norm's output, the head is off
     rows, cols, targets, owner, requests = [], [], [], [], []
-    for b, (_, _, _, where, conts) in enumerate(batch):
+    for b, (_, _, _, where, conts, _) in enumerate(batch):
         for positions, (index, cont) in zip(where, conts, strict=True):
             rows += [b] * len(positions)
             cols += positions
@@ -170,7 +195,7 @@ def score_requests(model, requests, batch_tokens: int = 4096, progress: str | No
     model.out_head = torch.nn.Identity()  # applied in score_batch to the positions that need it
     try:
         with torch.inference_mode():
-            for batch in batches(rows, batch_tokens):
+            for batch in batches(pack_lines(rows), batch_tokens):
                 for index, lp, g in score_batch(model, head, batch, device):
                     logprobs[index], greedy[index] = lp, g
                 bar.update(sum(share[i] for r in batch for i, _ in r[4]))
