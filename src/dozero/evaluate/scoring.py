@@ -11,8 +11,9 @@ the context and itself only, with positions restarting after the context (a "pre
     row:       c0 c1 c2 | a0 a1 | b0 b1 b2          attention of b1: c0 c1 c2 b0 b1
     positions:  0  1  2 |  3  4 |  3  4  5
 
-Rows are sorted by length and packed into batches of at most `batch_tokens` padded tokens, so little
-work is spent on padding. Each row computes the same function as separate sequences would.
+Short rows are laid end to end into lines as long as the longest row (the mask keeps them apart, and
+positions restart with each row), and lines into batches of at most `batch_tokens` padded tokens, so
+almost no work is spent on padding. Each row computes the same function as separate sequences would.
 
 Too long: a request longer than the model's context keeps its last context_length + 1 tokens (the
 context is cut from the left, as lm-eval does); `Scores.truncated` counts them.
