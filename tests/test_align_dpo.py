@@ -221,3 +221,17 @@ def test_reference_of_another_vocabulary_is_refused(tmp_path, base_and_pairs):
     with pytest.raises(DozeroError, match="is not the policy's"):
         dpo(DPOConfig(model=str(base), data=data, reference=str(tmp_path / "small")), settings(tmp_path), quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_bad_pairs_are_one_line_and_write_nothing(tmp_path, base_and_pairs, capsys):
+    from dozero.cli import main
+
+    base, _ = base_and_pairs
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q"}])
+    out = tmp_path / "run"
+    assert main(["align", "dpo", "--model", str(base), "--data", bad, "--out-dir", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.jsonl:2:" in err and err.count("\n") == 1
+    assert not out.exists()
+    assert main(["align", "rl", "--model", str(base), "--data", bad, "--reward", "nope", "--out-dir", str(out)]) == 2
+    assert "--reward 'nope'" in capsys.readouterr().err and not out.exists()

@@ -135,4 +135,18 @@ def test_self_made_pairs_keep_the_best_and_worst_answer(toy):
     assert records, "with 16 answers of 2 characters from 19, some prompt gets an answer ending in '!'"
     for r in records:
         assert r["prompt"] in prompts and r["chosen"].endswith("!") and not r["rejected"].endswith("!")
-    assert make_pairs(model, tokenizer, template, prompts, lambda p, a, r: 1.0, k=4) == []  # no preference
+    same = make_pairs(model, tokenizer, template, prompts, lambda p, a, r: 1.0, k=4, max_new_tokens=2)
+    assert same == []  # every answer scores the same: no preference
+
+
+@pytest.mark.slow
+def test_interrupted_rl_run_resumes_exactly(tmp_path, toy):
+    base, data = toy
+    s = RLConfig(model=str(base), data=data, lora_rank=4, lora_dropout=0.1, group_size=4, prompts_per_step=2,
+                 max_new_tokens=3, kl_coef=0.1)  # fmt: skip
+    small = dict(max_steps=4, eval_interval=4, log_interval=1)
+    whole = rl(s, rl_settings(tmp_path / "a", **small), quiet=True, reward_fn=ends_with_bang)
+    first = rl(s, rl_settings(tmp_path / "b", **small, stop_after=2), quiet=True, reward_fn=ends_with_bang)
+    rest = rl(s, rl_settings(tmp_path / "b", **small), resume=first.run_dir, quiet=True, reward_fn=ends_with_bang)
+    assert first.step == 2 and rest.step == 4
+    assert {**first.losses, **rest.losses} == whole.losses  # same rollouts (seeded per step), same updates
