@@ -15,7 +15,7 @@ import argparse
 import sys
 import warnings
 
-from dozero.cli_args import add_dataclass_args, apply_args
+from dozero.cli_args import add_dataclass_args, apply_args, unescape
 from dozero.generate.config import GenerationConfig
 
 DESCRIPTION = """\
@@ -67,7 +67,7 @@ def register(subparsers) -> None:
         action="append",
         default=None,
         metavar="TEXT",
-        help="stop a sample when this text appears (repeatable; \\n and \\t are understood)",
+        help="stop a sample when this text appears (repeatable; \\n, \\t, \\r and \\\\ are understood)",
     )
     p.add_argument(
         "--stream",
@@ -102,8 +102,7 @@ def run_generate(args) -> int:
 
     if args.num_samples < 1:
         raise DozeroError(f"--num-samples must be >= 1, got {args.num_samples}")
-    # A shell passes "\\n" as backslash + n; the user meant a newline.
-    stops = tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in (args.stop or []))
+    stops = tuple(unescape(s) for s in (args.stop or []))  # a shell passes "\\n" as backslash + n
     if args.system is not None and not args.chat:
         raise DozeroError("--system is a chat turn: add --chat (PROMPT is then the user's message)")
     config = apply_args(GenerationConfig(stop=stops), args)
