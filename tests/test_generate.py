@@ -306,6 +306,22 @@ def test_changed_weights_are_seen_by_the_next_generation():
     assert generate_ids(model, [[1, 2, 3]], config) == generate_ids(fresh, [[1, 2, 3]], config)
 
 
+def test_model_in_training_sees_its_fused_adamw_steps():
+    """Fused AdamW writes weights in place without bumping `_version`: a model in training must not
+    sample from a head copy cached before the step (RL rollouts and training samples did)."""
+    model = tiny_model(seed=3)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    config = GenerationConfig(max_new_tokens=10, stop_at_eot=False, **GREEDY)
+    generate_ids(model, [[1, 2, 3]], config)  # caches a head copy if the cache is used
+    version = model.out_head.weight._version
+    model(torch.tensor([[1, 2, 3, 4]])).logsumexp(-1).sum().backward()
+    optimizer.step()
+    assert model.out_head.weight._version == version  # the trap: no cheap way to see the change
+    reference = copy.deepcopy(model)  # a fresh object: no cached copy
+    assert generate_ids(model, [[1, 2, 3]], config) == generate_ids(reference, [[1, 2, 3]], config)
+
+
 def test_tokenizer_larger_than_the_model_is_one_clear_error():
     """A tokenizer whose ids the model has no rows for fails at once, naming both sizes (it was an
     IndexError inside the embedding)."""

@@ -223,7 +223,7 @@ def generation_mode(model):
     model.eval()
     # An int8/int4 head (model/quantized.py) has its own kernel and no float weight to lay out.
     if isinstance(head, torch.nn.Linear) and head.weight.device.type == "cpu" and not is_decoding_layout(head.weight):
-        model.out_head = transposed_head(head)
+        model.out_head = transposed_head(head, reuse=not was_training)  # a training model changes under us
     try:
         yield model
     finally:

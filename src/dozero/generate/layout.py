@@ -110,17 +110,20 @@ def use_decoding_layout(model) -> None:
 _TRANSPOSED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def transposed_head(head: torch.nn.Linear) -> DecodingLinear:
+def transposed_head(head: torch.nn.Linear, reuse: bool = True) -> DecodingLinear:
     """A `DecodingLinear` over an (in, out) copy of the output head's weight, for a model that keeps its
     own layout (one in training): one token at a time the GPT-2 head takes 5.9 instead of 10.5 ms in
-    that layout (1 thread), a 128-wide one 0.63 instead of 1.7 ms. Made once and reused while the
-    weight is unchanged: the copy (10 ms for a 25 MB head here) would otherwise add to every call's
-    first token. A training step changes the weight's version, so a model in training gets a fresh
-    copy each time it samples."""
+    that layout (1 thread), a 128-wide one 0.63 instead of 1.7 ms. With `reuse`, made once and reused
+    while the weight is unchanged: the copy (10 ms for a 25 MB head here) would otherwise add to every
+    call's first token. A model in training must pass reuse=False: fused AdamW writes the weight in
+    place without bumping its `_version` (checked: 0 -> 0 after a step), so no cheap key can tell that
+    the weight changed, and a cached copy would sample from a stale head."""
     weight = head.weight
     key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
-    cached = _TRANSPOSED_HEADS.get(head)
+    cached = _TRANSPOSED_HEADS.get(head) if reuse else None
     if cached is None or cached[0] != key:
         laid_out = weight.detach().t().contiguous().t()  # (V, C) view of (C, V) storage
-        cached = _TRANSPOSED_HEADS[head] = (key, DecodingLinear(laid_out))
+        cached = (key, DecodingLinear(laid_out))
+        if reuse:
+            _TRANSPOSED_HEADS[head] = cached
     return cached[1]
