@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: setup demo test lint bench bench-train clean chromium
 
-$(BIN)/dozero: pyproject.toml
+$(BIN)/dozero: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
