@@ -50,19 +50,6 @@ or a training run (its best/, else latest/). Tokenizer files in SRC are copied a
 writes tokenizer.json (byte-level BPE, or one token per character), tokenizer_config.json (end token,
 context length) and puts the end token's id in config.json and generation_config.json."""
 
-# Tokenizer files copied verbatim by `convert` (dozero's own and Hugging Face's names).
-TOKENIZER_FILES = (
-    "dozero_tokenizer.json",
-    "dozero_tokenizer.tiktoken",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.tiktoken",
-    "tiktoken_config.json",
-)
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -241,6 +228,7 @@ def run_summary(args) -> int:
 def run_convert(args) -> int:
     from dozero.files import check_output_folder
     from dozero.model.checkpoint import CONFIG_FILE, load_model, resolve_model_dir, save_model
+    from dozero.tokenizer.base import TOKENIZER_FOLDER_FILES
 
     src = resolve_model_dir(args.src)
     dst = Path(args.dst).expanduser()
@@ -256,7 +244,7 @@ def run_convert(args) -> int:
     # With the tokenizer, the Hugging Face config.json and generation_config.json get its end token,
     # so transformers' generate stops where dozero's does.
     save_model(model, dst, tokenizer=tok, format=args.to)
-    copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+    copied = [f for f in TOKENIZER_FOLDER_FILES if (src / f).is_file()]
     for f in copied:
         shutil.copyfile(src / f, dst / f)
     if src.is_file():  # a GGUF file: save_model wrote its tokenizer as tokenizer.gguf (chat template included)

@@ -26,6 +26,11 @@ from dozero.errors import DozeroError
 SPECIAL_MODES = ("raise", "text", "allow")
 ENDOFTEXT = "<|endoftext|>"
 TOKENIZER_FILE = "dozero_tokenizer.json"  # dozero's own tokenizer description inside a model folder
+# What a tokenizer folder may hold: dozero's files and the exported formats (`--export`, `tokenizer export`).
+# `tokenizer train` replaces a folder of only these; `model convert` copies them along.
+TOKENIZER_FOLDER_FILES = (TOKENIZER_FILE, "dozero_tokenizer.tiktoken", "tokenizer.json", "tokenizer_config.json",
+                          "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.tiktoken",
+                          "tiktoken_config.json")  # fmt: skip
 
 
 def check_special_mode(special: str) -> None:

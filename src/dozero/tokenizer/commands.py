@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dozero.errors import DozeroError
 from dozero.files import input_path
+from dozero.tokenizer.base import TOKENIZER_FOLDER_FILES
 
 VERB_EPILOG = """\
 examples:
@@ -138,12 +139,6 @@ def _encode(tok, data: bytes, special: str) -> list[int]:
     except UnicodeDecodeError as e:
         raise DozeroError(f"input is not valid UTF-8 at byte {e.start}; a character tokenizer needs text") from None
     return tok.encode(text, special=special)
-
-
-# What a tokenizer folder may hold: dozero's files and the exported formats (`--export`, `tokenizer export`).
-TOKENIZER_FOLDER_FILES = ("dozero_tokenizer.json", "dozero_tokenizer.tiktoken", "tokenizer.json",
-                          "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                          "tokenizer.tiktoken", "tiktoken_config.json")  # fmt: skip
 
 
 def is_tokenizer_folder(path: Path) -> bool:
