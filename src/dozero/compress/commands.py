@@ -152,14 +152,14 @@ The student must read the teacher's token ids: a preset student is built with th
 def prepare_out(out: str, src: Path, force: bool) -> Path:
     """The output folder, refused before any work when it would clobber something."""
     from dozero.files import check_output_folder
-    from dozero.model.checkpoint import CONFIG_FILE
+    from dozero.model.checkpoint import MODEL_CONFIG_FILE
 
     dst = Path(out).expanduser()
     if dst.exists() and dst.resolve() == src.resolve():
         raise DozeroError(f"--out is the model's own folder ({src}); choose another folder")
-    if (dst / CONFIG_FILE).exists() and not force:
+    if (dst / MODEL_CONFIG_FILE).exists() and not force:
         raise DozeroError(f"{dst} already holds a model; pass --force to overwrite it")
-    check_output_folder(dst, "model folder", lambda folder: (folder / CONFIG_FILE).exists(), force)
+    check_output_folder(dst, "model folder", lambda folder: (folder / MODEL_CONFIG_FILE).exists(), force)
     return dst
 
 

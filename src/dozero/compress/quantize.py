@@ -138,7 +138,7 @@ def save_quantized(model, folder: str | Path, tokenizer=None, metadata: dict | N
     """A dozero model folder whose config.json carries {"quantization": ...}; `load_model` reads it.
     Weights (integers, float16 scales, float biases and norms) go to model.safetensors: no pickle."""
     from dozero.files import write_json
-    from dozero.model.checkpoint import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, write_safetensors
+    from dozero.model.checkpoint import FORMAT, FORMAT_VERSION, MODEL_CONFIG_FILE, WEIGHTS_FILE, write_safetensors
 
     spec = getattr(model, "quantization", None)
     if spec is None:
@@ -149,7 +149,7 @@ def save_quantized(model, folder: str | Path, tokenizer=None, metadata: dict | N
     if tokenizer is not None:
         tokenizer.save(folder)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.cfg.to_dict(), QUANT_KEY: spec}
-    write_json(folder / CONFIG_FILE, {**config, **(metadata or {})})  # last: a folder with config.json is complete
+    write_json(folder / MODEL_CONFIG_FILE, {**config, **(metadata or {})})  # last: with config.json it is complete
     return folder
 
 

@@ -31,7 +31,7 @@ from dozero.files import atomic_path, write_json
 from dozero.model.gpt import GPTModel
 from dozero.model.quantized import QUANT_KEY, quantized_model_from_state_dict
 
-CONFIG_FILE = "config.json"
+MODEL_CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKSUMS_FILE = "checksums.json"  # written by training checkpoints, verified by load_model when present
 FORMAT = "dozero"
@@ -122,13 +122,13 @@ def resolve_model_dir(path: str | Path) -> Path:
         raise DozeroError(f"model folder '{path}' not found")
     if folder.is_file():
         folder = folder.parent  # a path to config.json or model.safetensors means its folder
-    if (folder / CONFIG_FILE).is_file():
+    if (folder / MODEL_CONFIG_FILE).is_file():
         return folder
     for sub in RUN_SUBFOLDERS:
-        if (folder / sub / CONFIG_FILE).is_file():
+        if (folder / sub / MODEL_CONFIG_FILE).is_file():
             return folder / sub
     raise DozeroError(
-        f"'{path}' holds no model: expected {CONFIG_FILE} + {WEIGHTS_FILE} (a model folder) "
+        f"'{path}' holds no model: expected {MODEL_CONFIG_FILE} + {WEIGHTS_FILE} (a model folder) "
         f"or {' or '.join(s + '/' for s in RUN_SUBFOLDERS)} inside it (a training run folder)"
     )
 
@@ -161,8 +161,8 @@ def load_config(path: str | Path) -> ModelConfig:
 def _read_config(folder: Path) -> tuple[dict, ModelConfig]:
     from dozero.model import hf
 
-    raw = read_json(folder / CONFIG_FILE)
-    where = str(folder / CONFIG_FILE)
+    raw = read_json(folder / MODEL_CONFIG_FILE)
+    where = str(folder / MODEL_CONFIG_FILE)
     if raw.get("format") == FORMAT:
         return raw, model_config_from_dict(raw.get("model"), where)
     if hf.is_hf_config(raw):
@@ -190,7 +190,7 @@ def load_model(path: str | Path, device=None, dtype=None) -> GPTModel:
         from dozero.model.gguf import load_gguf_model
 
         return load_gguf_model(folder).to(device=device, dtype=dtype).eval()
-    verify_checksums(folder, only=(CONFIG_FILE, WEIGHTS_FILE))  # a damaged file is an error, not NaN logits
+    verify_checksums(folder, only=(MODEL_CONFIG_FILE, WEIGHTS_FILE))  # a damaged file is an error, not NaN logits
     raw, cfg = _read_config(folder)
     if raw.get("format") == FORMAT:
         where = str(folder / WEIGHTS_FILE)
@@ -275,5 +275,5 @@ def save_model(model, folder: str | Path, tokenizer=None, metadata: dict | None 
     if format == "hf" and config["eos_token_id"] is not None:
         ids = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         write_json(folder / "generation_config.json", ids)
-    write_json(folder / CONFIG_FILE, config)
+    write_json(folder / MODEL_CONFIG_FILE, config)
     return folder
