@@ -194,3 +194,26 @@ def test_shared_prompt_beginnings_reuse_blocks_and_give_the_same_text(tokenizer,
         assert engine.pool.num_free == engine.pool.num_blocks
     finally:
         engine.close()
+
+
+def test_padded_model_rows_are_never_drawn(tokenizer):
+    # Padded to 50,304 rows (a multiple of 64, as GPT-2 is trained fast), the 47 extra rows scaled up
+    # so that, unlimited, they would win every greedy step and most draws: only the tokenizer's ids come out.
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50304, context_length=96, emb_dim=64, n_heads=4, n_layers=2)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        model.out_head.weight[tokenizer.vocab_size :] *= 1000.0
+    (unlimited,) = generate_ids(model, [tokenizer.encode("Hello")], GenerationConfig(temperature=0, max_new_tokens=4))
+    assert all(t >= tokenizer.vocab_size for t in unlimited)  # the premise: padding rows win without the limit
+    configs = [GenerationConfig(temperature=0, max_new_tokens=12, stop_at_eot=False)]
+    configs += [
+        GenerationConfig(temperature=1.0, top_k=None, seed=s, max_new_tokens=12, stop_at_eot=False) for s in (1, 2)
+    ]
+    prompts = ["Hello", "Hello", "The"]
+    expected = [generate(model, tokenizer, p, config=c) for p, c in zip(prompts, configs, strict=True)]
+    engine = run_engine(model, tokenizer)
+    try:
+        assert all_at_once(engine, prompts, configs) == [(text, "length") for text in expected]
+    finally:
+        engine.close()
