@@ -114,6 +114,7 @@ def run_train(args) -> int:
         f"{result.tokens_per_second:,.0f} tokens/s, {result.seconds:.0f} s. Run folder: {result.run_dir}"
     )
     tokenizer = load_tokenizer(folder)
+    tokenizer.check_fits_model(model.cfg.vocab_size, f"the model in {folder}")
     length = 400 if tokenizer.kind == "char" else 120  # about the same amount of text
     print(f"--- a sample from {folder} ---")
     print(cfg.sample_prompt + sample_text(model, tokenizer, cfg, model.tok_emb.weight.device, length))
