@@ -129,6 +129,20 @@ def test_gpt2_vocabulary_export_has_the_tokenizer_config(tmp_path, capsys):
         assert hf.decode(gpt2.encode(text, special="allow")) == text
 
 
+def test_save_model_hf_from_python_writes_the_tokenizer_files(tmp_path):
+    """Before: save_model(format="hf", tokenizer=...) wrote only dozero_tokenizer.json, so AutoTokenizer
+    could not read the folder (only `model convert` wrote tokenizer.json). Now both give the same files."""
+    from transformers import AutoTokenizer
+
+    tokenizer = byte_tokenizer()
+    folder = save_model(tiny_model(tokenizer.vocab_size), tmp_path / "hf", tokenizer=tokenizer, format="hf")
+    hf = AutoTokenizer.from_pretrained(folder)
+    assert (len(hf), hf.eos_token_id, hf.model_max_length) == (257, 256, 64)
+    for text in BPE_TEXTS[:4]:
+        assert hf.encode(text) == tokenizer.encode(text, special="allow")
+        assert hf.decode(tokenizer.encode(text, special="allow")) == text
+
+
 @pytest.fixture(scope="module")
 def trained_with_two_specials(shared_data):
     from dozero.tokenizer.train import train_bpe

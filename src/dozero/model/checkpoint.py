@@ -240,12 +240,17 @@ def unwrap(model: torch.nn.Module) -> GPTModel:
     return model
 
 
-def save_model(model, folder: str | Path, tokenizer=None, metadata: dict | None = None, format: str = FORMAT) -> Path:
+def save_model(
+    model, folder: str | Path, tokenizer=None, metadata: dict | None = None, format: str = FORMAT,
+    *, hf_tokenizer_files: bool = True,
+) -> Path:  # fmt: skip
     """Write `model` (and its tokenizer) to `folder`.
 
     format="dozero": dozero's folder; `metadata` (JSON-serializable) is stored in config.json.
     format="hf": a Hugging Face GPT-2 folder (`GPT2LMHeadModel.from_pretrained(folder)` loads it), or a
-        Llama folder for a Llama-shaped model (`LlamaForCausalLM`).
+        Llama folder for a Llama-shaped model (`LlamaForCausalLM`); with `tokenizer`, also the files
+        `AutoTokenizer.from_pretrained(folder)` reads (`write_hf_tokenizer_files`), unless
+        `hf_tokenizer_files=False` (`model convert` copies a Hugging Face source's own).
     """
     from dozero.model import hf
 
@@ -272,8 +277,23 @@ def save_model(model, folder: str | Path, tokenizer=None, metadata: dict | None 
     write_safetensors(folder / WEIGHTS_FILE, tensors)
     if tokenizer is not None:
         tokenizer.save(folder)
+        if format == "hf" and hf_tokenizer_files:
+            write_hf_tokenizer_files(tokenizer, folder, cfg.context_length)
     if format == "hf" and config["eos_token_id"] is not None:
         ids = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         write_json(folder / "generation_config.json", ids)
     write_json(folder / MODEL_CONFIG_FILE, config)
     return folder
+
+
+def write_hf_tokenizer_files(tokenizer, folder: Path, context_length: int) -> list[Path]:
+    """tokenizer.json and tokenizer_config.json (its end token and context length) from dozero's tokenizer,
+    so that AutoTokenizer and `pipeline` read `folder` with dozero's ids. A vocabulary read from GGUF keeps
+    its own pre-tokenizer, control tokens and chat template."""
+    from dozero.tokenizer.gguf import GGUFTokenizer, write_hf_tokenizer
+
+    if isinstance(tokenizer, GGUFTokenizer):
+        return write_hf_tokenizer(tokenizer, folder, context_length)
+    from dozero.tokenizer.exports import export_tokenizer
+
+    return export_tokenizer(tokenizer, folder, "hf", model_max_length=context_length)

@@ -243,17 +243,13 @@ def run_convert(args) -> int:
     tok = _source_tokenizer(src, model.cfg.vocab_size)
     # With the tokenizer, the Hugging Face config.json and generation_config.json get its end token,
     # so transformers' generate stops where dozero's does.
-    save_model(model, dst, tokenizer=tok, format=args.to)
+    save_model(model, dst, tokenizer=tok, format=args.to, hf_tokenizer_files=False)
     copied = [f for f in TOKENIZER_FOLDER_FILES if (src / f).is_file()]
     for f in copied:
         shutil.copyfile(src / f, dst / f)
     if src.is_file():  # a GGUF file: save_model wrote its tokenizer as tokenizer.gguf (chat template included)
         copied.append("tokenizer.gguf")
-        if args.to == "hf":
-            from dozero.tokenizer.gguf import write_hf_tokenizer
-
-            copied += [p.name for p in write_hf_tokenizer(tok, dst, model.cfg.context_length)]
-    elif args.to == "hf" and tok is not None:
+    if args.to == "hf" and tok is not None:
         copied += _export_hf_tokenizer(tok, dst, copied, model.cfg.context_length)
     print(f"wrote {dst} ({'Hugging Face' if args.to == 'hf' else 'dozero'} format, "
           f"{model.num_parameters():,} parameters)")  # fmt: skip
@@ -303,10 +299,11 @@ def _convert_to_gguf(src: Path, dst: Path, args) -> int:
 def _export_hf_tokenizer(tok, dst: Path, copied: list[str], context_length: int) -> list[str]:
     """The Hugging Face tokenizer files SRC did not have, written from dozero's tokenizer, so that
     AutoTokenizer and `pipeline` read DST with dozero's ids, end token and context length."""
-    from dozero.tokenizer.exports import export_tokenizer, write_hf_tokenizer_config
+    from dozero.model.checkpoint import write_hf_tokenizer_files
+    from dozero.tokenizer.exports import write_hf_tokenizer_config
 
     if "tokenizer.json" not in copied:
-        return [p.name for p in export_tokenizer(tok, dst, "hf", model_max_length=context_length)]
+        return [p.name for p in write_hf_tokenizer_files(tok, dst, context_length)]
     if "tokenizer_config.json" not in copied:
         return [p.name for p in write_hf_tokenizer_config(tok, dst, context_length)]
     return []
