@@ -211,22 +211,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, wher
     for i in range(cfg.n_layers):
         for ours, (theirs, transposed) in BLOCK_TABLE.items():
             take(f"h.{i}.{theirs}", f"trf_blocks.{i}.{ours}", transposed)
-    head = hf_state.get(HEAD[1])
-    if head is not None:
-        used.add(HEAD[1])
-        if not cfg.tie_weights or not torch.equal(head, out["tok_emb.weight"]):
-            cfg.tie_weights = False
-            out[HEAD[0]] = head
-    elif not cfg.tie_weights:
-        raise DozeroError(f"{where}: tie_word_embeddings is false but there is no '{HEAD[1]}' tensor")
-    unexpected = sorted(set(hf_state) - used)
-    if unexpected:
-        more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
-        raise DozeroError(
-            f"{where}: unexpected tensors {unexpected[:3]}{more}; does config.json's n_layer "
-            f"({cfg.n_layers}) match the weights?"
-        )
-    return out
+    return hf_llama.take_head_and_check_rest(hf_state, out, used, cfg, where, f"n_layer ({cfg.n_layers})")
 
 
 def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

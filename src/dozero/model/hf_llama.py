@@ -176,6 +176,16 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, wher
             prefixed = tuple(f"model.layers.{i}.{name}" for name in theirs)
             like = f"trf_blocks.{i}.{ours.removesuffix('.bias')}.weight" if is_bias else None
             take(prefixed, f"trf_blocks.{i}.{ours}", like)
+    shape_keys = f"num_hidden_layers ({cfg.n_layers}) and attention_bias/mlp_bias"
+    return take_head_and_check_rest(hf_state, out, used, cfg, where, shape_keys)
+
+
+def take_head_and_check_rest(
+    hf_state: dict, out: dict, used: set, cfg: ModelConfig, where: str, shape_keys: str
+) -> dict:
+    """The end of both readers (GPT-2's in hf.py and Llama's): an lm_head equal to the embedding is tied,
+    a different one unties the head (sets `cfg.tie_weights`); a tensor no table took is an error naming
+    the config.json keys (`shape_keys`) that decide which tensors exist. Returns `out`."""
     head = hf_state.get(HEAD[1])
     if head is not None:
         used.add(HEAD[1])
@@ -188,8 +198,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, wher
     if unexpected:
         more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
         raise DozeroError(
-            f"{where}: unexpected tensors {unexpected[:3]}{more}; does config.json's num_hidden_layers "
-            f"({cfg.n_layers}) and attention_bias/mlp_bias match the weights?"
+            f"{where}: unexpected tensors {unexpected[:3]}{more}; does config.json's {shape_keys} match the weights?"
         )
     return out
 
