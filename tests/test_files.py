@@ -129,3 +129,15 @@ def test_glob_files_matches_like_glob(tmp_path, monkeypatch):
     for pattern in ["**/*.txt", "d/**/*.txt", "d/**", "*.md", "d/*/*.jsonl", str(tmp_path / "**" / "f.txt")]:
         expected = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         assert [str(p) for p in glob_files(pattern)] == expected, pattern
+
+
+def test_iter_jsonl_numbers_lines_and_names_bad_ones(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"a": 1}\n\n  \n[2, 3]\n"x"\n', encoding="utf-8")
+    assert list(files.iter_jsonl(path)) == [(1, {"a": 1}), (4, [2, 3]), (5, "x")]  # blank lines skipped, counted
+    path.write_text('{"a": 1}\n{"a": }\n', encoding="utf-8")
+    with pytest.raises(DozeroError, match=r"d\.jsonl:2: not valid JSON \(Expecting value at column 7\)$"):
+        list(files.iter_jsonl(path))
+    path.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
+    with pytest.raises(DozeroError, match=r"d\.jsonl: not UTF-8 text \(invalid start byte\); save it as UTF-8"):
+        list(files.iter_jsonl(path))

@@ -240,3 +240,21 @@ def glob_files(pattern: str) -> list[Path]:
     if not root.is_dir():
         return []
     return [p for p in find_files(root) if _match(list(p.relative_to(root).parts), list(parts[first_magic:]))]
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a JSONL file, read as it goes. A line
+    that is not JSON, or a file that is not UTF-8, is a one-line DozeroError naming "path:line"; the
+    caller checks the value's shape and names it the same way (f"{path}:{n}")."""
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DozeroError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                yield n, obj
+        except UnicodeDecodeError as e:
+            raise DozeroError(f"{path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None

@@ -20,7 +20,6 @@ Legend: B batch size, L the longest conversation in the batch (tokens).
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from dozero.errors import DozeroError
+from dozero.files import iter_jsonl
 from dozero.finetune.chat import check_messages, render
 
 IGNORE = -100  # F.cross_entropy's ignore_index: a position that is not scored
@@ -78,19 +78,7 @@ def read_jsonl(path: str | Path) -> list[list[dict]]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DozeroError(f"--data {path}: no such file (give a .jsonl of chat or Alpaca records)")
-    conversations = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DozeroError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-                conversations.append(parse_line(obj, f"{path}:{n}"))
-        except UnicodeDecodeError as e:
-            raise DozeroError(f"{path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    conversations = [parse_line(obj, f"{path}:{n}") for n, obj in iter_jsonl(path)]
     if not conversations:
         raise DozeroError(f"--data {path}: the file holds no records")
     return conversations
