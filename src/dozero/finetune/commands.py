@@ -157,16 +157,12 @@ def _register_merge_lora(subparsers) -> None:
 def run_merge_lora(args) -> int:
     from pathlib import Path
 
-    from dozero.errors import DozeroError
-    from dozero.files import check_output_folder
     from dozero.finetune.lora import load_adapter, merge_lora
     from dozero.finetune.sft import load_base
-    from dozero.model.checkpoint import MODEL_CONFIG_FILE, save_model
+    from dozero.model.checkpoint import check_model_output, save_model
 
     out = Path(args.out).expanduser()
-    if (out / MODEL_CONFIG_FILE).exists() and not args.force:
-        raise DozeroError(f"{out} already holds a model; choose another folder or pass --force")
-    check_output_folder(out, "model folder", lambda folder: (folder / MODEL_CONFIG_FILE).exists(), args.force)
+    check_model_output(out, args.force)
     model, tokenizer, template = load_base(args.base)
     merge_lora(load_adapter(model, args.adapter))  # checks every tensor first: a wrong base is one line
     save_model(model, out, tokenizer=tokenizer, metadata={"chat_template": template, "merged_adapter": args.adapter})

@@ -240,6 +240,16 @@ def unwrap(model: torch.nn.Module) -> GPTModel:
     return model
 
 
+def check_model_output(folder: Path, force: bool) -> None:
+    """Before a command writes a model to `folder` (convert, merge-lora, quantize): refuse one that already
+    holds a model, or holds files that are not a model folder's, unless `force`."""
+    from dozero.files import check_output_folder
+
+    if (folder / MODEL_CONFIG_FILE).exists() and not force:
+        raise DozeroError(f"{folder} already holds a model; choose another folder or pass --force to overwrite it")
+    check_output_folder(folder, "model folder", lambda f: (f / MODEL_CONFIG_FILE).exists(), force)
+
+
 def save_model(
     model, folder: str | Path, tokenizer=None, metadata: dict | None = None, format: str = FORMAT,
     *, hf_tokenizer_files: bool = True,

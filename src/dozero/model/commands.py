@@ -226,8 +226,7 @@ def run_summary(args) -> int:
 
 
 def run_convert(args) -> int:
-    from dozero.files import check_output_folder
-    from dozero.model.checkpoint import MODEL_CONFIG_FILE, load_model, resolve_model_dir, save_model
+    from dozero.model.checkpoint import check_model_output, load_model, resolve_model_dir, save_model
     from dozero.tokenizer.base import TOKENIZER_FOLDER_FILES
 
     src = resolve_model_dir(args.src)
@@ -236,9 +235,7 @@ def run_convert(args) -> int:
         raise DozeroError(f"SRC and DST are the same folder ({src}); choose another DST")
     if args.to == "gguf":
         return _convert_to_gguf(src, dst, args)
-    if (dst / MODEL_CONFIG_FILE).exists() and not args.force:
-        raise DozeroError(f"{dst} already holds a model; pass --force to overwrite it")
-    check_output_folder(dst, "model folder", lambda folder: (folder / MODEL_CONFIG_FILE).exists(), args.force)
+    check_model_output(dst, args.force)
     model = load_model(src)
     tok = _source_tokenizer(src, model.cfg.vocab_size)
     # With the tokenizer, the Hugging Face config.json and generation_config.json get its end token,
