@@ -17,6 +17,7 @@ below 3x the fp32 model (3 x 540 MB); decoding >= 1.5x Hugging Face.
 
     flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/smollm2_speed.py
     .venv/bin/python benchmarks/smollm2_speed.py --repeats 3 --new-tokens 32 --threads 2
+    .venv/bin/python benchmarks/smollm2_speed.py --skip-load --compile   # the decode step under torch.compile
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def prompt_ids() -> tuple[list[int], object]:
     return tokenizer.encode(text, special="allow"), path
 
 
-def runners(ids: list[int], path, new_tokens: int, threads: int) -> dict:
+def runners(ids: list[int], path, new_tokens: int, threads: int, compile_step: bool = False) -> dict:
     """{name: function() -> the new token ids}, each model loaded once."""
     from transformers import AutoModelForCausalLM
 
@@ -80,7 +81,7 @@ def runners(ids: list[int], path, new_tokens: int, threads: int) -> dict:
 
     ours = load_model(NAME)
     use_decoding_layout(ours)  # as `dozero generate` does on a CPU
-    config = GenerationConfig(temperature=0.0, max_new_tokens=new_tokens, stop_at_eot=False)
+    config = GenerationConfig(temperature=0.0, max_new_tokens=new_tokens, stop_at_eot=False, compile=compile_step)
     theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
     prompt = torch.tensor([ids])
 
@@ -116,9 +117,9 @@ def runners(ids: list[int], path, new_tokens: int, threads: int) -> dict:
     return found
 
 
-def decode_benchmark(new_tokens: int, repeats: int, threads: int) -> None:
+def decode_benchmark(new_tokens: int, repeats: int, threads: int, compile_step: bool = False) -> None:
     ids, path = prompt_ids()
-    runs = runners(ids, path, new_tokens, threads)
+    runs = runners(ids, path, new_tokens, threads, compile_step)
     for who, fn in runs.items():  # warm-up: allocator, kernels, lazy imports
         start = time.perf_counter()
         fn()
@@ -147,6 +148,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads (default: torch's)")
     parser.add_argument("--skip-load", action="store_true", help="do not measure the load")
+    parser.add_argument(
+        "--compile", action="store_true", help="dozero as `dozero generate --compile` (compiled in the warm-up)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,7 +165,7 @@ def main() -> None:
             f"{load['base_kb'] / 1e3:.0f} MB, so the load adds {(load['peak_kb'] - load['base_kb']) / 1e3:.0f} MB)",
             flush=True,
         )
-    decode_benchmark(args.new_tokens, args.repeats, threads)
+    decode_benchmark(args.new_tokens, args.repeats, threads, args.compile)
 
 
 if __name__ == "__main__":
