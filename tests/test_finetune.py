@@ -123,10 +123,9 @@ def test_loader_position_resumes_the_same_batches(chatml):
 
 
 def settings(tmp_path, **changes):
-    return dataclasses.replace(
-        FINETUNE_DEFAULTS, out_dir=str(tmp_path / "run"), micro_batch_size=4, max_steps=6, eval_interval=3,
-        warmup_steps=2, log_interval=1, tensorboard="off", device="cpu", **changes,
-    )  # fmt: skip
+    fields = dict(out_dir=str(tmp_path / "run"), micro_batch_size=4, max_steps=6, eval_interval=3, warmup_steps=2,
+                  log_interval=1, tensorboard="off", device="cpu")  # fmt: skip
+    return dataclasses.replace(FINETUNE_DEFAULTS, **{**fields, **changes})
 
 
 @pytest.mark.parametrize("rank", [4, pytest.param(0, marks=pytest.mark.slow)], ids=["lora", "full"])
@@ -148,6 +147,19 @@ def test_interrupted_run_resumes_exactly(tmp_path, base_and_data, rank):
     assert config["chat_template"] == CHATML_TEMPLATE and config["finetune"]["lora_rank"] == rank
 
 
+def test_packed_run_trains_as_the_padded_run(tmp_path, base_and_data):
+    """--batching pack computes fewer positions but the same mean loss over the same answers each step."""
+    base, data = base_and_data
+    losses = {}
+    for batching in ("pad", "pack"):
+        ft = FinetuneConfig(model=str(base), data=data, lora_rank=4, batching=batching)
+        losses[batching] = finetune(ft, settings(tmp_path / batching, lr=1e-2, max_steps=4), quiet=True).losses
+    assert losses["pack"].keys() == losses["pad"].keys() == {1, 2, 3, 4}
+    for step, loss in losses["pad"].items():
+        assert abs(losses["pack"][step] - loss) < 1e-4, (step, losses)
+    assert losses["pack"][4] < losses["pack"][1]
+
+
 def test_bad_settings_fail_before_anything_is_written(tmp_path, base_and_data, capsys):
     from dozero.cli import main
 
@@ -158,6 +170,7 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path, base_and_data, c
         (["--lora-targets", "q_proj"], "matches no layer"),
         (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
         (["--max-length", "999"], "longer than the model's context"),
+        (["--batching", "stuff"], "--batching must be 'pad' or 'pack'"),
     ]:
         assert main(common + extra) == 2
         assert message in capsys.readouterr().err

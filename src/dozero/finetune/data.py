@@ -10,10 +10,9 @@ an assistant turn (output). Every line is checked; an error names the file and l
 
 A batch pads each conversation to the longest one in the batch (not to the context): the targets are
 the next tokens, with -100 (cross_entropy's ignore_index) wherever the mask is 0 and on padding, so
-the trainer's unchanged `F.cross_entropy(logits, y)` is the mean over answer tokens only. Padding is
-chosen over packing: packing several conversations into one window needs a block-diagonal attention
-mask through the model, and at the demo's sizes (conversations of ~40-80 tokens, batches of 8)
-padding to the batch's longest wastes little (the share is printed per run as `padding`).
+the trainer's unchanged `F.cross_entropy(logits, y)` is the mean over answer tokens only. Or, with
+`window`, the batch's conversations are packed into rows of at most `window` positions, kept apart by
+a block-diagonal mask (finetune/packing.py): the same loss, fewer positions computed.
 
 Legend: B batch size, L the longest conversation in the batch (tokens).
 """
@@ -29,8 +28,7 @@ import torch
 from dozero.errors import DozeroError
 from dozero.files import iter_jsonl
 from dozero.finetune.chat import check_messages, render
-
-IGNORE = -100  # F.cross_entropy's ignore_index: a position that is not scored
+from dozero.finetune.packing import IGNORE, collate_packed
 
 
 @dataclass
@@ -136,11 +134,13 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torc
 class SFTLoader:
     """Batches of `batch_size` conversations in a shuffled order, a new order each epoch (seed + epoch),
     so the position (epoch, index) is all a checkpoint needs for an exact resume. Under DDP, rank r
-    takes every world-th batch of the same order."""
+    takes every world-th batch of the same order. `window` 0: each batch padded (`collate`); > 0: packed
+    into rows of at most `window` positions (`packing.collate_packed`, for `packing.PackedForward`)."""
 
-    def __init__(self, examples: list, batch_size: int, seed: int, pad_id: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, examples: list, batch_size: int, seed: int, pad_id: int, rank: int = 0, world_size: int = 1,
+                 window: int = 0):  # fmt: skip
         self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.window = rank, world_size, window
         self.epoch, self.index = 0, 0
         self.padded, self.real = 0, 0  # positions in the batches so far, and the real ones among them
 
@@ -157,8 +157,8 @@ class SFTLoader:
             order, start = self._order(), self.rank * self.batch_size
         picked = [self.examples[i] for i in (order * 2)[start : start + self.batch_size]]  # wraps at the end
         self.index += 1
-        x, y = collate(picked, self.pad_id)
-        self.padded += x.numel()
+        x, y = collate_packed(picked, self.pad_id, self.window) if self.window else collate(picked, self.pad_id)
+        self.padded += y.numel()
         self.real += sum(len(ids) - 1 for ids, _ in picked)
         return x, y
 

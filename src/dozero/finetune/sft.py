@@ -29,6 +29,7 @@ from dozero import runtime
 from dozero.errors import DozeroError
 from dozero.finetune.data import IGNORE, SFTLoader, collate, read_jsonl, split, tokenize
 from dozero.finetune.lora import LoRAConfig, apply_lora, lora_layers, merge_lora, save_adapter, trainable_parameters
+from dozero.finetune.packing import PackedForward
 from dozero.train import checkpoint as ckpt
 from dozero.train.config import TrainConfig
 
@@ -49,6 +50,10 @@ class FinetuneConfig:
     """Longest conversation in tokens (0: the model's context length)."""
     too_long: str = "truncate"
     """A conversation longer than max_length: 'truncate' (keep its start) or 'drop'; both are counted."""
+    batching: str = "pad"
+    """How a batch holds its conversations: 'pad' (one row each, padded to the batch's longest) or 'pack'
+    (one after another in rows of max_length, kept apart by an attention mask). Same loss; 'pad' measured
+    faster at small sizes on a CPU (benchmarks/finetune_speed.py --packing)."""
     accumulation: int = 1
     """Micro-batches per optimizer step (gradient accumulation)."""
     lora_rank: int = LoRAConfig.rank
@@ -59,6 +64,9 @@ class FinetuneConfig:
     """Dropout on the LoRA branch's input."""
     lora_targets: str = LoRAConfig.targets
     """Layers that get LoRA in every block: qkv, out_proj, fc, proj (comma-separated)."""
+    quantize: str = ""
+    """QLoRA: hold the frozen base's block layers as 'int8' or 'int4' while LoRA trains (less memory;
+    needs --lora-rank > 0). Checkpoints are float, the adapter merged into the dequantized weights."""
 
     def lora(self) -> LoRAConfig:
         return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
@@ -70,6 +78,12 @@ class FinetuneConfig:
             raise DozeroError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
         if self.max_length < 0 or self.accumulation < 1 or self.lora_rank < 0:
             raise DozeroError("--max-length and --lora-rank must be >= 0, --accumulation >= 1")
+        if self.quantize not in ("", "int8", "int4"):
+            raise DozeroError(f"--quantize must be int8 or int4, got {self.quantize!r}")
+        if self.quantize and not self.lora_rank:
+            raise DozeroError("--quantize needs LoRA (--lora-rank > 0): a quantized base is frozen")
+        if self.batching not in ("pad", "pack"):
+            raise DozeroError(f"--batching must be 'pad' or 'pack', got {self.batching!r}")
 
 
 # Fine-tuning's defaults for the trainer: a few hundred steps at a LoRA-sized learning rate (QLoRA and
@@ -140,7 +154,11 @@ def finetune(ft: FinetuneConfig, cfg: TrainConfig, resume=None, quiet: bool = Fa
         try:
             run = _setup(ft, cfg, resume, device, quiet)
             _loop(run)
-            return _finish(run)
+            result = _finish(run)
+            if run.loader.padded and not quiet and runtime.is_main():  # what --batching pad/pack costs here
+                waste = 1 - run.loader.real / run.loader.padded
+                print(f"batches ({ft.batching}): {waste:.0%} of the positions computed were padding")
+            return result
         finally:
             if distributed:
                 runtime.destroy_distributed()
@@ -162,6 +180,15 @@ def load_base(spec: str):
     return model, tokenizer, template
 
 
+def quantize_base(model, kind: str):
+    """QLoRA's base (Dettmers et al. 2023): every block's linear layer as int8 (a scale per row) or int4
+    (groups of 32, llama.cpp's Q4_0 rule), in place. The embedding and the tied head stay float, as
+    QLoRA keeps them in 16 bits: a lookup, and the one layer every token's loss reads."""
+    from dozero.compress.quantize import QuantizeConfig, quantize
+
+    return quantize(model, QuantizeConfig(bits=8 if kind == "int8" else 4, head=False))
+
+
 def _setup(ft: FinetuneConfig, cfg: TrainConfig, resume, device, quiet: bool):
     from pathlib import Path
 
@@ -180,11 +207,14 @@ def _setup(ft: FinetuneConfig, cfg: TrainConfig, resume, device, quiet: bool):
         raise DozeroError(f"--max-length {ft.max_length} is longer than the model's context ({T})")
     examples, stats = tokenize(read_jsonl(ft.data), tokenizer, template, (ft.max_length or T) + 1, ft.too_long)
     train_set, val_set = split(examples, ft.val_fraction, cfg.seed)
+    if ft.quantize:
+        quantize_base(model, ft.quantize)
     if ft.lora_rank:
         apply_lora(model, ft.lora())
     model.to(device).train()
     pad_id = tokenizer.eot_id if tokenizer.eot_id is not None else 0
-    loader = SFTLoader(train_set, cfg.micro_batch_size, cfg.seed, pad_id, runtime.rank(), runtime.world_size())
+    window = (ft.max_length or T) if ft.batching == "pack" else 0
+    loader = SFTLoader(train_set, cfg.micro_batch_size, cfg.seed, pad_id, runtime.rank(), runtime.world_size(), window)
     optimizer = make_optimizer(model, cfg, device)
     dtype = runtime.resolve_dtype(cfg.dtype, device)
     scaler = runtime.grad_scaler(device, dtype)
@@ -202,7 +232,7 @@ def _setup(ft: FinetuneConfig, cfg: TrainConfig, resume, device, quiet: bool):
             write_json(run_dir / FINETUNE_FILE, dataclasses.asdict(ft), indent=1)
         except OSError as e:
             raise disk_error(e, run_dir) from None
-    forward = runtime.wrap_ddp(model, device)
+    forward = runtime.wrap_ddp(PackedForward(model) if window else model, device)
     stepper = Stepper(forward, model, optimizer, loader, cfg, ft.accumulation, device, dtype, scaler)
     observer = RunObserver(run_dir, main, cfg.max_steps, result.step, show=not quiet, tensorboard=cfg.tensorboard)
     mean_length = stats.tokens / max(1, len(examples))
@@ -212,11 +242,21 @@ def _setup(ft: FinetuneConfig, cfg: TrainConfig, resume, device, quiet: bool):
               scaler, loader, stepper, observer, tokens_per_step, result, step=result.step,
               recipe=SFTRecipe(ft, template, pad_id))  # fmt: skip
     mode = f"LoRA rank {ft.lora_rank} on {ft.lora_targets}" if ft.lora_rank else "full fine-tuning"
+    mode += f" over an {ft.quantize} base" if ft.quantize else ""
+    mode += f", batches {'packed' if window else 'padded'}"
     observer.write(
-        f"fine-tuning {trainable_parameters(model):,} of {model.num_parameters():,} parameters ({mode}) of "
+        f"fine-tuning {trainable_parameters(model):,} of {_count_weights(model):,} parameters ({mode}) of "
         f"{ft.model} on {runtime.describe_hardware(device)}; {source}; run folder {run_dir}"
     )
     return run
+
+
+def _count_weights(model) -> int:
+    """Parameters, and the numbers a quantized layer holds as integers (buffers, not parameters)."""
+    from dozero.model.quantized import QuantizedLinear
+
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    return model.num_parameters() + sum(m.in_features * m.out_features for m in quantized)
 
 
 def _restore(resume, run_dir, model, optimizer, loader, scaler) -> dict:
