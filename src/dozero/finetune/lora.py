@@ -22,6 +22,14 @@ split by rows would be a different, smaller family (rank r for all three togethe
 not load it. GPT-2's Hugging Face layout fuses q/k/v too (c_attn), so there one pair covers the layer.
 Saving writes each pair under PEFT's names; loading accepts PEFT adapters that target only some of
 the blocks (the common q_proj + v_proj): the missing blocks get no update (zero A and B).
+
+Over a quantized base (QLoRA, Dettmers et al. 2023; `dozero finetune --quantize int4`): the frozen
+layer is an int8/int4 `QuantizedLinear` (model/quantized.py) and A, B stay float. Its gradient for
+the layers below, dL/dx = dL/dy W, needs W: the quantized layer computes y with a dequantized float
+copy of W, and autograd would keep that copy until the backward pass, one float copy of every layer:
+the memory QLoRA exists to save. `FrozenQuantized` recomputes W from the integers in the backward
+pass instead. A merged update is not representable in int8/int4, so merging dequantizes the layer
+into a float nn.Linear first: the merged model is float, exactly what was trained.
 """
 
 from __future__ import annotations
@@ -63,17 +71,56 @@ class LoRAConfig:
         return names
 
 
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear (`base`) plus one low-rank update per block of output rows (`groups`)."""
+class FrozenQuantized(torch.autograd.Function):
+    """y = layer(x) for a frozen QuantizedLinear, saving only x's dtype: the backward pass dequantizes the
+    weight again (one more dequantization per layer) rather than keep a float copy alive until then."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, groups: list[int]):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        ctx.layer, ctx.dtype = layer, x.dtype
+        return layer(x)  # (B, T, out); autograd records nothing inside forward
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        W = ctx.layer.dequantized().to(grad_y.dtype)  # (out, in), freed when this returns
+        return (grad_y @ W).to(ctx.dtype), None  # (B, T, out) @ (out, in) -> (B, T, in)
+
+
+def _is_quantized(layer: nn.Module) -> bool:
+    from dozero.model.quantized import QuantizedLinear
+
+    return isinstance(layer, QuantizedLinear)
+
+
+def _float_like(layer: nn.Module) -> dict:
+    """Device and dtype for A and B: the weight's, or the precision a quantized layer computes in."""
+    if _is_quantized(layer):
+        from dozero.model.quantized import compute_dtype
+
+        return {"device": layer.scales.device, "dtype": compute_dtype(layer.scales)}
+    return {"device": layer.weight.device, "dtype": layer.weight.dtype}
+
+
+def _float_linear(layer: nn.Module) -> nn.Linear:
+    """A QuantizedLinear's weights as a plain float nn.Linear (the bias object itself is kept)."""
+    W = layer.dequantized()  # (out, in)
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device=W.device, dtype=W.dtype)
+    linear.weight = nn.Parameter(W, requires_grad=False)
+    linear.bias = layer.bias
+    return linear
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear or QuantizedLinear (`base`) plus one low-rank update per block of output rows
+    (`groups`)."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, groups: list[int]):
         super().__init__()
         assert sum(groups) == base.out_features
         self.base, self.groups, self.rank, self.scale = base, list(groups), rank, alpha / rank
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
-        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        for p in base.parameters():
+            p.requires_grad_(False)
+        like = _float_like(base)
         self.lora_A = nn.ParameterList(nn.Parameter(torch.empty(rank, base.in_features, **like)) for _ in groups)
         self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(rows, rank, **like)) for rows in groups)
         for A in self.lora_A:  # PEFT's (and nn.Linear's) default init for A; B = 0 makes the update 0
@@ -82,7 +129,8 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (B, T, out)
+        quantized = _is_quantized(self.base) and torch.is_grad_enabled()
+        y = FrozenQuantized.apply(x, self.base) if quantized else self.base(x)  # (B, T, out)
         if self.merged:
             return y
         h = self.dropout(x)  # (B, T, in)
@@ -96,6 +144,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
+            if _is_quantized(self.base):  # the sum is no int8/int4 matrix: the layer becomes float
+                self.base = _float_linear(self.base)
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
 
