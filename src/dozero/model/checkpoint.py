@@ -30,6 +30,7 @@ from dozero.errors import DozeroError
 from dozero.files import atomic_path, write_json
 from dozero.model.gpt import GPTModel
 from dozero.model.quantized import QUANT_KEY, quantized_model_from_state_dict
+from dozero.model.sharded import SHARDED_KEY, SHARDS_DIR, read_sharded
 
 MODEL_CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -192,7 +193,9 @@ def load_model(path: str | Path, device=None, dtype=None) -> GPTModel:
         return load_gguf_model(folder).to(device=device, dtype=dtype).eval()
     verify_checksums(folder, only=(MODEL_CONFIG_FILE, WEIGHTS_FILE))  # a damaged file is an error, not NaN logits
     raw, cfg = _read_config(folder)
-    if raw.get("format") == FORMAT:
+    if raw.get("format") == FORMAT and SHARDED_KEY in raw:  # saved by every rank of a sharded run
+        where, state = str(folder / SHARDS_DIR), read_sharded(folder, "model/")
+    elif raw.get("format") == FORMAT:
         where = str(folder / WEIGHTS_FILE)
         state = read_safetensors(folder / WEIGHTS_FILE)
         if QUANT_KEY in raw:  # int8/int4 weights and their scales (`dozero compress quantize`)

@@ -15,6 +15,7 @@ parallelize.py), one function each.
 
 from __future__ import annotations
 
+from dozero.parallel.dcp import save_sharded
 from dozero.parallel.fsdp import (
     STRATEGIES,
     apply_activation_checkpointing,
@@ -35,4 +36,5 @@ __all__ = [
     "is_sharded",
     "local_state_bytes",
     "parallelize",
+    "save_sharded",
 ]

@@ -15,6 +15,13 @@ Each checkpoint is a model folder (`config.json`, `model.safetensors`, tokenizer
                                best validation loss, grad-scaler state
     checksums.json             the sha256 of every other file, written last, checked on resume
 
+A run whose model is sharded over processes (--parallel fsdp|zero2) writes a sharded checkpoint
+instead: every rank writes its own pieces of the weights and moments into shards/ in parallel
+(PyTorch's distributed checkpoint, DCP; dozero.parallel.dcp), there is no model.safetensors or
+optimizer.safetensors, and config.json names the shard files. It loads as a model folder and
+resumes on any number of processes (dozero.model.sharded puts the pieces back together);
+`dozero model convert CKPT OUT --to dozero` makes an ordinary model folder of it.
+
 Nothing is unpickled: tensors go through safetensors, everything else is JSON. A checkpoint is
 written into a temporary folder and renamed into place, so a crash mid-write leaves either the old
 checkpoint or the new one, never half of one. latest/ and best/ are copies, not hard links, so a
@@ -40,12 +47,16 @@ from dozero.errors import DozeroError
 from dozero.files import write_json
 from dozero.model.checkpoint import (
     CHECKSUMS_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MODEL_CONFIG_FILE,
     model_config_from_dict,
     read_json,
     read_safetensors,
     verify_checksums,
     write_checksums,
 )
+from dozero.model.sharded import SHARDED_KEY, SHARDS_DIR, read_sharded
 from dozero.train.config import TrainConfig
 
 RUN_CONFIG_FILE = "train_config.json"
@@ -160,28 +171,44 @@ def save_checkpoint(
     is_best: bool,
     keep_last: int,
     extra_files=None,
+    sharded: bool = False,
 ) -> Path:
     """Write checkpoints/step_XXXXXX, copy it to latest/ (and best/ if `is_best`), prune old ones.
     `extra_files(folder)`, if given, writes more files into the checkpoint (fine-tuning: the LoRA adapter)
-    before the checksums, so they are verified with the rest."""
+    before the checksums, so they are verified with the rest.
+
+    sharded: `model` is sharded over processes; every rank calls this and writes its own pieces
+    (`_write_sharded`); the trainer state (rank 0's) and everything else is written by rank 0 alone."""
     from dozero.model.checkpoint import save_model
 
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    if runtime.is_main():
+        ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:06d}"
 
-    def fill(tmp: Path) -> None:
-        save_model(model, tmp, tokenizer=tokenizer, metadata=metadata)
-        tensors, groups = optimizer_to_files(optimizer)
-        save_file(tensors, str(tmp / OPTIMIZER_STATE))
+    def fill(tmp: Path, shard_files=None) -> None:
+        if shard_files is None:
+            save_model(model, tmp, tokenizer=tokenizer, metadata=metadata)
+            tensors, groups = optimizer_to_files(optimizer)
+            save_file(tensors, str(tmp / OPTIMIZER_STATE))
+        else:
+            _save_sharded_config(tmp, model.cfg, tokenizer, metadata, shard_files)
+            groups = _named_param_groups(model, optimizer)
         state = {**trainer_state, "step": step, "optimizer_param_groups": groups}
         write_json(tmp / TRAINER_STATE, state, indent=1, default=_json_default)
         if extra_files is not None:
             extra_files(tmp)
         write_checksums(tmp, step=step)  # last: a folder with checksums.json is complete
+        if shard_files is not None:  # the shards are checked on load like every other file
+            _add_checksums(tmp, [f"{SHARDS_DIR}/{name}" for name in shard_files])
 
-    _write_folder(final, fill)
+    if sharded:
+        _write_sharded(final, model, optimizer, fill)
+        if not runtime.is_main():
+            return final
+    else:
+        _write_folder(final, fill)
     for name in ["latest"] + (["best"] if is_best else []):
         # Copies, not hard links: a hard link is the same bytes, so one damaged file would damage both.
         _write_folder(run_dir / name, lambda tmp: _copy_files(final, tmp))
@@ -192,7 +219,58 @@ def save_checkpoint(
 
 def _copy_files(src: Path, dst: Path) -> None:
     for f in sorted(src.iterdir(), key=lambda f: f.name == CHECKSUMS_FILE):  # checksums.json last
-        shutil.copy2(f, dst / f.name)
+        if f.is_dir():  # a sharded checkpoint's shards/
+            shutil.copytree(f, dst / f.name)
+        else:
+            shutil.copy2(f, dst / f.name)
+
+
+def _write_sharded(final: Path, model, optimizer, fill) -> None:
+    """Every rank writes its pieces into one temporary folder beside `final` (a name all ranks know,
+    on the file system they share); rank 0 then adds the rest with `fill(tmp, shard_files)` and renames
+    it into place, so the checkpoint appears whole or not at all, as an ordinary one."""
+    from dozero import parallel
+
+    tmp = final.with_name(f".{final.name}.sharded")
+    if runtime.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash of an earlier save
+        tmp.mkdir()
+    runtime.barrier()
+    try:
+        shard_files = parallel.save_sharded(tmp / SHARDS_DIR, model, optimizer)
+        if runtime.is_main():
+            fill(tmp, shard_files)
+            _replace_folder(tmp, final)
+    except BaseException:
+        if runtime.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_sharded_config(folder: Path, cfg: ModelConfig, tokenizer, metadata: dict, shard_files: list[str]) -> None:
+    """config.json of a model folder whose weights are in shards/ (dozero.model.sharded reads them)."""
+    reserved = {"format", "format_version", "model", SHARDED_KEY} & set(metadata)
+    if reserved:
+        raise ValueError(f"metadata may not use the reserved keys {sorted(reserved)}")
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict(), **metadata}
+    write_json(folder / MODEL_CONFIG_FILE, {**config, SHARDED_KEY: {"files": shard_files}})
+    if tokenizer is not None:
+        tokenizer.save(folder)
+
+
+def _named_param_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The optimizer's groups (lr, betas, weight_decay, ...) with their parameters by name: a sharded
+    checkpoint's moments are stored by name, and a resume on another number of ranks orders them anew."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return [{**g, "params": [name_of[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
+
+
+def _add_checksums(folder: Path, names: list[str]) -> None:
+    from dozero.data.shards import file_sha256
+
+    record = read_json(folder / CHECKSUMS_FILE)
+    record["sha256"].update({name: file_sha256(folder / name) for name in names})
+    write_json(folder / CHECKSUMS_FILE, record)
 
 
 # ----------------------------------------------------------------------------- choosing one to resume
@@ -208,7 +286,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def verify_checkpoint(folder: Path) -> None:
     """DozeroError if `folder` is not a whole, undamaged checkpoint (checksums of every file)."""
-    for name in (TRAINER_STATE, OPTIMIZER_STATE):
+    for name in (TRAINER_STATE,) if (folder / SHARDS_DIR).is_dir() else (TRAINER_STATE, OPTIMIZER_STATE):
         if not (folder / name).is_file():
             raise DozeroError(f"{folder} is not a whole checkpoint: {name} is missing")
     verify_checksums(folder)
@@ -305,7 +383,7 @@ def restore(resume, run_dir: Path, model: torch.nn.Module, optimizer, loader, sc
             "the run folder mixes two runs"
         )
     model.load_state_dict(saved.state_dict())
-    state = load_trainer_state(folder, optimizer)
+    state = load_trainer_state(folder, optimizer, model)
     check_finite(folder, model, optimizer)
     loader.load_state_dict(state["loader"])
     if scaler is not None and state.get("scaler"):
@@ -322,19 +400,55 @@ def restore(resume, run_dir: Path, model: torch.nn.Module, optimizer, loader, sc
     return state
 
 
-def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore the optimizer in place from `folder`; return the rest of the trainer state."""
+def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None) -> dict:
+    """Restore the optimizer in place from `folder`; return the rest of the trainer state. `model`
+    (the optimizer's) is needed for a sharded checkpoint, whose moments are stored by parameter name."""
     folder = Path(folder)
     state = read_json(folder / TRAINER_STATE)
-    tensors = read_safetensors(folder / OPTIMIZER_STATE)
     groups = state.pop("optimizer_param_groups", None)
     if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
         raise DozeroError(f"{folder / TRAINER_STATE}: no valid 'optimizer_param_groups'; the file is damaged")
-    optimizer_from_files(optimizer, tensors, groups, folder / OPTIMIZER_STATE)
+    if _is_sharded(folder):
+        where = folder / SHARDS_DIR
+        tensors, groups = _moments_by_position(read_sharded(folder, "optimizer/"), groups, model, optimizer, where)
+    else:
+        where = folder / OPTIMIZER_STATE
+        tensors = read_safetensors(where)
+    optimizer_from_files(optimizer, tensors, groups, where)
     for key in ("step", "loader", "rng"):
         if key not in state:
             raise DozeroError(f"{folder / TRAINER_STATE}: no '{key}'; the file is damaged")
     return state
+
+
+def _is_sharded(folder: Path) -> bool:
+    return SHARDED_KEY in read_json(folder / MODEL_CONFIG_FILE)
+
+
+def _moments_by_position(by_name: dict, groups: list[dict], model, optimizer, where) -> tuple[dict, list[dict]]:
+    """A sharded checkpoint's moments ("<name>/exp_avg") and groups (parameters by name) in the
+    layout `optimizer_from_files` checks and loads ("<position>.exp_avg", positions in the groups)."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    own = [[name_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    if [g["params"] for g in groups] != own:
+        raise DozeroError(
+            f"{where}: the optimizer's parameters differ from this model's; the checkpoint is from another model shape"
+        )
+    position = {name: i for i, name in enumerate(n for names in own for n in names)}
+    tensors = {}
+    for key, value in by_name.items():
+        name, _, moment = key.rpartition("/")
+        if name not in position:
+            raise DozeroError(
+                f"{where}: 'optimizer/{key}' names no parameter of this model; "
+                "the checkpoint is from another model shape"
+            )
+        tensors[f"{position[name]}.{moment}"] = value
+    start, numbered = 0, []
+    for g in groups:
+        numbered.append({**g, "params": list(range(start, start + len(g["params"])))})
+        start += len(g["params"])
+    return tensors, numbered
 
 
 def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict, groups: list[dict], where) -> None:

@@ -352,12 +352,15 @@ def _evaluate(run: Run) -> None:
 
 def _save(run: Run, is_best: bool, val_loss: float | None) -> None:
     raw_model, optimizer = run.raw_model, run.optimizer
-    if parallel.is_sharded(raw_model):  # every rank sends its shards; rank 0 writes an ordinary checkpoint
+    # A sharded model: every rank writes its own pieces (PyTorch's DCP). A recipe's
+    # checkpoint (fine-tuning) is gathered: every rank sends its shards, rank 0 writes an ordinary one.
+    sharded = parallel.is_sharded(raw_model) and run.recipe is None
+    if parallel.is_sharded(raw_model) and not sharded:
         cpu = torch.device("cpu")
         raw_model, optimizer = parallel.gather_to_plain(
             raw_model, optimizer, lambda: GPTModel(run.model_cfg), lambda m: make_optimizer(m, run.cfg, cpu)
         )
-    if runtime.is_main():
+    if runtime.is_main() or sharded:
         trainer_state = {
             "loader": run.loader.state_dict(),
             "rng": runtime.rng_state(),
@@ -382,6 +385,7 @@ def _save(run: Run, is_best: bool, val_loss: float | None) -> None:
                 is_best,
                 run.cfg.keep_last,
                 extra_files,
+                sharded=sharded,
             )
         except OSError as e:
             raise disk_error(e, run.run_dir / "checkpoints", "the previous checkpoints are intact") from None

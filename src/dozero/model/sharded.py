@@ -1,0 +1,97 @@
+"""Reading a sharded training checkpoint into whole tensors, with safetensors alone.
+
+A run whose model is sharded over processes (`dozero train --parallel fsdp|zero2`) saves each
+checkpoint with PyTorch's distributed checkpoint (DCP): every rank writes the pieces it holds, in parallel, to
+its own file (dozero.parallel.dcp). The folder then holds
+
+    config.json        the model's config, with "sharded": {"files": [...]} naming the shard files
+    shards/*.safetensors   one file per rank; its header (DCP_SHARDING_INFO) gives, for each piece,
+                       the offsets at which it sits in the whole tensor
+                       names: model/<parameter>, optimizer/<parameter>/<state> (exp_avg, exp_avg_sq, step)
+
+`read_sharded` puts the pieces back together, whatever number of ranks wrote them, so such a folder
+loads like any model folder (`load_model`, `dozero generate`, `dozero model convert`) and resumes on
+any number of processes. No pickle is read: torch's own `.metadata` file is not used (torch's
+HuggingFaceStorageReader reads the same headers; tests/test_parallel_dcp.py checks both agree).
+
+    from dozero.model.sharded import read_sharded
+    weights = read_sharded(Path("runs/x/latest"), "model/")      # {"tok_emb.weight": tensor, ...}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dozero.errors import DozeroError
+
+SHARDED_KEY = "sharded"
+"""config.json's entry that marks a sharded checkpoint: {"files": [shard file names]}."""
+SHARDS_DIR = "shards"
+SHARDING_INFO = "DCP_SHARDING_INFO"
+"""The safetensors header entry where DCP writes each piece's offsets
+(CUSTOM_METADATA_KEY in torch's distributed checkpoint _hf_utils)."""
+
+
+def shard_files(folder: Path, config: dict) -> list[Path]:
+    """The shard files config.json names, each checked to exist (a missing one is a clear error)."""
+    names = (config.get(SHARDED_KEY) or {}).get("files")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise DozeroError(f"{folder / 'config.json'}: '{SHARDED_KEY}' names no shard files; the file is damaged")
+    files = [folder / SHARDS_DIR / name for name in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise DozeroError(
+            f"{folder} is incomplete: shard file {SHARDS_DIR}/{missing[0]} is missing ({len(missing)} of "
+            f"{len(files)} missing; each rank wrote one); use another checkpoint of the run"
+        )
+    return files
+
+
+def read_sharded(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Whole CPU tensors of every name starting with `prefix` (stripped from the names), put together
+    from the pieces in all of the folder's shard files."""
+    from safetensors import safe_open
+
+    from dozero.model.checkpoint import MODEL_CONFIG_FILE, read_json, verify_checksums
+
+    folder = Path(folder)
+    files = shard_files(folder, read_json(folder / MODEL_CONFIG_FILE))
+    verify_checksums(folder, only=tuple(f"{SHARDS_DIR}/{f.name}" for f in files))
+    pieces: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                info = json.loads((f.metadata() or {}).get(SHARDING_INFO, "{}"))
+                for key in f.keys():
+                    if key.startswith(prefix):
+                        offsets = info.get(key, {}).get("saved_offsets")
+                        tensor = f.get_tensor(key)
+                        if not isinstance(offsets, list) or len(offsets) != tensor.dim():
+                            raise DozeroError(f"{path}: no offsets for '{key}' in its header; the file is damaged")
+                        pieces.setdefault(key.removeprefix(prefix), []).append((offsets, tensor))
+        except DozeroError:
+            raise
+        except Exception as e:  # safetensors raises its own error type for bad files
+            raise DozeroError(f"{path} is truncated or corrupt ({e}); use another checkpoint of the run") from None
+    return {name: _assemble(name, parts, folder) for name, parts in pieces.items()}
+
+
+def _assemble(name: str, parts: list[tuple[list[int], torch.Tensor]], folder: Path) -> torch.Tensor:
+    """One tensor from its pieces: the whole size is the furthest piece end in each dimension; every
+    value must come from exactly one piece (DCP writes each once)."""
+    dims = parts[0][1].dim()
+    size = [max(offsets[d] + t.shape[d] for offsets, t in parts) for d in range(dims)]
+    whole = torch.empty(size, dtype=parts[0][1].dtype)
+    covered = 0
+    for offsets, t in parts:
+        whole[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape, strict=True))] = t
+        covered += t.numel()
+    if covered != whole.numel():
+        raise DozeroError(
+            f"{folder}: the shards hold {covered} of the {whole.numel()} values of '{name}'; a shard is missing "
+            "or from another run"
+        )
+    return whole

@@ -1,0 +1,114 @@
+"""Sharded checkpoints (torch.distributed.checkpoint): written by every rank, resumed on another number
+of ranks, read as a model folder; bad input is one line.
+
+The torchrun runs use the gloo backend on CPU, tiny models, a few steps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dozero.model.sharded import SHARDS_DIR
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_parallel import TINY, _env, _losses, _run  # noqa: E402
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+# Measured: the losses of 6 steps moved 4 -> 2 -> 1 processes agree with an unmoved run within 5e-7
+# (float32; FSDP's reduce-scatter sums in another order than one process's backward).
+TOLERANCE = 1e-5
+
+
+def _torchrun(n: int, port: int, args: list[str]) -> None:
+    import subprocess
+
+    cmd = [*TORCHRUN, f"--nproc_per_node={n}", f"--master_port={port}", "-m", "dozero", "train", *args]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _shards(folder: Path) -> list[str]:
+    return sorted(p.name for p in (folder / SHARDS_DIR).iterdir())
+
+
+@pytest.mark.slow  # ~90 s on 2 cores: 4 + 2 + 1 + 1 processes
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_run_saved_on_4_ranks_resumes_on_2_then_1_as_if_it_had_not_moved(tmp_path, capsys):
+    from dozero.cli import main
+
+    common = [*TINY, "--eval-interval", "2", "--max-steps", "6"]
+    moved = tmp_path / "moved"
+    _torchrun(
+        4,
+        29631,
+        ["--out-dir", str(moved), "--micro-batch-size", "2", "--parallel", "fsdp", "--stop-after", "2", *common],
+    )
+    _torchrun(2, 29632, ["--resume", str(moved), "--micro-batch-size", "4", "--parallel", "fsdp", "--stop-after", "4"])
+    step2, step4 = (moved / "checkpoints" / f"step_00000{s}" for s in (2, 4))
+    assert len(_shards(step2)) == 4 and len(_shards(step4)) == 2  # one file per rank, no model.safetensors
+    assert not (step4 / "model.safetensors").exists() and _shards(moved / "latest") == _shards(step4)
+    _run(["--resume", str(moved), "--micro-batch-size", "8", "--parallel", "auto"])
+    _run(["--out-dir", str(tmp_path / "one"), "--micro-batch-size", "8", *common])
+    one, after = _losses(tmp_path / "one"), _losses(moved)
+    assert sorted(one) == sorted(after) == list(range(1, 7))
+    for s in one:
+        assert after[s] == pytest.approx(one[s], abs=TOLERANCE), f"step {s}"
+    assert one[6] < one[1] - 0.1
+
+    # dozero reads the shards with safetensors alone; torch's own DCP reader gives the same tensors.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+
+    from dozero.model.checkpoint import load_model
+
+    reader = HuggingFaceStorageReader(str(step4 / SHARDS_DIR))
+    meta = reader.read_metadata().state_dict_metadata
+    theirs = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()}
+    dcp.load(theirs, storage_reader=HuggingFaceStorageReader(str(step4 / SHARDS_DIR)), no_dist=True)
+    ours = load_model(step4).state_dict()
+    assert any(k.startswith("optimizer/") for k in theirs)
+    for name, tensor in theirs.items():
+        if name.startswith("model/"):
+            assert torch.equal(ours[name.removeprefix("model/")], tensor), name
+
+    # convert makes an ordinary model folder of it, with the same weights.
+    plain = tmp_path / "plain"
+    assert main(["model", "convert", str(step4), str(plain), "--to", "dozero"]) == 0
+    assert (plain / "model.safetensors").is_file() and not (plain / SHARDS_DIR).exists()
+    for name, tensor in load_model(plain).state_dict().items():
+        assert torch.equal(tensor, ours[name]), name
+    capsys.readouterr()
+    _bad_sharded_checkpoints_are_one_line_errors(step4, tmp_path, capsys)
+
+
+def _bad_sharded_checkpoints_are_one_line_errors(step: Path, tmp_path: Path, capsys) -> None:
+    from dozero.cli import main
+
+    def error(args) -> str:
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        return err
+
+    broken = tmp_path / "broken"  # a copy of the run, one shard file of step_4 gone
+    shutil.copytree(step.parent.parent, broken)
+    missing = broken / "checkpoints" / step.name
+    (missing / SHARDS_DIR / _shards(step)[1]).unlink()
+    err = error(["model", "convert", str(missing), str(tmp_path / "out1"), "--to", "dozero"])
+    assert f"shard file {SHARDS_DIR}/{_shards(step)[1]} is missing" in err
+    err = error(["train", "--resume", str(missing)])
+    assert f"damaged: {SHARDS_DIR}/{_shards(step)[1]} is missing" in err and "older checkpoints: step_000006" in err
+
+    other = tmp_path / "other"  # config.json says emb_dim 48; the shards hold a 32-wide model
+    shutil.copytree(step, other)
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["emb_dim"] = 48
+    (other / "config.json").write_text(json.dumps(config))
+    (other / "checksums.json").unlink()  # (with the checksums, the edit itself is the error)
+    err = error(["model", "convert", str(other), str(tmp_path / "out2"), "--to", "dozero"])
+    assert "has shape (65, 32) but the config needs (65, 48)" in err
