@@ -217,3 +217,31 @@ def test_padded_model_rows_are_never_drawn(tokenizer):
         assert all_at_once(engine, prompts, configs) == [(text, "length") for text in expected]
     finally:
         engine.close()
+
+
+def test_requests_arriving_together_are_prefilled_in_one_call(tokenizer):
+    """Four prompts of different lengths queued in the same instant: one padded prefill call reads
+    them all (not one per step), a decode call then serves the four rows, and the text is unchanged."""
+    model = small_model(**LLAMA)
+    config = GenerationConfig(temperature=0, max_new_tokens=6, stop_at_eot=False)
+    expected = [generate(model, tokenizer, p, config=config) for p in PROMPTS]
+    engine = run_engine(model, tokenizer, prefill_chunk=64)
+    calls, run = [], engine.runner.run
+    engine.runner.run = lambda seqs, num_new: calls.append(list(num_new)) or run(seqs, num_new)
+    try:
+        queues = [queue.Queue() for _ in PROMPTS]
+        with engine._wake:  # the engine thread waits for this lock: all four join in the same step
+            for p, q in zip(PROMPTS, queues, strict=True):
+                engine.submit(tokenizer.encode(p), config, q.put)
+        texts = []
+        for q in queues:
+            events = [q.get(timeout=60)]
+            while events[-1].finish_reason is None:
+                events.append(q.get(timeout=60))
+            texts.append("".join(e.text for e in events))
+        assert texts == expected
+        assert calls[0] == [len(tokenizer.encode(p)) for p in PROMPTS]
+        assert calls[1] == [1, 1, 1, 1]
+        assert engine.pool.num_free == engine.pool.num_blocks
+    finally:
+        engine.close()

@@ -5,7 +5,7 @@
                                                   +---- blocks back to the pool <------------+
 
 Each step: take new requests, drop cancelled ones (a client that went away), ask the scheduler for
-one prefill chunk and the decoding batch, run them, draw each sequence's next token with its own
+the prefill chunks and the decoding batch, run them, draw each sequence's next token with its own
 settings and seeded generator (the same `sample_next_token` as `dozero generate`, so greedy and
 seeded outputs match it), and send the new text out. The HTTP layer only calls `submit` and reads
 events; it never touches blocks or tensors.
@@ -135,24 +135,27 @@ class Engine:
         self._incoming.clear()
 
     def step(self) -> None:
-        """One step: drop cancelled sequences, one prefill chunk, one decode token for the batch."""
+        """One step: drop cancelled sequences, the prefill chunks, one decode token for the batch."""
         for seq in self.scheduler.cancelled():
             self._end(seq, "cancelled")
-        prefill, decode = None, []
+        prefill, decode = [], []
         try:
             preempted, cached = self.scheduler.preemptions, self.scheduler.cached_tokens
             prefill, decode = self.scheduler.schedule()
             self.metrics.add("preemptions_total", self.scheduler.preemptions - preempted)
             self.metrics.add("prompt_tokens_cached_total", self.scheduler.cached_tokens - cached)
-            if prefill is not None:
-                seq, n = prefill
-                logits = self.runner.run([seq], [n])
-                seq.num_cached += n
-                self.scheduler.register(seq)
-                if not seq.in_prefill:
-                    if seq.num_generated == 0:  # not a preempted sequence read again
-                        self.metrics.add("prompt_tokens_total", len(seq.prompt))
-                    self._sample([seq], logits)
+            if prefill:
+                logits = self.runner.run([s for s, _ in prefill], [n for _, n in prefill])
+                done = []  # rows whose prompt is now read: they draw their first token
+                for b, (seq, n) in enumerate(prefill):
+                    seq.num_cached += n
+                    self.scheduler.register(seq)
+                    if not seq.in_prefill:
+                        if seq.num_generated == 0:  # not a preempted sequence read again
+                            self.metrics.add("prompt_tokens_total", len(seq.prompt))
+                        done.append(b)
+                if done:
+                    self._sample([prefill[b][0] for b in done], logits[done] if len(done) < len(prefill) else logits)
             if decode:
                 logits = self.runner.run(decode, [1] * len(decode))
                 for seq in decode:
@@ -161,7 +164,7 @@ class Engine:
                 self._sample(decode, logits)
         except Exception:  # a bad step must not take the server down: its sequences end with an error
             log.exception("engine step failed")
-            for seq in [*decode, *([prefill[0]] if prefill else [])]:
+            for seq in [*decode, *(s for s, _ in prefill)]:
                 self._end(seq, "error")
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:

@@ -2,8 +2,8 @@
 
 Requests wait in a queue (first come, first served) until the batch has a place and the pool has
 blocks for their prompt. Every step then does one decode token for every sequence that is
-generating, and at most one prefill chunk (`prefill_chunk` prompt tokens of the oldest sequence
-still reading its prompt). Sequences join and leave between steps, so a finished or cancelled one
+generating, and prefill chunks of the oldest sequences still reading their prompt, `prefill_chunk`
+prompt tokens at most in all. Sequences join and leave between steps, so a finished or cancelled one
 frees its place and its blocks at once, and a long prompt is read a chunk per step while the others
 keep streaming.
 
@@ -37,14 +37,22 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[tuple[Sequence, int] | None, list[Sequence]]:
-        """(the sequence to prefill and how many of its tokens, or None; the sequences to decode)."""
+    def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+        """(the sequences to prefill and how many of their tokens; the sequences to decode).
+
+        Prefill chunks of several sequences, oldest first, share one model call, up to `prefill_chunk`
+        prompt tokens in all (always at least one chunk): requests that arrive together are read
+        together instead of one per step."""
         decode = self.make_room([s for s in self.running if not s.in_prefill])
         self.admit()
-        prefill = next((s for s in self.running if s.in_prefill), None)
-        if prefill is None:
-            return None, decode
-        return (prefill, min(self.config.prefill_chunk, prefill.prefill_target - prefill.num_cached)), decode
+        prefill, budget = [], self.config.prefill_chunk
+        for seq in (s for s in self.running if s.in_prefill):
+            n = min(budget, seq.prefill_target - seq.num_cached)
+            if n <= 0:
+                break
+            prefill.append((seq, n))
+            budget -= n
+        return prefill, decode
 
     def make_room(self, decode: list[Sequence]) -> list[Sequence]:
         """A block for each decoding sequence's next token, preempting the newest sequences if the
