@@ -221,8 +221,10 @@ def generation_mode(model):
     generate and carry on exactly as it was."""
     was_training, head = model.training, model.out_head
     model.eval()
-    # An int8/int4 head (model/quantized.py) has its own kernel and no float weight to lay out.
-    if isinstance(head, torch.nn.Linear) and head.weight.device.type == "cpu" and not is_decoding_layout(head.weight):
+    # An int8/int4 head (model/quantized.py) has its own kernel and no float weight to lay out; a head
+    # spread over processes (a DTensor: dozero.parallel) keeps its own.
+    plain = isinstance(head, torch.nn.Linear) and type(head.weight.data) is torch.Tensor
+    if plain and head.weight.device.type == "cpu" and not is_decoding_layout(head.weight):
         model.out_head = transposed_head(head, reuse=not was_training)  # a training model changes under us
     try:
         yield model

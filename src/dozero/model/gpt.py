@@ -166,7 +166,10 @@ class MultiHeadAttention(nn.Module):
         rope: (cos, sin), each (B or 1, 1, T, hs), RoPE's tables at these tokens' positions, or None.
         """
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split([C, self.kv_dim, self.kv_dim], dim=2)  # (B, T, C), 2 x (B, T, nkv*hs)
+        # Widths from the head counts, not C: tensor parallelism (dozero.parallel.tp) gives each process
+        # some of the heads and sets n_heads, n_kv_heads, kv_dim to its share.
+        q_dim = self.n_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_dim, self.kv_dim, self.kv_dim], dim=2)  # (B, T, C), 2 x (B, T, nkv*hs)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
@@ -192,7 +195,7 @@ class MultiHeadAttention(nn.Module):
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=attn_mask is None, enable_gqa=self.gqa
             )
             weights = None
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, q_dim)  # re-assemble heads: (B, T, C)
         return self.out_proj(y), weights
 
 
@@ -326,7 +329,7 @@ class GPTModel(nn.Module):
         max_len = max_len or self.cfg.context_length
         for block in self.trf_blocks:
             block.att.kv_cache = KVCache(
-                batch_size, max_len, self.cfg.kv_heads, self.cfg.head_dim, dtype or p.dtype, device or p.device
+                batch_size, max_len, block.att.n_kv_heads, self.cfg.head_dim, dtype or p.dtype, device or p.device
             )
 
     def clear_kv_cache(self) -> None:

@@ -7,7 +7,8 @@ its own file (dozero.parallel.dcp). The folder then holds
     config.json        the model's config, with "sharded": {"files": [...]} naming the shard files
     shards/*.safetensors   one file per rank; its header (DCP_SHARDING_INFO) gives, for each piece,
                        the offsets at which it sits in the whole tensor
-                       names: model/<parameter>, optimizer/<parameter>/<state> (exp_avg, exp_avg_sq, step)
+                       names: model/<parameter>, optimizer/<parameter>/<state> (exp_avg, exp_avg_sq, step);
+                       a fused tensor split by tensor parallelism as <name>#0, #1, ...: its row segments
 
 `read_sharded` puts the pieces back together, whatever number of ranks wrote them, so such a folder
 loads like any model folder (`load_model`, `dozero generate`, `dozero model convert`) and resumes on
@@ -76,7 +77,20 @@ def read_sharded(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
             raise
         except Exception as e:  # safetensors raises its own error type for bad files
             raise DozeroError(f"{path} is truncated or corrupt ({e}); use another checkpoint of the run") from None
-    return {name: _assemble(name, parts, folder) for name, parts in pieces.items()}
+    whole = {name: _assemble(name, parts, folder) for name, parts in pieces.items()}
+    return _join_segments(whole)
+
+
+def _join_segments(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """name#0, name#1, ... -> name, concatenated along the rows: a fused tensor (qkv, SwiGLU's fc)
+    that tensor parallelism held in another row order is stored as its segments in the plain order."""
+    joined: dict[str, dict[int, torch.Tensor]] = {}
+    for key in [k for k in tensors if "#" in k]:
+        name, _, index = key.rpartition("#")
+        joined.setdefault(name, {})[int(index)] = tensors.pop(key)
+    for name, parts in joined.items():
+        tensors[name] = torch.cat([parts[i] for i in sorted(parts)], dim=0)
+    return tensors
 
 
 def _assemble(name: str, parts: list[tuple[list[int], torch.Tensor]], folder: Path) -> torch.Tensor:

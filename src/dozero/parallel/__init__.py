@@ -1,12 +1,14 @@
 """Scaling past one device: strategies applied to a finished model from outside (torchtitan's
 parallelize.py), one function each.
 
-    from dozero.parallel import apply_activation_checkpointing, apply_fsdp
+    from dozero.parallel import apply_activation_checkpointing, apply_fsdp, apply_tp
     apply_activation_checkpointing(model)      # recompute each block's activations in backward
     apply_fsdp(model, reshard_after_forward=True, cpu_offload=False)   # ZeRO-3 (False: ZeRO-2-like)
+    apply_tp(model, mesh)                      # heads and feed-forward split over a device mesh (tp.py)
 
-`dozero train --parallel auto|ddp|fsdp|zero2` chooses one (`parallelize` below); under torchrun
-`auto` is DDP, as before. Run the processes with torchrun, e.g.
+`dozero train --parallel auto|ddp|fsdp|zero2|tp|fsdp+tp` chooses one (`parallelize` below); under
+torchrun `auto` is DDP, as before. A sharded model's checkpoints are written by every rank
+(`save_sharded`, dcp.py). Run the processes with torchrun, e.g.
 
     torchrun --nproc_per_node=2 -m dozero train --parallel fsdp
 
@@ -26,11 +28,14 @@ from dozero.parallel.fsdp import (
     local_state_bytes,
     parallelize,
 )
+from dozero.parallel.tp import apply_tp, data_parallel
 
 __all__ = [
     "STRATEGIES",
     "apply_activation_checkpointing",
     "apply_fsdp",
+    "apply_tp",
+    "data_parallel",
     "full_training_state",
     "gather_to_plain",
     "is_sharded",

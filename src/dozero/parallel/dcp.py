@@ -26,13 +26,38 @@ from dozero.parallel.fsdp import _torch_module
 def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """This rank's weights and optimizer state by name: DTensors (their local pieces are written) or
     plain tensors (the same on every rank: DCP writes them once)."""
-    state = {f"model/{name}": p.detach() for name, p in model.named_parameters()}
-    name_of = {id(p): name for name, p in model.named_parameters()}
+    segments = getattr(model, "tp_segments", {})  # fused rows tensor parallelism keeps rank-major (tp.py)
+    state, name_of = {}, {}
+    for name, p in model.named_parameters():
+        state |= _in_plain_order(f"model/{name}", p.detach(), segments.get(name))
+        name_of[id(p)] = name
     for p, moments in optimizer.state.items():
+        name = name_of[id(p)]
         for key, value in moments.items():
             if torch.is_tensor(value):
-                state[f"optimizer/{name_of[id(p)]}/{key}"] = value
+                rows = segments.get(name) if value.shape == p.shape else None
+                state |= _in_plain_order(f"optimizer/{name}/{key}", value, rows)
     return state
+
+
+def _in_plain_order(key: str, t: torch.Tensor, rows: list[int] | None) -> dict[str, torch.Tensor]:
+    """A tensor whose rows tensor parallelism put rank-major ([q_0 k_0 v_0 | q_1 k_1 v_1 | ...]) as one
+    DTensor per segment in the plain order, named key#0, key#1, ...: the checkpoint holds the model's
+    own layout (dozero.model.sharded joins them), whatever the number of ranks."""
+    if rows is None:
+        return {key: t}
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = t.device_mesh
+    tp_mesh = mesh if mesh.ndim == 1 else mesh[mesh.mesh_dim_names[-1]]
+    if mesh.ndim > 1:  # fsdp+tp: gather FSDP's pieces of this rank's tensor-parallel slice
+        t = t.redistribute(mesh, [Replicate()] * (mesh.ndim - 1) + [Shard(0)])
+    n, local = tp_mesh.size(), t.to_local()
+    pieces = local.split([size // n for size in rows])
+    return {
+        f"{key}#{i}": DTensor.from_local(piece.contiguous(), tp_mesh, [Shard(0)], run_check=False)
+        for i, piece in enumerate(pieces)
+    }
 
 
 def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

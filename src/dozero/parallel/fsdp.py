@@ -26,11 +26,13 @@ from torch.utils.checkpoint import checkpoint
 
 from dozero import runtime
 from dozero.errors import DozeroError
+from dozero.parallel import tp
 from dozero.train.config import PARALLEL_STRATEGIES
 
 STRATEGIES = PARALLEL_STRATEGIES
 """auto: DDP under torchrun, nothing in one process; ddp; fsdp (ZeRO-3); zero2 (FSDP, weights kept
-from forward to backward). Defined with TrainConfig's --parallel."""
+from forward to backward); tp (tensor parallelism over all processes, tp.py); fsdp+tp (a 2-D mesh:
+tp within groups of --tp-size, FSDP across them). Defined with TrainConfig's --parallel."""
 
 
 def _torch_module(name: str, strategy: str = "fsdp"):
@@ -68,14 +70,17 @@ def apply_fsdp(
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
     param_dtype: torch.dtype = torch.float32,
+    mesh=None,
 ) -> torch.nn.Module:
     """Shard `model` in place over all processes: each transformer block, then the root.
 
     With `param_dtype` bfloat16 the shards stay float32 (the optimizer's master weights) but are
     all-gathered as bfloat16 (half the traffic, and the forward computes in bf16); gradients are
-    reduce-scattered in float32, so the average over ranks loses nothing (torchtitan's default)."""
+    reduce-scattered in float32, so the average over ranks loses nothing (torchtitan's default).
+    `mesh`: the processes to shard over (default: all; fsdp+tp: the data-parallel dimension)."""
     fsdp = _torch_module("fsdp")
-    mesh = _torch_module("device_mesh").init_device_mesh(device.type, (runtime.world_size(),))
+    if mesh is None:
+        mesh = _torch_module("device_mesh").init_device_mesh(device.type, (runtime.world_size(),))
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if param_dtype != torch.float32:
         options["mp_policy"] = fsdp.MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -89,11 +94,13 @@ def apply_fsdp(
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the parameters are spread over processes (FSDP, tensor parallelism): then every rank
+    runs each forward pass (evaluation too) and every rank takes part in a save."""
     try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2 shards nothing
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without public DTensors shards nothing
         return False
-    return isinstance(model, FSDPModule)
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def parallelize(model, optimizer, make_optimizer, cfg, device):
@@ -101,8 +108,8 @@ def parallelize(model, optimizer, make_optimizer, cfg, device):
     to a finished model whose optimizer may hold restored state; `make_optimizer(model)` builds a new
     one. Returns (what the forward pass calls, the optimizer).
 
-    Sharding replaces the parameters, so FSDP needs a new optimizer; a restored state is carried
-    over by parameter name (full tensors in, shards out)."""
+    Sharding replaces the parameters, so FSDP and tensor parallelism need a new optimizer; a restored
+    state is carried over by parameter name (full tensors in, shards out)."""
     strategy, compile = cfg.parallel, cfg.compile
     if strategy not in STRATEGIES:
         raise DozeroError(f"--parallel '{strategy}' is not known: choose one of {', '.join(STRATEGIES)}")
@@ -114,24 +121,36 @@ def parallelize(model, optimizer, make_optimizer, cfg, device):
         forward = torch.compile(model) if compile else model
         return runtime.wrap_ddp(forward, device), optimizer
     _torch_module("fsdp", strategy)
+    _torch_module("tensor.parallel", strategy)
     if not (dist.is_available() and dist.is_initialized()):
         raise DozeroError(
             f"--parallel {strategy} shards the model over processes: launch with torchrun --nproc_per_node=N "
             "(or use --parallel auto in one process)"
         )
-    return _shard(model, optimizer, make_optimizer, strategy, device, compile, cfg.cpu_offload, cfg.dtype)
+    return _shard(model, optimizer, make_optimizer, cfg, device)
 
 
-def _shard(model, optimizer, make_optimizer, strategy, device, compile: bool, cpu_offload: bool, dtype: str):
+def _shard(model, optimizer, make_optimizer, cfg, device):
+    """FSDP and/or tensor parallelism over a (data-parallel x tensor-parallel) mesh of all processes."""
+    strategy, world = cfg.parallel, runtime.world_size()
+    n = tp.tp_degree(strategy, cfg.tp_size, world)
+    if n > 1:  # the fused rows rank-major, moments too, while both are still whole
+        tp.reorder_for_tp(model, optimizer, n)
     state_dict = _torch_module("checkpoint.state_dict")
     restored = state_dict.get_optimizer_state_dict(model, optimizer) if optimizer.state else None  # by name
-    param_dtype = runtime.resolve_dtype(dtype, device)
-    apply_fsdp(model, device, strategy == "fsdp", cpu_offload, param_dtype)
+    dp_mesh = None  # FSDP alone: over all processes
+    if n > 1:
+        mesh = _torch_module("device_mesh").init_device_mesh(device.type, (world // n, n), mesh_dim_names=("dp", "tp"))
+        tp.apply_tp(model, mesh["tp"])
+        dp_mesh = mesh["dp"]
+    if strategy != "tp":
+        param_dtype = runtime.resolve_dtype(cfg.dtype, device)
+        apply_fsdp(model, device, strategy != "zero2", cfg.cpu_offload, param_dtype, dp_mesh)
     optimizer = make_optimizer(model)
     if restored is not None:
         options = state_dict.StateDictOptions(full_state_dict=True)
         state_dict.set_optimizer_state_dict(model, optimizer, restored, options=options)
-    return (torch.compile(model) if compile else model), optimizer
+    return (torch.compile(model) if cfg.compile else model), optimizer
 
 
 def full_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -18,7 +18,7 @@ from dozero.config import MODEL_PRESETS, suggest
 from dozero.errors import DozeroError
 
 SCHEDULES = ("cosine", "constant", "wsd")
-PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp", "zero2")
+PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp", "zero2", "tp", "fsdp+tp")
 """--parallel choices (dozero.parallel applies them; listed here so that reading a config imports no process code)."""
 
 
@@ -86,7 +86,11 @@ class TrainConfig:
     parallel: str = "auto"
     """How several processes (torchrun) share the work: ddp (a whole copy of the model on each), fsdp (weights,
     gradients and AdamW moments sharded over the processes: ZeRO-3), zero2 (fsdp that keeps the gathered weights
-    from forward to backward: more memory, less communication), or auto (ddp under torchrun). See docs scaling.md."""
+    from forward to backward: more memory, less communication), tp (tensor parallelism: each block's heads and
+    feed-forward split over all processes, which all read the same batch), fsdp+tp (tp within groups of --tp-size
+    processes, fsdp across the groups), or auto (ddp under torchrun). See docs scaling.md."""
+    tp_size: int = 2
+    """fsdp+tp only: processes per tensor-parallel group (it must divide the number of processes and the heads)."""
     cpu_offload: bool = False
     """fsdp/zero2 only: keep the shards and the optimizer step in CPU memory (fits larger models, slower)."""
     activation_checkpointing: bool = False
@@ -122,7 +126,15 @@ class TrainConfig:
             if value not in allowed:
                 what = "is not a model shape" if name == "model" else "is not known"
                 raise DozeroError(f"{_flag(name)} '{value}' {what}: {suggest(value, allowed)}")
-        for name in ("micro_batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval", "eval_limit"):
+        for name in (
+            "micro_batch_size",
+            "max_steps",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+            "eval_limit",
+            "tp_size",
+        ):
             _check_range(self, name, getattr(self, name) >= 1, ">= 1")
         for name in (
             "global_batch_tokens",

@@ -146,9 +146,9 @@ def _setup(cfg: TrainConfig, overrides: dict, resume, device: torch.device, quie
     scaler = runtime.grad_scaler(device, dtype)
     from dozero.data.loader import RandomWindowLoader
 
-    T, world = model_cfg.context_length, runtime.world_size()
+    T, (data_rank, world) = model_cfg.context_length, parallel.data_parallel(cfg)  # tensor parallelism: per group
     loader_device = device if device.type != "cpu" else None
-    loader = RandomWindowLoader(corpus.train, cfg.micro_batch_size, T, cfg.seed, runtime.rank(), world, loader_device)
+    loader = RandomWindowLoader(corpus.train, cfg.micro_batch_size, T, cfg.seed, data_rank, world, loader_device)
     result = TrainResult(run_dir=run_dir, step=0)
     if resume:
         state = ckpt.restore(resume, run_dir, raw_model, optimizer, loader, scaler)
@@ -208,7 +208,7 @@ def _run_folder_and_model(cfg, overrides: dict, resume, vocab_size: int, main: b
 
 def _accumulation(cfg: TrainConfig, T: int) -> tuple[int, int]:
     """Micro-batches per optimizer step on each process, and the tokens of one optimizer step."""
-    world = runtime.world_size()
+    world = parallel.data_parallel(cfg)[1]  # processes reading different batches
     tokens_per_micro_step = cfg.micro_batch_size * T * world
     accum = 1
     if cfg.global_batch_tokens:
@@ -432,9 +432,8 @@ def evaluate(model: GPTModel, tokens, cfg: TrainConfig, T: int, device, dtype) -
     process x N*B, in 1/N of the time."""
     from dozero.data.loader import RandomWindowLoader
 
-    loader = RandomWindowLoader(
-        tokens, cfg.micro_batch_size, T, seed=cfg.seed + 1, rank=runtime.rank(), world_size=runtime.world_size()
-    )
+    rank, world = parallel.data_parallel(cfg)  # a tensor-parallel group scores one batch together
+    loader = RandomWindowLoader(tokens, cfg.micro_batch_size, T, seed=cfg.seed + 1, rank=rank, world_size=world)
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device)
