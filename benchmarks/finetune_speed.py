@@ -3,11 +3,16 @@
     python benchmarks/finetune_speed.py                          # SmolLM2-135M and GPT-2 124M shapes
     python benchmarks/finetune_speed.py --steps 2 --tokens 64    # a smoke run
 
-Each (shape, method) runs in a fresh process, so its peak resident memory (ru_maxrss) is its own; the
-table shows it above the process's memory after `import torch` (the same for every row). A step is
-dozero's Stepper (forward, backward, clip, fused AdamW) on one sequence of --tokens random token ids,
-in float32; the weights are random (speed and memory do not depend on their values). LoRA: rank 8,
-alpha 16, on qkv, out_proj, fc and proj of every block (dozero finetune's defaults).
+Each (shape, method) runs in a fresh process. Its peak memory is the peak resident memory during the
+timed steps (Linux's VmHWM, reset after the warm-up step: building the float model before quantizing
+it is not counted), above the process's memory after `import torch`. A step is dozero's Stepper
+(forward, backward, clip, fused AdamW) on one sequence of --tokens random token ids, in float32; the
+weights are random (speed and memory do not depend on their values). LoRA: rank 8, alpha 16, on qkv,
+out_proj, fc and proj of every block (dozero finetune's defaults). qlora-int8 / qlora-int4: the same
+LoRA over blocks quantized as `dozero finetune --quantize` does (embedding and head stay float).
+
+    python benchmarks/finetune_speed.py --methods full,lora,qlora-int8,qlora-int4
+    python benchmarks/finetune_speed.py --packing       # padded vs packed batches, interleaved in one process
 
 Where LoRA saves memory: full fine-tuning holds the weights, their gradients and AdamW's two moments
 (4 copies of every parameter, 16 bytes each in fp32); LoRA holds the frozen weights once plus the
@@ -17,11 +22,26 @@ four copies of its ~1-2% of trainable numbers. Activations are the same in both.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import resource
 import subprocess
 import sys
 import time
+
+
+def resident_kib(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (the peak since the last reset_peak) in KiB, from /proc/self/status."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status (the memory figures need Linux)")
+
+
+def reset_peak() -> None:
+    """Set VmHWM to the memory resident now (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def measure(shape: str, method: str, steps: int, tokens: int) -> dict:
@@ -36,11 +56,16 @@ def measure(shape: str, method: str, steps: int, tokens: int) -> dict:
     from dozero.train.optim import make_optimizer
     from dozero.train.step import Stepper
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_rss = resident_kib("VmRSS") * 1024
     torch.manual_seed(0)
     cfg = dataclasses.replace(get_model_config(shape), context_length=max(tokens, 64))
     model = GPTModel(cfg)
-    if method == "lora":
+    base_parameters = model.num_parameters()
+    if method.startswith("qlora-"):
+        from dozero.finetune.sft import quantize_base
+
+        quantize_base(model, method.removeprefix("qlora-"))
+    if method != "full":
         apply_lora(model, LoRAConfig())
     train_cfg = TrainConfig(micro_batch_size=1, lr=1e-4, warmup_steps=0)
     device = torch.device("cpu")
@@ -53,15 +78,16 @@ def measure(shape: str, method: str, steps: int, tokens: int) -> dict:
 
     stepper = Stepper(model, model, optimizer, Random(), train_cfg, 1, device, torch.float32)
     stepper(0)  # the first step allocates AdamW's moments
+    reset_peak()
     start = time.perf_counter()
     for i in range(steps):
         stepper(i + 1)
     seconds = (time.perf_counter() - start) / steps
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = resident_kib("VmHWM") * 1024
     return {
         "shape": shape,
         "method": method,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": base_parameters + (trainable_parameters(model) if method != "full" else 0),
         "trainable": trainable_parameters(model),
         "peak_mib": (peak - base_rss) / 2**20,
         "step_s": seconds,
@@ -140,6 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step (default: 5)")
     p.add_argument("--tokens", type=int, default=256, help="tokens in the sequence of each step (default: 256)")
     p.add_argument("--one", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)  # the child process
+    p.add_argument("--methods", default="full,lora,qlora-int8,qlora-int4", help="full, lora, qlora-int8, qlora-int4")
     p.add_argument("--packing", action="store_true", help="measure padded vs packed batches instead")
     p.add_argument("--lengths", default="20-80,20-400", help="--packing: conversation lengths lo-hi, comma-separated")
     p.add_argument("--batch", type=int, default=8, help="--packing: conversations per batch (default: 8)")
@@ -156,19 +183,17 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for shape in args.shapes.split(","):
-        for method in ("full", "lora"):
+        for method in args.methods.split(","):
             child = [sys.executable, __file__, "--one", shape, method, "--steps", str(args.steps)]
             out = subprocess.run(child + ["--tokens", str(args.tokens)], capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{args.tokens} tokens per step, float32, {args.steps} timed steps\n")
-    print(f"{'shape':<14}{'method':<7}{'trainable':>14}{'of':>14}{'peak MiB':>11}{'step s':>9}")
+    print(f"{'shape':<18}{'method':<12}{'trainable':>14}{'of':>14}{'peak MiB':>11}{'step s':>9}  vs the first method")
     for r in rows:
-        print(f"{r['shape']:<14}{r['method']:<7}{r['trainable']:>14,}{r['parameters']:>14,}"
-              f"{r['peak_mib']:>11,.0f}{r['step_s']:>9.2f}")  # fmt: skip
-    for shape in args.shapes.split(","):
-        full, lora = (next(r for r in rows if r["shape"] == shape and r["method"] == m) for m in ("full", "lora"))
-        print(f"{shape}: LoRA uses {lora['peak_mib'] / full['peak_mib']:.0%} of full fine-tuning's memory, "
-              f"{full['step_s'] / lora['step_s']:.2f}x its speed")  # fmt: skip
+        first = next(f for f in rows if f["shape"] == r["shape"])
+        print(f"{r['shape']:<18}{r['method']:<12}{r['trainable']:>14,}{r['parameters']:>14,}"
+              f"{r['peak_mib']:>11,.0f}{r['step_s']:>9.2f}  memory {r['peak_mib'] / first['peak_mib']:.0%}, "
+              f"speed {first['step_s'] / r['step_s']:.2f}x")  # fmt: skip
     return 0
 
 
