@@ -158,9 +158,12 @@ def score_batch(model, head, batch, device) -> list[tuple[int, float, bool]]:
             requests.append(index)
     targets_t = torch.tensor(targets, device=device)  # (N,)
     owner_t = torch.tensor(owner, device=device)  # (N,)
-    logprobs = head(hidden[rows, cols]).float().log_softmax(-1)  # (N, V)
-    picked = logprobs.gather(1, targets_t[:, None])[:, 0]  # (N,)
-    missed = (logprobs.argmax(-1) != targets_t).float()  # (N,) 1 where the target was not the top token
+    logits = head(hidden[rows, cols]).float()  # (N, V)
+    target_logits = logits.gather(1, targets_t[:, None])[:, 0]  # (N,)
+    # log_softmax at the targets only: two reductions over (N, V) instead of writing an (N, V) log_softmax
+    # and reading it twice (gather, argmax); 0.4 GB for 500 HellaSwag questions with GPT-2's vocabulary.
+    picked = target_logits - logits.logsumexp(-1)  # (N,)
+    missed = (target_logits < logits.amax(-1)).float()  # (N,) 1 where the target was not the top token
     sums = torch.zeros(len(requests), device=device).index_add_(0, owner_t, picked).tolist()
     misses = torch.zeros(len(requests), device=device).index_add_(0, owner_t, missed).tolist()
     return [(i, lp, m == 0) for i, lp, m in zip(requests, sums, misses, strict=True)]
