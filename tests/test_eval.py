@@ -190,7 +190,12 @@ def test_cli_writes_report_card_and_compares(tiny_run, tmp_path, capsys):
     assert ppl["metrics"]["perplexity"]["score"] > 1000  # a random model: about vocab-sized
     assert "| arc_easy | acc_norm |" in out and "comparable across tokenizers" in out
     arc = report["results"][2]
-    assert arc["n"] == 4 and arc["truncated"] > 0  # 32-token context: questions are cut from the left
+    # 32-token context: a (question, choice) pair longer than 33 tokens (32 read, 1 predicted) is cut from the left
+    pairs = [p for ex, _ in tasks.load_examples(tasks.get_task("arc_easy"), 4) for p in tasks.build_prompts(ex, [])]
+    too_long = sum(len(gpt2().encode(c + x)) > 33 for c, x in pairs)
+    assert arc["n"] == 4 and arc["truncated"] == too_long > 0
+    cut = sum(r.get("truncated", 0) for r in report["results"])
+    assert f"{cut} prompts were longer than the model's context and were cut from the left." in out
     assert len(arc["samples"]) == 4 and len(arc["samples"][0]["logprobs"]) == len(arc["samples"][0]["choices"])
 
     chart = tmp_path / "c.png"
