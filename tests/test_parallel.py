@@ -183,7 +183,7 @@ from dozero.train.config import TrainConfig
 from dozero.train.optim import make_optimizer
 device = torch.device("cpu")
 runtime.init_distributed(device)
-for strategy in ("ddp", "fsdp", "zero2"):
+for strategy in ("ddp", "fsdp", "zero2", "tp"):
     cfg = TrainConfig(parallel=strategy)
     model = GPTModel(get_model_config("shakespeare-char"))
     optimizer = make_optimizer(model, cfg, device)
@@ -206,7 +206,7 @@ def test_fsdp_holds_half_the_weights_and_moments_per_rank():
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    held = {line.split()[0]: int(line.split()[1]) for line in done.stdout.splitlines() if line[:1] in "dfz"}
+    held = {line.split()[0]: int(line.split()[1]) for line in done.stdout.splitlines() if line[:1] in "dfzt"}
     # shakespeare-char: 0.81M parameters x (4 bytes weight + 8 bytes AdamW moments) = 9.7 MB under DDP;
     # measured 4.85 MB per rank under FSDP and zero2 (0.500x: the shards split dim 0 evenly).
     assert held["ddp"] == pytest.approx(
@@ -214,11 +214,17 @@ def test_fsdp_holds_half_the_weights_and_moments_per_rank():
     )
     assert held["fsdp"] == pytest.approx(held["ddp"] / 2, rel=0.01)
     assert held["zero2"] == held["fsdp"]
+    # tp: each block's 4 matrices halved, the rest whole: measured 4.97 MB per rank (0.512x of DDP).
+    # (The row-split layers' biases are added after their all-reduce: whole on every rank.)
+    parts = ("att.qkv.", "att.out_proj.weight", "ff.fc.", "ff.proj.weight")
+    model = GPTModel(get_model_config("shakespeare-char"))
+    split = sum(p.numel() for name, p in model.named_parameters() if any(f".{part}" in name for part in parts))
+    assert held["tp"] == pytest.approx(held["ddp"] - 12 * split / 2, rel=1e-3)
 
 
 def test_memory_per_strategy_follows_the_sharding_arithmetic(capsys):
     from dozero.cli import main
-    from dozero.model.info import STRATEGIES, parameter_breakdown, strategy_memory, suggest_strategy
+    from dozero.model.info import STRATEGIES, parameter_breakdown, strategy_advice, strategy_memory, suggest_strategy
 
     cfg = get_model_config("gpt2")
     N = parameter_breakdown(cfg)["total"]
@@ -227,13 +233,23 @@ def test_memory_per_strategy_follows_the_sharding_arithmetic(capsys):
     for strategy in ("zero2", "fsdp", "fsdp+ac"):
         assert at[2][strategy] - at[4][strategy] == pytest.approx(4 * N, abs=2)
     assert at[2]["ddp"] == at[4]["ddp"]
-    assert [at[2][s] for s in STRATEGIES] == sorted((at[2][s] for s in STRATEGIES), reverse=True)
+    data_parallel = STRATEGIES[:4]
+    assert [at[2][s] for s in data_parallel] == sorted((at[2][s] for s in data_parallel), reverse=True)
+    # tp: the 4 matrices of each block split (16 bytes + 2 for autocast's copy per parameter); 2 -> 4 saves a quarter.
+    matrices = cfg.n_layers * (4 * cfg.emb_dim**2 + 2 * cfg.emb_dim * cfg.hidden_dim)
+    assert at[2]["tp"] - at[4]["tp"] > 18 * matrices / 4
+    assert strategy_memory(cfg, 4, 1)["tp"] == at[2]["ddp"]
     assert suggest_strategy(cfg, 4, 2, memory=at[2]["ddp"]) == "ddp"
     assert suggest_strategy(cfg, 4, 2, memory=at[2]["fsdp"]) == "fsdp"
     assert suggest_strategy(cfg, 4, 2, memory=1000) is None
+    gpt2_xl = get_model_config("gpt2-xl")
+    assert strategy_advice(gpt2_xl, 4, 24 * 1024**3) == (
+        "24.00 GiB per GPU: 1 GPU: does not fit, lower the batch · 2 GPUs: fsdp --activation-checkpointing"
+        " · 4 GPUs: fsdp · 8 GPUs: fsdp"
+    )
     assert main(["model", "info", "gpt2", "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
-    assert "fsdp+ac" in out and "8 GPUs" in out
+    assert "fsdp+ac" in out and "8 GPUs" in out and "80.00 GiB per GPU: 1 GPU: one process · 2 GPUs: ddp" in out
 
 
 def test_checkpointed_activation_estimate_matches_what_autograd_keeps():

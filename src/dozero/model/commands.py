@@ -147,7 +147,7 @@ def _positive(value: int | None, flag: str) -> None:
 
 def _print_strategies(cfg, batch_size: int, context_length: int | None) -> None:
     """Training memory per device, bf16 mixed, for each --parallel strategy and number of GPUs."""
-    from dozero.model.info import STRATEGIES, human_bytes, strategy_memory
+    from dozero.model.info import STRATEGIES, human_bytes, strategy_advice, strategy_memory
 
     worlds = (1, 2, 4, 8)
     table = {w: strategy_memory(cfg, batch_size, w, context_length=context_length) for w in worlds}
@@ -157,7 +157,10 @@ def _print_strategies(cfg, batch_size: int, context_length: int | None) -> None:
     )
     for strategy in STRATEGIES:
         print(f"  {strategy:<26}" + "".join(f"{human_bytes(table[w][strategy]):>12}" for w in worlds))
-    print("--parallel ddp|zero2|fsdp, +ac: --activation-checkpointing (docs: scaling.md); batch is per GPU.")
+    print("--parallel ddp|zero2|fsdp|tp, +ac: --activation-checkpointing (docs: scaling.md); batch is per GPU.")
+    print("which to use (the first that fits, 15% spare):")
+    for gib in (24, 80):
+        print("  " + strategy_advice(cfg, batch_size, gib * 1024**3))
 
 
 def run_info(args) -> int:

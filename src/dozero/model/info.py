@@ -127,9 +127,9 @@ def memory_estimate(cfg: ModelConfig, batch_size: int, context_length: int | Non
     return out
 
 
-STRATEGIES = ("ddp", "zero2", "fsdp", "fsdp+ac")
-"""Ways to spread training over processes (dozero train --parallel, --activation-checkpointing), least
-memory last."""
+STRATEGIES = ("ddp", "zero2", "fsdp", "fsdp+ac", "tp")
+"""Ways to spread training over processes (dozero train --parallel, --activation-checkpointing): the
+data-parallel ones first, least memory last; then tensor parallelism."""
 
 
 def strategy_memory(
@@ -146,6 +146,10 @@ def strategy_memory(
                (the one running, the next one prefetched) are whole at a time; all activations.
       fsdp+ac  fsdp with activation checkpointing: each block keeps its input (B, T, C) in fp32, and
                one block's activations exist at a time while it is recomputed.
+      tp       tensor parallelism over all `world_size` devices: the four matrices of each block split
+               (their 16 bytes/parameter and the activations between them: q, k, v, the attention
+               output, the feed-forward's hidden ones), the rest whole on every device (Korthikanti
+               et al. 2022, section 4.2.1, without sequence parallelism).
     Same caveats as memory_estimate (plan for 10-20% more); communication buffers are not counted.
     """
     est, counts = memory_estimate(cfg, batch_size, context_length), parameter_breakdown(cfg)
@@ -160,12 +164,28 @@ def strategy_memory(
     )
     checkpointed = activations - (L - 1) * one_block + L * batch_size * T * cfg.emb_dim * 4
     gathered_two = (4 + cast) * (root + min(2, L) * block)
+    # The four matrices of every block, and the column-split ones' biases (the row-split ones' biases
+    # are added after the all-reduce: whole on every device).
+    split = L * (block - 2 * _norm_parameters(cfg) - 2 * cfg.emb_dim * int(cfg.bias))
+    split_activations = _split_activation_bytes(cfg, batch_size, T, precision)
     return {
         "ddp": row["training"],
         "zero2": int(sharded + (4 + cast) * N + activations),
         "fsdp": int(sharded + gathered_two + activations),
         "fsdp+ac": int(sharded + gathered_two + checkpointed),
+        "tp": int((16 + cast) * (N - split + split / W) + activations - split_activations * (W - 1) / W),
     }
+
+
+def _split_activation_bytes(cfg: ModelConfig, batch_size: int, context_length: int, precision: str) -> int:
+    """The part of `activation_bytes` that tensor parallelism splits over its devices: per layer the
+    qkv output (and RoPE's rotated q, k), the attention output, the feed-forward's hidden values and
+    one log-sum-exp per head; the norms' inputs and the residual stream stay whole."""
+    low = BYTES[precision]
+    feed_forward = (4 if cfg.ff == "swiglu" else 2) * cfg.hidden_dim
+    rotated = cfg.emb_dim + cfg.kv_heads * cfg.head_dim if cfg.pos_emb == "rope" else 0
+    per_layer = (_qkv_width(cfg) + rotated + cfg.emb_dim + feed_forward) * low + 4 * cfg.n_heads
+    return batch_size * context_length * cfg.n_layers * per_layer
 
 
 def _layers(cfg: ModelConfig, n_layers: int) -> ModelConfig:
@@ -179,8 +199,23 @@ def suggest_strategy(
 ) -> str | None:
     """The first strategy (least communication first) whose estimate fits in `memory` bytes per device, or None."""
     need = strategy_memory(cfg, batch_size, world_size, precision)
-    candidates = STRATEGIES if world_size > 1 else ("ddp",)
+    candidates = STRATEGIES[:4] if world_size > 1 else ("ddp",)
     return next((s for s in candidates if need[s] <= memory), None)
+
+
+def strategy_advice(cfg: ModelConfig, batch_size: int, memory: int, worlds=(1, 2, 4, 8)) -> str:
+    """One line: for each number of devices of `memory` bytes (15% kept spare for the framework), the
+    --parallel to use (`suggest_strategy`), or that none fits."""
+    budget = int(memory * 0.85)
+    picks = []
+    for world in worlds:
+        pick = suggest_strategy(cfg, batch_size, world, budget)
+        if pick == "ddp" and world == 1:
+            pick = "one process"
+        elif pick == "fsdp+ac":
+            pick = "fsdp --activation-checkpointing"
+        picks.append(f"{world} GPU{'s' if world > 1 else ''}: {pick or 'does not fit, lower the batch'}")
+    return f"{human_bytes(memory)} per GPU: " + " · ".join(picks)
 
 
 class LayerRow(NamedTuple):
