@@ -59,6 +59,8 @@ def wait_until_idle(engine, timeout: float = 30) -> None:
         with engine._wake:
             idle = not engine._incoming and not engine.scheduler.has_work()
         if idle and engine.pool.num_free == engine.pool.num_blocks:
+            engine.pool.check([])  # no sequence left: every block free, no users counted
+            assert engine.metrics.counters["kv_accounting_errors_total"] == 0
             return
         time.sleep(0.02)
     raise AssertionError(f"KV blocks not returned: {engine.pool.num_free} of {engine.pool.num_blocks} free")

@@ -151,9 +151,37 @@ def test_block_pool_hands_out_and_takes_back():
     table = pool.allocate(33)  # 3 blocks
     assert table == [0, 1, 2] and pool.num_free == 1
     assert not pool.can_allocate(17) and pool.can_allocate(16)
+    pool.check([table])
     pool.release(table)
     pool.release(table)  # a second release gives nothing back twice
     assert pool.num_free == 4 and table == []
+    pool.check([])
+
+
+def test_block_accounting_check_catches_leaks_and_double_use(tokenizer):
+    pool = BlockPool(num_blocks=4, block_size=16)
+    a, b = pool.allocate(20), pool.allocate(10)  # blocks [0, 1] and [2]
+    pool.check([a, b])
+    with pytest.raises(AssertionError, match="KV block 2: 1 users counted, held by 0"):
+        pool.check([a])  # a sequence forgot to give its block back
+    with pytest.raises(AssertionError, match="KV block 0: 1 users counted, held by 2"):
+        pool.check([a, b, [0]])  # one block in two tables with one user counted
+    pool.free.append(0)
+    with pytest.raises(AssertionError, match="1 times on the free list"):
+        pool.check([a, b])  # held and free at once
+    # The engine checks the books each time it falls idle, and counts a mismatch in /metrics.
+    engine = run_engine(small_model(), tokenizer)
+    try:
+        engine.generate_text("Hello", GenerationConfig(temperature=0, max_new_tokens=3))
+        engine.pool.users[5] = 1  # a block counted as held that no sequence holds
+        engine.generate_text("Hello", GenerationConfig(temperature=0, max_new_tokens=3))
+        for _ in range(200):
+            if engine.metrics.counters["kv_accounting_errors_total"]:
+                break
+            threading.Event().wait(0.02)
+        assert engine.metrics.counters["kv_accounting_errors_total"] == 1
+    finally:
+        engine.close()
 
 
 def test_a_small_pool_preempts_and_the_text_is_unchanged(tokenizer):

@@ -21,7 +21,7 @@ sequence ended. Pure Python: the tensors live in `runner.PagedKVCache`.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -100,6 +100,20 @@ class BlockPool:
             if self.users[b] == 0:
                 self.free.append(b)
         table.clear()
+
+    def check(self, tables: list[list[int]]) -> None:
+        """Assert that the books balance, given the block tables of every sequence holding blocks: each
+        block is either free (no users, on the free list exactly once) or counts exactly the tables
+        that hold it. A leak (a block nobody holds and nobody can take) or a block handed out twice
+        fails here. O(num_blocks): the engine runs it whenever it falls idle."""
+        held = Counter(b for table in tables for b in table)
+        on_list = Counter(self.free)
+        for b in range(self.num_blocks):
+            if self.users[b] != held[b] or on_list[b] != (held[b] == 0):
+                raise AssertionError(
+                    f"KV block {b}: {self.users[b]} users counted, held by {held[b]} sequences, "
+                    f"{on_list[b]} times on the free list"
+                )
 
     def _take_free(self) -> int:
         b = self.free.popleft()

@@ -122,6 +122,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
+                if not (self._stopping or self._incoming or self.scheduler.has_work()):
+                    self._check_blocks()  # idle: every block must be back in the pool
                 while not (self._stopping or self._incoming or self.scheduler.has_work()):
                     self._wake.wait()
                 if self._stopping:
@@ -166,6 +168,15 @@ class Engine:
             log.exception("engine step failed")
             for seq in [*decode, *(s for s, _ in prefill)]:
                 self._end(seq, "error")
+
+    def _check_blocks(self) -> None:
+        """The pool's accounting against the sequences that hold blocks; a mismatch is logged and
+        counted in /metrics (a bug: the server keeps serving, but it should be reported)."""
+        try:
+            self.pool.check([s.block_table for s in (*self.scheduler.waiting, *self.scheduler.running)])
+        except AssertionError:
+            log.exception("KV-cache block accounting is off")
+            self.metrics.add("kv_accounting_errors_total")
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         n = min(self.tokenizer.vocab_size, logits.shape[-1])  # padded model rows are never drawn

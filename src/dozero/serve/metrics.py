@@ -40,6 +40,7 @@ class Metrics:
         "rejected_total": "Requests refused because the queue was full",
         "prompt_tokens_cached_total": "Prompt tokens found in shared KV blocks instead of computed",
         "preemptions_total": "Sequences preempted when the KV pool ran dry (read again later)",
+        "kv_accounting_errors_total": "Times the KV pool's books did not balance when the engine fell idle (a bug)",
     }
     HISTOGRAMS = {
         "time_to_first_token_seconds": "From arrival to the first generated token",
