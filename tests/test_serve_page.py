@@ -1,5 +1,6 @@
 """The web chat page at /, driven in the system Chromium by Playwright: a message gets the streamed
-greedy answer `dozero generate` gives, and Stop ends a long answer and frees its sequence."""
+greedy answer `dozero generate` gives for the page's system prompt and temperature, and Stop ends a
+long answer and frees its sequence."""
 
 from __future__ import annotations
 
@@ -40,18 +41,21 @@ def test_chat_page_streams_an_answer_and_stops_a_long_one(browser, tmp_path):
     engine = Engine(model, tokenizer, ServeConfig(kv_cache_mb=16))
     step = engine.step
     engine.step = lambda: (time.sleep(0.01), step())  # slow decoding a little, so Stop lands mid-answer
+    prompts, submit = [], engine.submit
+    engine.submit = lambda ids, *rest: prompts.append(tokenizer.decode(ids)) or submit(ids, *rest)
     server = ServerThread(create_app(engine, "tiny"))
     try:
         page = browser.new_page(viewport={"width": 900, "height": 560})
         page.goto(server.url + "/")
         page.wait_for_function("document.getElementById('model').textContent === 'tiny'", timeout=20_000)
+        page.fill("#system", "You answer in rhymes.")  # the page's own system prompt, sent with each message
         page.fill("#temperature", "0")
         page.fill("#max_tokens", "20")
         page.fill("#input", "Hello there")
         page.press("#input", "Enter")
         page.wait_for_selector(".assistant[data-done]", timeout=60_000)
         messages = [
-            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "system", "content": "You answer in rhymes."},
             {"role": "user", "content": "Hello there"},
         ]
         text, stops = chat_prompt(tokenizer, messages)
@@ -68,6 +72,8 @@ def test_chat_page_streams_an_answer_and_stops_a_long_one(browser, tmp_path):
             timeout=60_000,
         )
         page.click("#stop")
+        # The page keeps the conversation: the second request carries the first exchange.
+        assert prompts[1].startswith(text + expected) and "Tell me a long story" in prompts[1]
         page.wait_for_selector(".assistant:nth-of-type(4)[data-done]", timeout=30_000)
         assert page.is_enabled("#send") and not page.is_enabled("#stop")
         wait_until_idle(engine)  # the stopped answer's sequence was cancelled and its blocks freed
