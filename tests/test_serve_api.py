@@ -187,3 +187,41 @@ def test_a_vocabulary_without_chatml_characters_gets_a_plain_script():
     text, stops = chat_prompt(shakespeare, messages)
     assert (text, stops) == ("Speak well.\n\nUser: Hi!\nAssistant:", ("\nUser:",))
     shakespeare.encode(text)  # every character is in the vocabulary
+
+
+def test_a_backlog_goes_out_as_one_chunk_per_choice_and_events_wake_the_loop_once():
+    """A stream that fell behind sends its queued text as one chunk (then the finish chunk, [DONE]);
+    the engine thread's events of one step reach the loop in one wake-up."""
+    import asyncio
+    import threading
+
+    from dozero.serve.app import emitter, stream_events
+    from dozero.serve.sequence import Event
+
+    class Seq:
+        def cancel(self):
+            pass
+
+    async def main():
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        wakeups, call_soon = [], loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: wakeups.append(a) or call_soon(*a)
+        emits = [emitter(loop, events, 0), emitter(loop, events, 1)]
+
+        def engine_step():  # three tokens of choice 0, one of choice 1, then both end
+            for i, text in ((0, "Hel"), (0, "lo"), (1, "Hi"), (0, "!"), (0, ""), (1, "")):
+                emits[i](Event(text, None if text else "length", 1, 3 - 2 * i))
+
+        thread = threading.Thread(target=engine_step)
+        thread.start()
+        thread.join()
+        head = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": NAME}
+        return wakeups, [c async for c in stream_events([Seq(), Seq()], events, head, 2, True)]
+
+    wakeups, chunks = asyncio.run(main())
+    assert len(wakeups) == 1
+    lines = [json.loads(line[6:]) for line in "".join(chunks[:-1]).split("\n\n") if line]
+    got = [(c["choices"][0]["index"], c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in lines[:-1]]
+    assert got == [(0, "Hello!", None), (0, "", "length"), (1, "Hi", None), (1, "", "length")]
+    assert lines[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
+    assert chunks[-1] == "data: [DONE]\n\n"

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -174,13 +176,52 @@ def settings(engine: Engine, body: Sampling, ids: list[list[int]], stops: tuple[
     )
 
 
+class Mailbox:
+    """The engine thread's way into one event loop. A step emits an event per running sequence; they
+    wait here, and the loop is woken once to hand them all to their requests' queues (one wake-up per
+    step instead of one per event, which the engine thread pays for under the GIL)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.items = loop, threading.Lock(), []
+
+    def put(self, events: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.items.append((events, item))
+            if len(self.items) > 1:
+                return  # a delivery is already on its way and will take this one too
+        try:
+            self.loop.call_soon_threadsafe(self.deliver)
+        except RuntimeError:  # the loop is closed: nobody reads these; the engine cancels the sequence
+            with self.lock:
+                self.items.clear()
+            raise
+
+    def deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for events, item in items:
+            events.put_nowait(item)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def emitter(loop, events: asyncio.Queue, choice: int):
-    """The engine thread's way into this event loop: (choice, event) onto `events`."""
+    """What the engine calls with each event of one choice: (choice, event) onto `events`, via the loop's mailbox."""
+    mailbox = _MAILBOXES.get(loop) or _MAILBOXES.setdefault(loop, Mailbox(loop))
 
     def emit(event):
-        loop.call_soon_threadsafe(events.put_nowait, (choice, event))
+        mailbox.put(events, (choice, event))
 
     return emit
+
+
+def drain(events: asyncio.Queue, first) -> list:
+    """`first` and whatever else is already queued: a client that fell behind gets its backlog at once."""
+    batch = [first]
+    while not events.empty():
+        batch.append(events.get_nowait())
+    return batch
 
 
 async def answer(engine, request, body: Sampling, ids, extra_stops, kind: str, model_name: str):
@@ -267,17 +308,25 @@ async def stream_events(seqs, events, head, prompt_tokens, include_usage):
         if chat:
             for i in range(len(seqs)):
                 yield chunk(i, role=True)
-        while done < len(seqs):
-            choice, event = await events.get()
-            if event.text:
-                yield chunk(choice, event.text)
-            if event.finish_reason in ("cancelled", "error"):
-                yield f"data: {json.dumps(CANCELLED.body())}\n\n"
-                break
-            if event.finish_reason:
-                done, completion_tokens = done + 1, completion_tokens + event.completion_tokens
-                yield chunk(choice, finish=event.finish_reason)
-        else:
+        failed = False
+        while done < len(seqs) and not failed:
+            # Text that piled up while this stream waited for the loop goes out as one chunk per choice.
+            out, texts = [], {}
+            for choice, event in drain(events, await events.get()):
+                texts[choice] = texts.get(choice, "") + event.text
+                if event.finish_reason and texts[choice]:
+                    out.append(chunk(choice, texts.pop(choice)))
+                if event.finish_reason in ("cancelled", "error"):
+                    out.append(f"data: {json.dumps(CANCELLED.body())}\n\n")
+                    failed = True
+                    break
+                if event.finish_reason:
+                    done, completion_tokens = done + 1, completion_tokens + event.completion_tokens
+                    out.append(chunk(choice, finish=event.finish_reason))
+            if not failed:
+                out += [chunk(choice, text) for choice, text in texts.items() if text]
+            yield "".join(out)
+        if not failed:
             if include_usage:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                          "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
