@@ -13,7 +13,7 @@ from dozero.config import ModelConfig
 from dozero.errors import DozeroError
 from dozero.generate import generate, stream
 from dozero.generate.engine import BatchState, GenerationConfig, generate_ids, generation_mode
-from dozero.generate.layout import DecodingLinear, use_decoding_layout
+from dozero.generate.layout import DecodingBlock, DecodingLinear, use_decoding_layout
 from dozero.model.gpt import GPTModel
 from dozero.tokenizer import CharTokenizer
 
@@ -293,6 +293,63 @@ def test_decode_step_traces_as_one_graph(char_model, monkeypatch):
     config = GenerationConfig(max_new_tokens=6, stop_at_eot=False, **GREEDY)
     expected = generate_ids(model, [[5, 6, 7]], config)
     assert generate_ids(model, [[5, 6, 7]], GenerationConfig(**{**config.__dict__, "compile": True})) == expected
+
+
+LLAMA_GQA = {"norm": "rmsnorm", "pos_emb": "rope", "ff": "swiglu", "bias": False, "n_kv_heads": 2, "qkv_bias": False}
+
+
+@pytest.mark.parametrize("options", [{}, LLAMA_GQA], ids=["gpt2", "llama-gqa"])
+def test_decoding_block_equals_the_block_in_a_padded_batch(options, monkeypatch):
+    """`use_decoding_layout` turns every block into a `DecodingBlock`, whose one-token path (its own
+    attention over the cache, queries and keys rotated together) gives the logits of the model's own
+    block at every step of a left-padded batch, and never calls the fused attention kernel."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, **options)
+    model = GPTModel(cfg).eval()
+    laid_out = copy.deepcopy(model)
+    use_decoding_layout(laid_out)
+    assert all(type(block) is DecodingBlock for block in laid_out.trf_blocks)
+    assert laid_out.state_dict().keys() == model.state_dict().keys()
+    prompts, new = [[5, 6, 7, 8, 9], [3], [40, 41]], torch.randint(0, 97, (3, 8))
+    logits = {}
+    fused_calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: fused_calls.append(1) or real_sdpa(*a, **k)
+    )
+    with torch.inference_mode():
+        for name, m in (("block", model), ("decoding", laid_out)):
+            state = BatchState(m, prompts, cache_len=5 + 8)
+            steps = [state.prefill()]
+            fused_calls.clear()
+            steps += [state.decode_one_token(new[:, i]) for i in range(new.shape[1])]
+            logits[name] = torch.stack(steps)  # (steps, B, V)
+            m.clear_kv_cache()
+            assert len(fused_calls) == (cfg.n_layers * new.shape[1] if name == "block" else 0)
+    torch.testing.assert_close(logits["decoding"], logits["block"], atol=1e-5, rtol=0)
+
+
+def test_compiled_decoding_rounds_the_cache_to_few_lengths(char_model, monkeypatch):
+    """compile=True specializes the step to the cache's length; calls of other prompt and output lengths
+    get a cache rounded up to COMPILED_CACHE_STEP slots (at most the context), so they share one compiled
+    step instead of compiling again (minutes at 135M)."""
+    from dozero.generate import engine
+
+    lengths = []
+
+    def step(*args):
+        lengths.append(args[-1].numel())  # slots (S,): the cache length the step was specialized to
+        return engine.decode_step_full_cache(*args)
+
+    monkeypatch.setattr(engine, "compiled_decode_step", lambda device_type: step)
+    monkeypatch.setattr(engine, "COMPILED_CACHE_STEP", 16)
+    config = GenerationConfig(stop_at_eot=False, compile=True, **GREEDY)
+    for prompt, new_tokens in (([1, 2, 3], 5), ([4] * 10, 3), ([5] * 7, 9)):
+        generate_ids(char_model, [prompt], GenerationConfig(**{**config.__dict__, "max_new_tokens": new_tokens}))
+    assert set(lengths) == {16}
+    lengths.clear()
+    generate_ids(char_model, [[1] * 20], GenerationConfig(**{**config.__dict__, "max_new_tokens": 5}))
+    assert set(lengths) == {32}  # 25 slots round up to 32, the context
 
 
 def test_changed_weights_are_seen_by_the_next_generation():
