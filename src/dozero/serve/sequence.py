@@ -31,7 +31,7 @@ class Event:
     completion_tokens: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # a sequence is itself: `seq in running` compares identities, not every field
 class Sequence:
     prompt: list[int]
     config: GenerationConfig
