@@ -220,43 +220,55 @@ def bench_lock(path: str | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def compare(name: str, pair, args, root: Path) -> dict:
-    """Score the questions chunk by chunk on every side; print each chunk and the totals."""
-    device = torch.device(args.device)
-    sides = {"dozero": Dozero(pair[0], args.limit, device, args.batch_tokens).run}
-    if args.kv_cache:
-        sides["dozero-kv"] = lambda docs, run=sides["dozero"]: run(docs, kv_cache=True)
-    if not args.lm_eval_off:
-        lm_eval = LmEval(pair[1], args.limit, device, args.batch_size, root / f"lm-eval-{name}")
-        sides["lm-eval"] = lm_eval.run
-        print(f"{name}: lm-eval's model is {type(lm_eval.lm.model).__name__} in {lm_eval.lm.model.dtype}")
-    seconds = {side: [] for side in sides}
-    picks: dict[str, list[int]] = {side: [] for side in sides}
-    for k, first in enumerate(range(0, args.limit, args.chunk)):
-        docs = range(first, min(first + args.chunk, args.limit))
-        order = list(sides) if k % 2 == 0 else list(reversed(sides))
-        with bench_lock(args.lock):
-            load = os.getloadavg()[0]
-            for side in order:
-                s, p = sides[side](docs)
-                seconds[side].append(s)
-                picks[side] += p
-        rates = "  ".join(f"{side} {len(docs) / seconds[side][-1]:6.2f}/s" for side in sides)
-        ratio = f"  ratio {seconds['lm-eval'][-1] / seconds['dozero'][-1]:5.2f}x" if "lm-eval" in sides else ""
-        print(f"{name} items {docs.start:>4}-{docs.stop:<4} load {load:4.1f}  {rates}{ratio}", flush=True)
-    summary = {"model": name, "items": args.limit, "chunks": len(seconds["dozero"])}
-    for side in sides:
-        summary[f"{side} items/s"] = args.limit / sum(seconds[side])
-    for side in sides:
-        if side != "dozero":
-            same = sum(a == b for a, b in zip(picks["dozero"], picks[side], strict=True))
-            summary[f"same picks dozero/{side}"] = f"{same}/{args.limit}"
-    if "lm-eval" in sides:
-        ratios = [t / o for o, t in zip(seconds["dozero"], seconds["lm-eval"], strict=True)]
-        summary["ratio (total times)"] = sum(seconds["lm-eval"]) / sum(seconds["dozero"])
-        summary["chunk ratios median"] = statistics.median(ratios)
-        summary["chunk ratios range"] = (min(ratios), max(ratios))
-    return summary
+class Comparison:
+    """One model's sides (dozero, and lm-eval and the KV-cache schedule when asked), timed chunk by chunk."""
+
+    def __init__(self, name: str, pair, args, root: Path):
+        device = torch.device(args.device)
+        self.name, self.limit = name, args.limit
+        self.sides = {"dozero": Dozero(pair[0], args.limit, device, args.batch_tokens).run}
+        if args.kv_cache:
+            self.sides["dozero-kv"] = lambda docs, run=self.sides["dozero"]: run(docs, kv_cache=True)
+        if not args.lm_eval_off:
+            lm_eval = LmEval(pair[1], args.limit, device, args.batch_size, root / f"lm-eval-{name}")
+            self.sides["lm-eval"] = lm_eval.run
+            print(f"{name}: lm-eval's model is {type(lm_eval.lm.model).__name__} in {lm_eval.lm.model.dtype}")
+        self.seconds: dict[str, list[float]] = {side: [] for side in self.sides}
+        self.picks: dict[str, list[int]] = {side: [] for side in self.sides}
+
+    def chunk(self, docs: range, swap: bool) -> None:
+        """Every side on `docs` (in reverse order when `swap`), and one line saying how each did."""
+        load = os.getloadavg()[0]
+        for side in reversed(self.sides) if swap else self.sides:
+            s, p = self.sides[side](docs)
+            self.seconds[side].append(s)
+            self.picks[side] += p
+        line = [f"{self.name} items {docs.start:>4}-{docs.stop:<4} load {load:4.1f}"]
+        for side in self.sides:
+            line.append(f"{side} {self.seconds[side][-1]:6.1f} s {len(docs) / self.seconds[side][-1]:5.2f}/s")
+            if side != "dozero":
+                ours, theirs = self.picks["dozero"][-len(docs) :], self.picks[side][-len(docs) :]
+                same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+                line[-1] += f" same {same}"
+        if "lm-eval" in self.sides:
+            line.append(f"ratio {self.seconds['lm-eval'][-1] / self.seconds['dozero'][-1]:5.2f}x")
+        print("  ".join(line), flush=True)
+
+    def summary(self) -> dict:
+        seconds, picks = self.seconds, self.picks
+        summary = {"model": self.name, "items": len(picks["dozero"]), "chunks": len(seconds["dozero"])}
+        for side in self.sides:
+            summary[f"{side} items/s"] = len(picks[side]) / sum(seconds[side])
+        for side in self.sides:
+            if side != "dozero":
+                same = sum(a == b for a, b in zip(picks["dozero"], picks[side], strict=True))
+                summary[f"same picks dozero/{side}"] = f"{same}/{len(picks[side])}"
+        if "lm-eval" in self.sides:
+            ratios = [t / o for o, t in zip(seconds["dozero"], seconds["lm-eval"], strict=True)]
+            summary["ratio (total times)"] = sum(seconds["lm-eval"]) / sum(seconds["dozero"])
+            summary["chunk ratios median"] = statistics.median(ratios)
+            summary["chunk ratios range"] = (min(ratios), max(ratios))
+        return summary
 
 
 def main() -> None:
@@ -275,15 +287,17 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"HellaSwag, first {args.limit} questions in chunks of {args.chunk}, {args.device}, ", end="")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M %Z')}")
-    summaries = []
     with tempfile.TemporaryDirectory() as root:
-        for name in args.models.split(","):
-            pair = model_pair(name.strip(), Path(root))
-            if pair is not None:
-                summaries.append(compare(name.strip(), pair, args, Path(root)))
-    for summary in summaries:
+        pairs = [(name.strip(), model_pair(name.strip(), Path(root))) for name in args.models.split(",")]
+        models = [Comparison(name, pair, args, Path(root)) for name, pair in pairs if pair is not None]
+        # chunk k of every model before chunk k + 1 of any: a run stopped early has measured each alike
+        for k, first in enumerate(range(0, args.limit, args.chunk)):
+            for model in models:
+                with bench_lock(args.lock):
+                    model.chunk(range(first, min(first + args.chunk, args.limit)), swap=k % 2 == 1)
+    for model in models:
         print()
-        for key, value in summary.items():
+        for key, value in model.summary().items():
             shown = f"{value:.2f}" if isinstance(value, float) else value
             if isinstance(value, tuple):
                 shown = f"{value[0]:.2f}-{value[1]:.2f}"
