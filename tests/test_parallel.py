@@ -267,3 +267,14 @@ def test_checkpointed_activation_estimate_matches_what_autograd_keeps():
     estimate = activation_bytes(cfg, 4, 64, "fp32") - 4 * one_block + 4 * (4 * 64 * 128 * 4)
     # Measured 1.156 MB vs 1.051 MB estimated (the loss here is a logsumexp, not the cross-entropy counted).
     assert estimate == pytest.approx(measured, rel=0.15)
+
+
+def test_doctor_names_the_parallel_strategy_for_this_machines_gpus():
+    from dozero.course.doctor import parallel_check
+
+    xl, gib = get_model_config("gpt2-xl"), 1024**3
+    assert parallel_check(xl, 4, 24 * gib, 1).value.startswith("nothing fits on 1 GPU of 24.00 GiB")
+    two = parallel_check(xl, 4, 24 * gib, 2).value
+    assert two.endswith("torchrun --nproc_per_node=2 -m dozero train --parallel fsdp --activation-checkpointing")
+    assert parallel_check(xl, 4, 24 * gib, 8).value.startswith("fsdp on 8 GPUs")
+    assert "no --parallel needed" in parallel_check(get_model_config("gpt2"), 4, 80 * gib, 1).value

@@ -88,6 +88,7 @@ _NOT_FOR_FINETUNE = (
     "eval_iters",
     "compile",
     "parallel",
+    "tp_size",
     "cpu_offload",
     "activation_checkpointing",
 )  # fmt: skip (fine-tuning runs one process or plain DDP)
