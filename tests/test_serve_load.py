@@ -105,41 +105,71 @@ def test_32_concurrent_streams_with_hangups_and_junk():
         engine.close()
 
 
+def start_serve(folder, *flags) -> tuple[subprocess.Popen, str]:
+    """A `dozero serve` process on a free port of 127.0.0.1, once it answers /health (bounded wait)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "dozero", "serve", "--model", str(folder), "--port", str(port), "--device", "cpu"]
+    proc = subprocess.Popen([*cmd, *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def stream_then_sigterm(proc, url: str, max_tokens: int) -> list[str]:
+    """Start a streaming request, send SIGTERM once its first event arrived; the stream's lines."""
+    events, started = [], threading.Event()
+
+    def client():
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "ignore_eos": True}  # fmt: skip
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line:
+                    events.append(line)
+                    started.set()
+
+    reader = threading.Thread(target=client)
+    reader.start()
+    assert started.wait(30)
+    proc.send_signal(signal.SIGTERM)
+    reader.join(timeout=60)
+    return events
+
+
 @pytest.mark.slow
 def test_sigterm_lets_in_flight_streams_finish_and_exits_0(tmp_path):
     torch.manual_seed(0)
     folder = save_model(small_model(context_length=256), tmp_path / "tiny", tokenizer=load_tokenizer("gpt2"))
-    port = free_port()
-    cmd = [sys.executable, "-m", "dozero", "serve", "--model", str(folder), "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen([*cmd, "--grace-seconds", "30"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_serve(folder, "--grace-seconds", "30")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        events, started = [], threading.Event()
-
-        def client():
-            body = {"model": "tiny", "prompt": "Hello", "max_tokens": 200, "temperature": 0, "stream": True}
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-                for line in r.iter_lines():
-                    if line:
-                        events.append(line)
-                        started.set()
-
-        reader = threading.Thread(target=client)
-        reader.start()
-        assert started.wait(30)
-        proc.send_signal(signal.SIGTERM)
-        reader.join(timeout=60)
+        events = stream_then_sigterm(proc, url, 200)
         assert proc.wait(timeout=60) == 0
         assert events[-1] == "data: [DONE]"
-        assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] in ("length", "stop")
+        assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_sigterm_cancels_what_outlasts_the_grace_period_and_exits_0(tmp_path):
+    """A 2,000-token answer cannot finish in a 1 s grace period: it is cancelled just before the end,
+    so its stream closes properly (an error event, then [DONE]) instead of being cut mid-body."""
+    torch.manual_seed(0)
+    folder = save_model(small_model(context_length=2048), tmp_path / "tiny", tokenizer=load_tokenizer("gpt2"))
+    proc, url = start_serve(folder, "--grace-seconds", "1", "--max-tokens", "2000")
+    try:
+        events = stream_then_sigterm(proc, url, 2000)
+        assert proc.wait(timeout=60) == 0
+        assert events[-1] == "data: [DONE]"
+        assert "cancelled" in json.loads(events[-2].removeprefix("data: "))["error"]["message"]
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)

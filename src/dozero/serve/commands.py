@@ -50,17 +50,31 @@ def register(subparsers) -> None:
 
 def graceful_server_class():
     import signal
+    import threading
 
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
         """uvicorn re-raises a caught SIGTERM once it has shut down, so the process dies of the signal;
-        a server that stopped as asked should exit 0 (what supervisors and `docker stop` expect)."""
+        a server that stopped as asked should exit 0 (what supervisors and `docker stop` expect).
+
+        `engine` (set after construction): its requests still running just before uvicorn's grace period
+        ends are cancelled, so their streams end with an error event and `data: [DONE]` instead of a
+        connection cut mid-body when uvicorn gives up on them."""
+
+        engine = None
 
         def handle_exit(self, sig, frame) -> None:
+            first = not self.should_exit
             super().handle_exit(sig, frame)
             if sig == signal.SIGTERM:
                 self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+            grace = self.config.timeout_graceful_shutdown
+            if first and self.engine is not None and grace is not None:
+                margin = min(0.5, grace / 2)  # time for the cancelled streams to send their last events
+                timer = threading.Timer(grace - margin, self.engine.cancel_all)
+                timer.daemon = True  # a server that finished early does not wait for it
+                timer.start()
 
     return GracefulServer
 
@@ -97,6 +111,7 @@ def run_serve(args) -> int:
             app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=config.grace_seconds
         )
     )
+    server.engine = engine
     print(f"serving {name} on http://{config.host}:{config.port}  ({engine.pool.num_blocks} KV blocks)", flush=True)
     try:
         server.run()  # returns after SIGINT/SIGTERM, once in-flight requests end or the grace period passes

@@ -60,7 +60,7 @@ class Engine:
         self.device = model.tok_emb.weight.device
         self._incoming: list[Sequence] = []
         self._wake = threading.Condition()
-        self._stopping = False
+        self._stopping = self._cancel_all = False
         self._thread = threading.Thread(target=self._loop, name="dozero-engine", daemon=True)
         self._thread.start()
 
@@ -100,6 +100,13 @@ class Engine:
             if event.finish_reason:
                 return text, event.finish_reason
 
+    def cancel_all(self) -> None:
+        """Cancel every queued and running request (they end as "cancelled" at the next step); the
+        engine goes on accepting. The server calls it when its shutdown grace period runs out."""
+        with self._wake:
+            self._cancel_all = True  # done by the engine thread, which owns the scheduler's lists
+            self._wake.notify()
+
     def close(self) -> None:
         """Stop the loop: queued and running requests end as "cancelled", their blocks go back."""
         with self._wake:
@@ -124,13 +131,17 @@ class Engine:
             with self._wake:
                 if not (self._stopping or self._incoming or self.scheduler.has_work()):
                     self._check_blocks()  # idle: every block must be back in the pool
-                while not (self._stopping or self._incoming or self.scheduler.has_work()):
+                while not (self._stopping or self._cancel_all or self._incoming or self.scheduler.has_work()):
                     self._wake.wait()
                 if self._stopping:
                     break
                 for seq in self._incoming:
                     self.scheduler.add(seq)
                 self._incoming.clear()
+                if self._cancel_all:
+                    for seq in (*self.scheduler.waiting, *self.scheduler.running):
+                        seq.cancel()
+                    self._cancel_all = False
             self.step()
         for seq in (*self._incoming, *self.scheduler.waiting, *self.scheduler.running):
             self._end(seq, "cancelled")
