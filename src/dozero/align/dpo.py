@@ -181,14 +181,14 @@ def load_reference(spec: str, tokenizer, device):
 
 def dpo(settings: DPOConfig, cfg, resume=None, quiet: bool = False):
     """Train per `settings` with the trainer's `cfg` (or continue `resume`). Returns the TrainResult."""
-    from dozero.align.step import AlignRecipe, start_run
+    from dozero.align.step import AlignRecipe, processes, start_run
     from dozero.finetune.lora import apply_lora
     from dozero.train.loop import _finish, _loop
 
     cfg.validate()
     settings.validate()
     device = runtime.pick_device(cfg.device)
-    with runtime.torch_settings(device, cfg.threads):
+    with runtime.torch_settings(device, cfg.threads), processes(device):
         torch.manual_seed(cfg.seed)
         model, tokenizer, template = load_base(settings.model)
         T = model.cfg.context_length
@@ -223,7 +223,9 @@ def dpo(settings: DPOConfig, cfg, resume=None, quiet: bool = False):
             return means["dpo_loss"], means
 
         loader = PairLoader(train_set, cfg.micro_batch_size, cfg.seed, pad_id, runtime.rank(), runtime.world_size())
-        tokens_per_step = round(settings.accumulation * cfg.micro_batch_size * stats.tokens / max(1, stats.pairs))
+        tokens_per_step = round(
+            settings.accumulation * cfg.micro_batch_size * runtime.world_size() * stats.tokens / max(1, stats.pairs)
+        )
         recipe = AlignRecipe("dpo", settings, template, pad_id, evaluate)
         source = f"{settings.data}: {stats.describe()}; {len(train_set)} for training, {len(val_set)} held out"
         run = start_run(settings, cfg, model, tokenizer, loss_fn, recipe, (train_set, val_set, loader, tokens_per_step),

@@ -138,7 +138,7 @@ class RewardRecipe(AlignRecipe):
 def train_reward(settings: RewardConfig, cfg, resume=None, quiet: bool = False):
     """Train a reward model per `settings` (or continue `resume`). Returns the TrainResult; its
     val_loss is the held-out Bradley-Terry loss, and metrics.jsonl has val_accuracy."""
-    from dozero.align.step import start_run
+    from dozero.align.step import processes, start_run
     from dozero.finetune.lora import apply_lora
     from dozero.model.checkpoint import read_safetensors
     from dozero.train.checkpoint import find_resume_point
@@ -147,7 +147,7 @@ def train_reward(settings: RewardConfig, cfg, resume=None, quiet: bool = False):
     cfg.validate()
     settings.validate()
     device = runtime.pick_device(cfg.device)
-    with runtime.torch_settings(device, cfg.threads):
+    with runtime.torch_settings(device, cfg.threads), processes(device):
         torch.manual_seed(cfg.seed)
         lm, tokenizer, template = load_base(settings.model)
         T = lm.cfg.context_length
@@ -169,7 +169,9 @@ def train_reward(settings: RewardConfig, cfg, resume=None, quiet: bool = False):
             return means["loss"], means
 
         loader = RewardLoader(train_set, cfg.micro_batch_size, cfg.seed, pad_id, runtime.rank(), runtime.world_size())
-        tokens_per_step = round(settings.accumulation * cfg.micro_batch_size * stats.tokens / max(1, stats.pairs))
+        tokens_per_step = round(
+            settings.accumulation * cfg.micro_batch_size * runtime.world_size() * stats.tokens / max(1, stats.pairs)
+        )
         recipe = RewardRecipe("reward", settings, template, pad_id, evaluate)
         source = f"{settings.data}: {stats.describe()}; {len(train_set)} for training, {len(val_set)} held out"
         head_state = None

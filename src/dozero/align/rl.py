@@ -148,6 +148,9 @@ class RLStepper:
         self.pad_id = tokenizer.eot_id if tokenizer.eot_id is not None else 0
         self.observer, self.done, self.reward_errors = None, 0, 0
         self.reference = reference_fn(model, bool(settings.lora_rank))
+        # Under torchrun: the training forward through DDP (gradients averaged over ranks); the
+        # rollouts and the reference through the model itself (no gradients to share).
+        self.forward = runtime.wrap_ddp(model, device)
 
     def answers(self, prompts, k: int, config) -> tuple[list[list[int]], list[str]]:
         completions = rollout(self.model, prompts, k, config, self.end)
@@ -170,6 +173,7 @@ class RLStepper:
         return torch.tensor(rewards)
 
     def __call__(self, index: int):
+        from dozero.align.step import agree, mean_over_ranks
         from dozero.train.optim import lr_at, set_lr
 
         s, k = self.s, self.s.group_size
@@ -177,14 +181,18 @@ class RLStepper:
         self.done = index + 1
         records = self.loader.next_batch()
         prompts = [r["ids"] for r in records]
+        world, rank = runtime.world_size(), runtime.rank()  # each rank samples its own prompts, its own noise
         config = GenerationConfig(temperature=s.temperature, top_k=None, max_new_tokens=s.max_new_tokens,
-                                  seed=self.cfg.seed + index)  # fmt: skip
+                                  seed=self.cfg.seed + index * world + rank)  # fmt: skip
         completions, texts = self.answers(prompts, k, config)
+        error = None
         try:
             rewards = self.score(records, texts, k)
         except DozeroError as e:  # skipped and counted; the run goes on
+            error = str(e)
+        if agree(error is not None):  # on every rank, so none waits for another's gradients
             self.reward_errors += 1
-            self.log(index, reward_errors=self.reward_errors, reward_error=str(e)[:200])
+            self.log(index, reward_errors=self.reward_errors, reward_error=(error or "on another rank")[:200])
             return torch.tensor(math.nan), False
         advantages = group_advantages(rewards, k).to(self.device)
         x, y = (t.to(self.device) for t in batch_of(prompts, completions, k, self.pad_id))
@@ -194,10 +202,10 @@ class RLStepper:
             old = token_logprobs(self.model(x), y) if s.ppo_epochs > 1 else None
         for _ in range(s.ppo_epochs):
             with runtime.autocast(self.device, self.dtype):
-                logps = token_logprobs(self.model(x), y)  # (G, L-1)
+                logps = token_logprobs(self.forward(x), y)  # (G, L-1)
                 loss, kl = grpo_loss(logps, logps.detach() if old is None else old, ref, advantages, mask, s.clip,
                                      s.kl_coef)  # fmt: skip
-            if not torch.isfinite(loss):
+            if agree(not torch.isfinite(loss)):
                 self.optimizer.zero_grad(set_to_none=True)
                 return loss.detach(), False
             loss.backward()
@@ -208,8 +216,8 @@ class RLStepper:
             self.optimizer.zero_grad(set_to_none=True)
         pass1, passk = pass_at(rewards, k, s.pass_threshold)
         lengths = sum(len(c) for c in completions) / len(completions)
-        self.log(index, mean_reward=float(rewards.mean()), pass_at_1=pass1, pass_at_k=passk, kl=float(kl),
-                 answer_tokens=lengths)  # fmt: skip
+        self.log(index, **mean_over_ranks(dict(mean_reward=float(rewards.mean()), pass_at_1=pass1, pass_at_k=passk,
+                                               kl=float(kl), answer_tokens=lengths)))  # fmt: skip
         return loss.detach(), True
 
     def log(self, index: int, **values) -> None:
@@ -248,14 +256,14 @@ def held_out_reward(stepper: RLStepper, records) -> dict:
 def rl(settings: RLConfig, cfg, resume=None, quiet: bool = False, reward_fn=None):
     """Train per `settings` with the trainer's `cfg` (or continue `resume`); `reward_fn` overrides
     settings.reward from Python. Returns the TrainResult (its val_loss is minus the held-out mean reward)."""
-    from dozero.align.step import AlignRecipe, start_run
+    from dozero.align.step import AlignRecipe, processes, start_run
     from dozero.finetune.lora import apply_lora
     from dozero.train.loop import _finish, _loop
 
     cfg.validate()
     settings.validate()
     device = runtime.pick_device(cfg.device)
-    with runtime.torch_settings(device, cfg.threads):
+    with runtime.torch_settings(device, cfg.threads), processes(device):
         torch.manual_seed(cfg.seed)
         model, tokenizer, template = load_base(settings.model)
         label = settings.reward if reward_fn is None else getattr(reward_fn, "__name__", "a Python function")
@@ -280,7 +288,8 @@ def rl(settings: RLConfig, cfg, resume=None, quiet: bool = False, reward_fn=None
             return -metrics["mean_reward"], metrics
 
         recipe = AlignRecipe("rl", settings, template, pad_id, evaluate)
-        tokens_per_step = settings.prompts_per_step * settings.group_size * settings.max_new_tokens
+        answers_per_step = settings.prompts_per_step * settings.group_size * runtime.world_size()
+        tokens_per_step = answers_per_step * settings.max_new_tokens
         source = (f"{settings.data}: {len(records)} prompts ({len(records) - len(kept)} dropped as longer than the "
                   f"context), {len(train_set)} for training, {len(val_set)} held out")  # fmt: skip
         run = start_run(settings, cfg, model, tokenizer, None, recipe, (train_set, val_set, loader, tokens_per_step),

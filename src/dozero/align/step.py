@@ -13,6 +13,11 @@ accuracy, ...) are written to metrics.jsonl beside the loss.
 `start_run` builds the trainer's `Run` for such a step (run folder, config files, observer), so an
 alignment run is the trainer's `_loop` and `_finish`: the same progress line, signals, loss.png,
 report.md and verified checkpoints as pretraining and fine-tuning.
+
+Under `torchrun --nproc_per_node=N` (`processes` joins the group) each rank reads its own share of the
+batches (the loaders take rank and world size), the loss runs through DistributedDataParallel, which
+averages the gradients, so every rank takes the same step, and only rank 0 writes. N ranks x batch b
+give the per-step losses of one process x N*b (tests/test_align_ddp.py).
 """
 
 from __future__ import annotations
@@ -28,6 +33,31 @@ from dozero.errors import DozeroError
 from dozero.finetune.sft import SFTRecipe
 from dozero.train import checkpoint as ckpt
 from dozero.train.optim import lr_at, set_lr
+
+
+@contextmanager
+def processes(device):
+    """torchrun's process group for the length of a run (nothing in a single process)."""
+    distributed = runtime.init_distributed(device)
+    try:
+        yield
+    finally:
+        if distributed:
+            runtime.destroy_distributed()
+
+
+def agree(flag: bool) -> bool:
+    """True on every rank when it is True on any (a step is skipped by all ranks or by none: one rank
+    leaving out a backward would leave the others waiting for its gradients)."""
+    return bool(runtime.any_rank_max(int(flag)))
+
+
+def mean_over_ranks(values: dict) -> dict:
+    """{name: float} averaged over the ranks (each rank's own batch), for the metrics rank 0 logs."""
+    if not values or runtime.world_size() == 1:
+        return values
+    means = runtime.all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64))
+    return dict(zip(values, means.tolist(), strict=True))
 
 
 @contextmanager
@@ -53,29 +83,36 @@ class AlignStepper:
         self.device, self.dtype, self.scaler, self.loss_fn = device, dtype, scaler, loss_fn
         self.observer = None  # set by start_run: where each step's metrics go
         self.done = 0  # steps taken (the held-out metrics are logged under it)
+        # DDP around the model, made at the first step: the reward model swaps its output head while
+        # the run is set up, and DDP must see the modules the loss will use.
+        self.forward = None
 
     def __call__(self, index: int) -> tuple[torch.Tensor, bool]:
         set_lr(self.optimizer, lr_at(index, self.cfg))
         self.done = index + 1
+        if self.forward is None:
+            self.forward = runtime.wrap_ddp(self.model, self.device)
         loss_sum, sums = torch.zeros((), device=self.device), {}
-        for _ in range(self.accum):
+        for micro in range(self.accum):
             batch = [t.to(self.device) for t in self.loader.next_batch()]
-            with runtime.autocast(self.device, self.dtype):
-                loss, metrics = self.loss_fn(self.model, batch)
-            loss_sum += loss.detach()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / self.accum
-            loss = loss / self.accum
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            with runtime.no_sync(self.forward, micro < self.accum - 1):  # DDP: share gradients once, at the end
+                with runtime.autocast(self.device, self.dtype):
+                    loss, metrics = self.loss_fn(self.forward, batch)
+                loss_sum += loss.detach()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / self.accum
+                loss = loss / self.accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = loss_sum
         if self.cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
+        sums = mean_over_ranks(sums)
         if self.observer is not None and sums:
             self.observer.log([{"step": index + 1, **{k: round(v, 6) for k, v in sums.items()}}])
-        if self.cfg.on_nan == "skip" and not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):
+        if self.cfg.on_nan == "skip" and agree(not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))):
             self.optimizer.zero_grad(set_to_none=True)
             return loss_sum / self.accum, False
         if self.scaler is not None:
