@@ -132,10 +132,16 @@ def test_cancelled_request_frees_its_blocks_and_the_queue_has_a_limit(tokenizer)
         engine.close()
 
 
-def test_requests_that_cannot_fit_are_refused(tokenizer):
+def test_requests_that_cannot_fit_are_refused(tokenizer, monkeypatch):
     model = small_model()
     with pytest.raises(DozeroError, match="--kv-cache-mb"):
         Engine(model, tokenizer, ServeConfig(kv_cache_mb=0.01))
+    # Without --kv-cache-mb the pool is 256 MiB, or one full context when that needs more (here: the
+    # default made tiny, as if the model's context needed more than 256 MiB).
+    monkeypatch.setattr("dozero.serve.engine.DEFAULT_KV_CACHE_MB", 0.01)
+    engine = Engine(model, tokenizer, ServeConfig(block_size=8))
+    assert engine.pool.num_blocks == 96 // 8
+    engine.close()
     engine = run_engine(model, tokenizer)
     try:
         with pytest.raises(DozeroError, match="context of 96"):

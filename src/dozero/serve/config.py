@@ -17,8 +17,9 @@ class ServeConfig:
     """TCP port to listen on."""
     api_key: str | None = None
     """Require `Authorization: Bearer KEY` on /v1/ routes (None = no key needed)."""
-    kv_cache_mb: float = 256.0
-    """Memory for the paged KV cache, in MiB: the pool of blocks that all running requests share."""
+    kv_cache_mb: float | None = None
+    """Memory for the paged KV cache, in MiB: the pool of blocks that all running requests share
+    (default: 256, or what one request of the model's full context needs if that is more)."""
     block_size: int = 16
     """Tokens per KV-cache block."""
     max_batch: int = 32
@@ -43,7 +44,7 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "port" else 1):
                 raise DozeroError(f"{name} must be a whole number >= 1, got {value!r}")
-        if not self.kv_cache_mb > 0:
+        if self.kv_cache_mb is not None and not self.kv_cache_mb > 0:
             raise DozeroError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
         if self.max_body_kb < 1 or self.grace_seconds < 0:
             raise DozeroError("max_body_kb must be >= 1 and grace_seconds >= 0")

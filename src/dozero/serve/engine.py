@@ -14,6 +14,7 @@ events; it never touches blocks or tensors.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -33,6 +34,7 @@ from dozero.serve.scheduler import Scheduler
 from dozero.serve.sequence import Event, Sequence
 
 log = logging.getLogger("dozero.serve")
+DEFAULT_KV_CACHE_MB = 256.0  # without --kv-cache-mb: this much, or one full context if that needs more
 
 
 class QueueFull(Exception):
@@ -46,12 +48,13 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         ctx = model.cfg.context_length
         per_block = PagedKVCache.bytes_per_block(model, config.block_size)
-        num_blocks = int(config.kv_cache_mb * 2**20 // per_block)
+        need = -(-ctx // config.block_size) * per_block / 2**20  # MiB for one request of the full context
+        budget = config.kv_cache_mb if config.kv_cache_mb is not None else max(DEFAULT_KV_CACHE_MB, need)
+        num_blocks = int(budget * 2**20 // per_block)
         if num_blocks * config.block_size < ctx:  # one request must always fit, or it would wait forever
-            need = -(-ctx // config.block_size) * per_block / 2**20
             raise DozeroError(
                 f"--kv-cache-mb {config.kv_cache_mb} holds {num_blocks * config.block_size} tokens, less than the "
-                f"model's context of {ctx}; give at least --kv-cache-mb {need:.1f}"
+                f"model's context of {ctx}; give at least --kv-cache-mb {math.ceil(need * 10) / 10}"
             )
         self.pool = BlockPool(num_blocks, config.block_size)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
