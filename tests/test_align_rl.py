@@ -150,3 +150,28 @@ def test_interrupted_rl_run_resumes_exactly(tmp_path, toy):
     rest = rl(s, rl_settings(tmp_path / "b", **small), resume=first.run_dir, quiet=True, reward_fn=ends_with_bang)
     assert first.step == 2 and rest.step == 4
     assert {**first.losses, **rest.losses} == whole.losses  # same rollouts (seeded per step), same updates
+
+
+def test_held_out_rollouts_after_a_fused_adamw_step_use_the_new_head(toy):
+    """The held-out evaluation samples in eval mode, where the engine reuses its transposed copy of the
+    output head while the weight's _version is unchanged; fused AdamW steps in place without bumping it.
+    rollout() forgets the copy, so a full fine-tuning run never evaluates a stale head."""
+    import copy
+
+    from dozero.align.rollout import end_id, prompt_ids, rollout
+    from dozero.finetune.sft import load_base
+    from dozero.generate.config import GenerationConfig
+
+    base, _ = toy
+    model, tokenizer, template = load_base(str(base))
+    prompts, end = [prompt_ids(tokenizer, template, p) for p in ("abc", "jih")], end_id(tokenizer, template)
+    greedy = GenerationConfig(temperature=0.0, max_new_tokens=6)
+    model.eval()
+    before = rollout(model, prompts, 1, greedy, end)  # leaves a cached head copy behind
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    model(torch.tensor(prompts[:1]))[0, -1, tokenizer.encode("!")[0]].backward()  # push "!" up, hard
+    version = model.out_head.weight._version
+    optimizer.step()
+    assert model.out_head.weight._version == version  # the step went unnoticed by _version
+    after = rollout(model, prompts, 1, greedy, end)
+    assert after == rollout(copy.deepcopy(model), prompts, 1, greedy, end) and after != before

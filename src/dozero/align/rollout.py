@@ -37,9 +37,11 @@ def rollout(model, prompts: list[list[int]], k: int, config: GenerationConfig, e
     rows [p*k, (p+1)*k) belong to prompt p. Sampled with `config` (its seed makes it reproducible)."""
     from dozero.generate.layout import _TRANSPOSED_HEADS
 
-    # generation_mode reuses a transposed copy of the output head while weight._version is unchanged,
-    # but fused AdamW updates weights in place WITHOUT bumping _version (torch 2.13, checked): between
-    # RL steps the copy would be stale and every rollout sampled from the step-0 head. Forget it.
+    # A model in training mode never reuses the engine's transposed copy of its output head, but the
+    # held-out evaluation samples in eval mode, where the copy is reused while weight._version is
+    # unchanged, and fused AdamW steps in place WITHOUT bumping _version (torch 2.13): with full
+    # fine-tuning every evaluation would sample from the first one's head. Forget the copy (tested:
+    # test_held_out_rollouts_after_a_fused_adamw_step_use_the_new_head).
     _TRANSPOSED_HEADS.pop(model.out_head, None)
     rows = [ids for ids in prompts for _ in range(k)]
     config = dataclasses.replace(config, stop=(), stop_at_eot=True)
