@@ -112,6 +112,45 @@ def test_kernel_path_equals_reference_path(bits, group):
     assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("preset", ["llama-char", "shakespeare-char"])
+def test_smoothing_keeps_the_function_and_shrinks_an_outlier_channel(preset):
+    """SmoothQuant's rescaling (compress/smooth.py) is folded into norms, up rows and value rows: the
+    float model computes the same logits; an input channel made 50x larger (with its weight column 50x
+    smaller: the same function) is brought back down before FBGEMM rounds the inputs."""
+    from dozero.compress.smooth import input_maxima, smooth_activations
+
+    model = _tiny(preset=preset)
+    with torch.no_grad():  # channel 5 of every block's fc input: 50x larger, its weights 50x smaller
+        for block in model.trf_blocks:
+            block.norm2.scale[5] *= 50
+            block.ff.fc.weight[:, 5] /= 50
+    ids = torch.randint(0, 65, (200,), generator=torch.Generator().manual_seed(3))
+    x = ids[None, :40]
+    with torch.no_grad():
+        before = model(x)
+    peak = input_maxima(model, ids)["trf_blocks.0.ff.fc"]
+    assert peak[5] > 10 * peak.median()
+    smoothed = smooth_activations(copy.deepcopy(model), ids, 0.7)
+    with torch.no_grad():
+        torch.testing.assert_close(smoothed(x), before, rtol=1e-4, atol=1e-4)
+    peak = input_maxima(smoothed, ids)["trf_blocks.0.ff.fc"]
+    assert peak[5] < 3 * peak.median()
+
+    def kernel_error(m, calibration=None, smooth=0.0):
+        q = quantize(copy.deepcopy(m), QuantizeConfig(bits=8, kernel="fbgemm", smooth=smooth), calibration)
+        with torch.no_grad():
+            return (q(x) - before).abs().max().item()
+
+    assert kernel_error(model, ids, 0.7) < 0.7 * kernel_error(model)
+
+
+def test_smoothing_needs_calibration_and_a_sane_alpha():
+    with pytest.raises(DozeroError, match="--smooth needs calibration text"):
+        quantize(_tiny(), QuantizeConfig(smooth=0.7))
+    with pytest.raises(DozeroError, match="alpha must be in"):
+        quantize(_tiny(), QuantizeConfig(smooth=1.5), torch.arange(64))
+
+
 def test_reference_path_is_the_dequantized_float_model():
     x = torch.randint(0, 65, (1, 16))
     model = quantize(_tiny(), QuantizeConfig(bits=4, group_size=32))

@@ -24,6 +24,7 @@ examples:
   dozero compress quantize --model smollm2-135m-instruct --to int8 --out out/smol-int8
   dozero compress quantize --model runs/shakespeare-char --to int4 --group-size 32 --out out/char-int4
   dozero compress quantize --model gpt2-folder --to int8 --no-head --out out/gpt2-int8   (keep the head fp32)
+  dozero compress quantize --model smollm2-135m-instruct --to int8 --kernel fbgemm --smooth 0.7 --out out/smol-fast
 
 int8 keeps one scale per row (per output channel) unless --group-size is given; int4 keeps one scale
 per --group-size inputs (default 32, llama.cpp's Q4_0 block). With --group-size 32 the numbers are
@@ -51,6 +52,13 @@ def register(subparsers) -> None:
     q.add_argument("--model", required=True, metavar="MODEL", help="model folder, run folder, GGUF file or short name")
     q.add_argument("--to", required=True, choices=("int8", "int4"), help="integer width of the stored weights")
     q.add_argument("--out", required=True, metavar="DIR", help="folder to write (a dozero model folder)")
+    q.add_argument(
+        "--calibration",
+        default="tinyshakespeare",
+        metavar="TEXT",
+        help="text whose activations set --smooth's scaling (a file or a bundled text's name, read from its "
+        "middle; default: tinyshakespeare)",
+    )
     q.add_argument("--force", action="store_true", help="overwrite a model in DIR, or write into a foreign folder")
     add_dataclass_args(q, QuantizeConfig, skip=("bits",))
     q.set_defaults(func=run_quantize)
@@ -174,7 +182,12 @@ def run_quantize(args) -> int:
     tokenizer = load_tokenizer(src)
     model = load_model(src)
     before = weight_bytes(model)
-    quantize(model, config)
+    calibration = None
+    if config.smooth:
+        from dozero.compress.prune import calibration_tokens
+
+        calibration = calibration_tokens(args.calibration, tokenizer, 512)
+    quantize(model, config, calibration)
     save_quantized(model, dst, tokenizer, metadata={"quantized_from": str(args.model)})
     after = weight_bytes(model)
     print(f"{args.to}: weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({before / after:.1f}x smaller)")

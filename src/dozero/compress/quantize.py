@@ -54,7 +54,12 @@ class QuantizeConfig:
     kernel: str = "reference"
     """How the quantized layers multiply: 'reference' (dequantize, then a float product: weight-only, only
     the weights' rounding costs quality) or 'fbgemm' (FBGEMM's int8 kernel, the fast one on x86 CPUs, which
-    also rounds each input row to 7 bits: SmolLM2-135M's perplexity 2.5x worse; see model/quantized.py)."""
+    also rounds each input row to 8 bits, 7 without AVX-512 VNNI: SmolLM2-135M's perplexity +43% / 2.5x
+    worse, +7% with --smooth 0.7; see model/quantized.py)."""
+    smooth: float = 0.0
+    """SmoothQuant's alpha (compress/smooth.py): before quantizing, move the activations' outliers into
+    the weights (same function), measured on calibration text; 0 = off. For --kernel fbgemm (0.7 measured
+    best on SmolLM2-135M); the weight-only reference path does not need it."""
 
     def resolved_group(self, width: int, where: str) -> int:
         """The group size for a row of `width` inputs, or a one-line error."""
@@ -94,9 +99,10 @@ def quantize_weight(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     return (pack_int4(q) if bits == 4 else q), d.reshape(out_f, -1).to(torch.float16)
 
 
-def quantize(model, config: QuantizeConfig | None = None):
+def quantize(model, config: QuantizeConfig | None = None, calibration: torch.Tensor | None = None):
     """Replace, in place, the model's linear layers (and the tied embedding/head) by int8/int4 ones.
-    Returns the model. Every group size is checked before anything changes."""
+    Returns the model. Every group size is checked before anything changes. `calibration` (token ids)
+    is needed for `config.smooth` only."""
     config = config or QuantizeConfig()
     if is_quantized(model):
         raise DozeroError("this model is already quantized; quantize the original (float) model instead")
@@ -105,6 +111,13 @@ def quantize(model, config: QuantizeConfig | None = None):
     tied_head = config.head and model.cfg.tie_weights
     if tied_head:
         emb_group = config.resolved_group(model.cfg.emb_dim, "tok_emb")
+    if config.smooth:
+        if calibration is None:
+            raise DozeroError("quantize: --smooth needs calibration text (its activations set the scaling)")
+        from dozero.compress.smooth import smooth_activations
+
+        smooth_activations(model, calibration, config.smooth)
+        linears = quantizable_linears(model, config.head)
     with torch.no_grad():
         for name, module in linears:
             q, scales = quantize_weight(module.weight, config.bits, groups[name])
@@ -123,7 +136,8 @@ def spec_of(config: QuantizeConfig, groups: dict[str, int], width: int) -> dict:
     """config.json's "quantization" entry. group_size 0 = a whole row (differs per matrix)."""
     whole_rows = config.bits == 8 and not config.group_size
     group = 0 if whole_rows else config.resolved_group(width, "the model")
-    return {"bits": config.bits, "group_size": group, "head": config.head, "kernel": config.kernel}
+    spec = {"bits": config.bits, "group_size": group, "head": config.head, "kernel": config.kernel}
+    return {**spec, "smooth": config.smooth} if config.smooth else spec  # folded in: a record, not a setting
 
 
 def quantized_state(model) -> dict[str, torch.Tensor]:

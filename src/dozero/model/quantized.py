@@ -25,12 +25,16 @@ Two ways to multiply (`kernel`, chosen when quantizing and kept in config.json; 
     (MEASURED.md): 2.3x faster than fp32 at 768 x 3072, while `torch._weight_int8pack_mm` was 7x and
     `_weight_int4pack_mm_for_cpu` 10x slower than fp32: the only fast int8 path on this CPU. The input
     rounding costs quality where activations have outliers: SmolLM2-135M's perplexity went from 48.3
-    to 119 (most of it at the SwiGLU down projection, whose inputs reach 100x their mean). FBGEMM knows
+    to 119 with 7-bit inputs (most of it at the SwiGLU down projection, whose inputs reach 100x their
+    mean); 8-bit inputs where the CPU allows (`reduce_range`) and SmoothQuant's rescaling before quantizing
+    (compress/smooth.py) bring it to +7%. FBGEMM knows
     one scale per row, so a grouped weight (int4, or int8 with groups) is requantized to int8 per row
     for it: one more rounding, at most half of that row's int8 step.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -68,6 +72,19 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor
 
 def fbgemm_available() -> bool:
     return torch.backends.quantized.engine in ("x86", "fbgemm")
+
+
+@functools.cache
+def reduce_range() -> bool:
+    """FBGEMM rounds inputs to 7 bits (True) or 8 (False). Without AVX-512 VNNI its kernel sums pairs of
+    8-bit products in 16 bits, which 8-bit inputs can saturate, so torch.ao's dynamic Linear always asks
+    for 7; VNNI sums them in 32 bits. 8 bits halves the rounding: SmolLM2-135M's perplexity 127 -> 59
+    (fp32 41.4; measured on an AVX-512 VNNI Xeon)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "avx512_vnni" not in f.read(1 << 16)
+    except OSError:
+        return True
 
 
 def pack_for_kernel(q: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None):
@@ -121,9 +138,7 @@ class QuantizedLinear(nn.Module):
         if self._packed is None:
             self._packed = pack_for_kernel(self.weight_q, self.scales, self.bits, self.bias)
         rows = x.reshape(-1, self.in_features)  # (R, in)
-        # reduce_range: 7-bit inputs, so AVX2's 16-bit pair sums cannot saturate (torch.ao's dynamic Linear
-        # does the same on x86).
-        y = torch.ops.quantized.linear_dynamic(rows, self._packed, True)
+        y = torch.ops.quantized.linear_dynamic(rows, self._packed, reduce_range())
         return y.view(*x.shape[:-1], self.out_features)
 
     def __deepcopy__(self, memo):
