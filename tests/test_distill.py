@@ -1,16 +1,18 @@
-"""Distillation (compress/distill.py): the loss on hand-computed values, the trainer's step drives it,
-a teacher with another vocabulary is one line."""
+"""Distillation (compress/distill.py): the loss on hand-computed values, the trainer's step drives it, a
+distilled student beats the same student trained from scratch, a teacher with another vocabulary is one line."""
 
 from __future__ import annotations
 
+import copy
 import math
+import types
 
 import numpy as np
 import pytest
 import torch
 
 from dozero.cli import main
-from dozero.compress.distill import DistillConfig, check_same_vocabulary, distill, distillation_loss
+from dozero.compress.distill import DistillConfig, check_same_vocabulary, distill, distillation_loss, held_out_loss
 from dozero.config import get_model_config
 from dozero.errors import DozeroError
 from dozero.model.checkpoint import save_model
@@ -92,3 +94,41 @@ def test_cli_teacher_with_another_vocabulary(tmp_path, capsys):
     assert main([*args, "--data", str(tmp_path / "data.txt"), "--out", str(tmp_path / "out")]) == 2
     assert "the student must use the teacher's tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+class BigramTeacher(torch.nn.Module):
+    """A teacher that knows the data's true next-token distribution: the tokens are drawn from a bigram
+    chain P, and its logits are log P(next | current). What a large pretrained model is to a small text."""
+
+    def __init__(self, log_p: torch.Tensor, context_length: int):
+        super().__init__()
+        self.cfg = types.SimpleNamespace(vocab_size=log_p.shape[0], context_length=context_length)
+        self.register_buffer("log_p", log_p)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.log_p[idx]  # (B, T) -> (B, T, V)
+
+
+@pytest.mark.slow  # two 40-step runs: 15-30 s on 2 cores, 140 s when they are shared by many
+def test_distilled_student_beats_the_same_student_trained_from_scratch():
+    """Same initial weights, tokens and steps; only the teacher term differs (alpha 0.5 vs 0). On 1,500
+    training tokens the distilled student reaches a held-out loss of 2.76 against 3.05 from scratch
+    (measured; the teacher itself 2.46): each position teaches the whole distribution, not one token."""
+    V = 40
+    P = np.random.default_rng(0).dirichlet(np.full(V, 0.2), size=V)  # (V, V): peaked rows
+
+    def sample(n, seed):
+        rng, out = np.random.default_rng(seed), [0]
+        for _ in range(n - 1):
+            out.append(rng.choice(V, p=P[out[-1]]))
+        return np.array(out)
+
+    train, val = sample(1500, 1), sample(2000, 2)
+    teacher = BigramTeacher(torch.tensor(np.log(P), dtype=torch.float32), 64)
+    distilled = _model(V, seed=0, n_layers=1)
+    scratch = copy.deepcopy(distilled)
+    settings = {"steps": 40, "batch_size": 4, "context_length": 32}
+    distill(distilled, teacher, train, DistillConfig(alpha=0.5, **settings))
+    distill(scratch, teacher, train, DistillConfig(alpha=0.0, **settings))
+    losses = [held_out_loss(m, val, 32) for m in (teacher, distilled, scratch)]
+    assert losses[0] < losses[1] < losses[2] - 0.15, losses
