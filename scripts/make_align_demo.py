@@ -1,14 +1,21 @@
-"""Make the alignment demo's data: two-number additions with a checkable answer.
+"""Make the alignment demo's data: two small number tasks with a checkable answer, and self-made pairs.
 
-    python scripts/make_align_demo.py --out demo/align/
-      rl.jsonl       {"prompt", "answer"}: prompts for `dozero align rl --reward number`
-      pairs.jsonl    {"prompt", "chosen", "rejected"}: chosen = the sum alone, rejected = a wrong sum written
-                     as SmolLM2-135M-Instruct tends to write it ("6 + 20 = 25"); for `dozero align dpo`
-      heldout.jsonl  {"prompt", "answer", "check": "number"}: a `dozero eval --chat --tasks` file; these
-                     questions never appear in the other two files
+    python scripts/make_align_demo.py --out demo/align
+      rl.jsonl            {"prompt", "answer"}: training prompts for `dozero align rl --reward number`
+      heldout_next.jsonl  {"prompt", "answer", "check": "number"}: a `dozero eval --chat --tasks` file
+      heldout_larger.jsonl  the same for the other task; no held-out question appears in rl.jsonl
+    python scripts/make_align_demo.py --out demo/align --pairs-from smollm2-135m-instruct
+      pairs.jsonl         {"prompt", "chosen", "rejected"}: k answers sampled from the model for each
+                          training prompt, scored by the same check; best and worst kept (for `align dpo`)
 
-SmolLM2-135M-Instruct gets about a quarter of these right greedily (measured: 4 of 16), often
-restating the sum with a wrong result. The numbers are drawn with a fixed seed.
+The two tasks (procedural, as reasoning-gym's, with the answer known):
+    next    "What number comes after 199? Answer with the number only."    -> 200
+    larger  "Which is larger, 17 or 63? Answer with the number only."      -> 63
+The check is the one `dozero eval` applies to a task whose answer is a number: the last number of the
+first line of the answer. SmolLM2-135M-Instruct knows how to count and compare, but often rambles
+("To find the number that comes after 41, we need to...") or names the wrong number: a thing RL from
+a verifiable reward can fix in a few dozen steps on a CPU. (Its two-number additions are beyond it:
+"3 + 9 = 22"; an earlier version of this demo used them and RL had nothing to pull up.)
 """
 
 from __future__ import annotations
@@ -16,36 +23,97 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
-QUESTION = "What is {a} + {b}? Answer with the number only."
+TASKS = {
+    "next": "What number comes after {a}? Answer with the number only.",
+    "larger": "Which is larger, {a} or {b}? Answer with the number only.",
+}
+
+
+def question(task: str, rng: random.Random) -> dict:
+    """One procedural question with its answer."""
+    if task == "next":
+        a = rng.randint(1, 498)  # up to three digits, so carries (199 -> 200) come up
+        return {"prompt": TASKS[task].format(a=a), "answer": a + 1}
+    a, b = rng.sample(range(1, 100), 2)
+    return {"prompt": TASKS[task].format(a=a, b=b), "answer": max(a, b)}
+
+
+def first_line_number(prompt: str, answer: str, record: dict) -> float:
+    """The reward: 1.0 when the last number of the answer's first line is the record's answer (what
+    `dozero eval`'s "number" check reads, as it stops at the first newline)."""
+    from dozero.align.rewards import number
+
+    return number(prompt, answer.strip().split("\n")[0], record)
+
+
+def make_questions(n: int, rng: random.Random, seen: set) -> list[dict]:
+    """`n` distinct questions, alternating tasks, none in `seen` (which they are added to)."""
+    out = []
+    for _ in range(100 * n):  # bounded: a task has only so many distinct questions
+        if len(out) == n:
+            break
+        q = question(list(TASKS)[len(out) % len(TASKS)], rng)
+        if q["prompt"] not in seen:
+            seen.add(q["prompt"])
+            out.append(q)
+    if len(out) < n:
+        raise SystemExit(f"only {len(out)} distinct questions could be drawn; ask for fewer")
+    return out
+
+
+def write(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def self_made_pairs(model_spec: str, prompts: list[dict], k: int, max_new_tokens: int, seed: int) -> list[dict]:
+    """k sampled answers per prompt from the model, scored by the check; best/worst kept (align.data.make_pairs)."""
+    import torch
+
+    from dozero.align.data import make_pairs
+    from dozero.finetune.sft import load_base
+
+    torch.manual_seed(seed)
+    model, tokenizer, template = load_base(model_spec)
+    by_prompt = {q["prompt"]: q for q in prompts}
+    reward = lambda prompt, answer, record: first_line_number(prompt, answer, by_prompt[prompt])  # noqa: E731
+    pairs = []
+    for start in range(0, len(prompts), 8):  # 8 prompts x k answers per batch: small steps, visible progress
+        chunk = [q["prompt"] for q in prompts[start : start + 8]]
+        pairs += make_pairs(model, tokenizer, template, chunk, reward, k=k, seed=seed + start,
+                            max_new_tokens=max_new_tokens, temperature=1.0)  # fmt: skip
+        print(f"  {start + len(chunk)}/{len(prompts)} prompts sampled, {len(pairs)} pairs", file=sys.stderr)
+    return pairs
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo/align", help="output folder (default: demo/align)")
     p.add_argument("--train", type=int, default=200, help="training questions (default: 200)")
-    p.add_argument("--heldout", type=int, default=50, help="held-out questions (default: 50)")
+    p.add_argument("--heldout", type=int, default=25, help="held-out questions per task (default: 25)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs-from", metavar="MODEL", help="also sample pairs.jsonl from this model")
+    p.add_argument("--pairs-prompts", type=int, default=64, help="training prompts sampled for pairs (default: 64)")
+    p.add_argument("--k", type=int, default=6, help="answers sampled per prompt for pairs (default: 6)")
+    p.add_argument("--max-new-tokens", type=int, default=12, help="longest sampled answer (default: 12)")
     args = p.parse_args(argv)
-    rng = random.Random(args.seed)
-    pairs = [(a, b) for a in range(2, 40) for b in range(2, 40)]
-    rng.shuffle(pairs)
-    train, heldout = pairs[: args.train], pairs[args.train : args.train + args.heldout]
+    rng, seen = random.Random(args.seed), set()
+    heldout = {task: [] for task in TASKS}
+    for q in make_questions(args.heldout * len(TASKS), rng, seen):  # drawn first: the training set avoids them
+        heldout["next" if q["prompt"].startswith("What number") else "larger"].append({**q, "check": "number"})
+    train = make_questions(args.train, rng, seen)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    def write(name: str, records: list[dict]) -> None:
-        (out / name).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-
-    write("rl.jsonl", [{"prompt": QUESTION.format(a=a, b=b), "answer": a + b} for a, b in train])
-    wrong = [a + b + rng.choice([-3, -2, -1, 1, 2, 10]) for a, b in train]
-    write("pairs.jsonl", [{"prompt": QUESTION.format(a=a, b=b), "chosen": str(a + b), "rejected": f"{a} + {b} = {w}"}
-                          for (a, b), w in zip(train, wrong, strict=True)])  # fmt: skip
-    write(
-        "heldout.jsonl", [{"prompt": QUESTION.format(a=a, b=b), "answer": a + b, "check": "number"} for a, b in heldout]
-    )
-    print(f"wrote {out}/rl.jsonl, pairs.jsonl ({len(train)} each) and heldout.jsonl ({len(heldout)})")
+    write(out / "rl.jsonl", train)
+    for task, records in heldout.items():
+        write(out / f"heldout_{task}.jsonl", records)
+    print(f"wrote {out}/rl.jsonl ({len(train)}) and heldout_{{{','.join(TASKS)}}}.jsonl ({args.heldout} each)")
+    if args.pairs_from:
+        pairs = self_made_pairs(args.pairs_from, train[: args.pairs_prompts], args.k, args.max_new_tokens, args.seed)
+        write(out / "pairs.jsonl", pairs)
+        print(f"wrote {out}/pairs.jsonl: {len(pairs)} pairs from {args.pairs_prompts} prompts x {args.k} answers")
     return 0
 
 

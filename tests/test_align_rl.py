@@ -175,3 +175,25 @@ def test_held_out_rollouts_after_a_fused_adamw_step_use_the_new_head(toy):
     assert model.out_head.weight._version == version  # the step went unnoticed by _version
     after = rollout(model, prompts, 1, greedy, end)
     assert after == rollout(copy.deepcopy(model), prompts, 1, greedy, end) and after != before
+
+
+def test_demo_data_holds_out_its_questions_and_checks_the_first_line(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "make_align_demo", Path(__file__).parents[1] / "scripts/make_align_demo.py"
+    )
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.main(["--out", str(tmp_path), "--train", "40", "--heldout", "5"]) == 0
+    read = lambda name: [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]  # noqa: E731
+    train, nxt, larger = read("rl.jsonl"), read("heldout_next.jsonl"), read("heldout_larger.jsonl")
+    assert len(train) == 40 and len(nxt) == len(larger) == 5
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in nxt + larger}
+    for r in train + nxt + larger:  # the answer is right
+        numbers = [int(n) for n in r["prompt"].replace("?", " ").replace(",", " ").split() if n.isdigit()]
+        assert r["answer"] == (numbers[0] + 1 if r["prompt"].startswith("What number") else max(numbers))
+    record = {"answer": 42}
+    assert demo.first_line_number("", "The number after 41 is 42.\n\nAlso 7", record) == 1.0
+    assert demo.first_line_number("", "It is 41\n42", record) == 0.0  # what dozero eval reads: the first line
