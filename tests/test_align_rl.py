@@ -197,3 +197,17 @@ def test_demo_data_holds_out_its_questions_and_checks_the_first_line(tmp_path):
     record = {"answer": 42}
     assert demo.first_line_number("", "The number after 41 is 42.\n\nAlso 7", record) == 1.0
     assert demo.first_line_number("", "It is 41\n42", record) == 0.0  # what dozero eval reads: the first line
+
+
+def test_prompts_longer_than_the_context_are_dropped_and_counted(tmp_path, toy):
+    base, data = toy
+    long = tmp_path / "long.jsonl"
+    long.write_text(open(data).read() + json.dumps({"prompt": "abc" * 20}) + "\n")  # 60 letters > context 40
+    s = RLConfig(model=str(base), data=str(long), lora_rank=0, group_size=2, prompts_per_step=2, max_new_tokens=2)
+    result = rl(s, rl_settings(tmp_path, max_steps=1, eval_interval=1), quiet=True, reward_fn=ends_with_bang)
+    assert "25 prompts (1 dropped as longer than the context)" in (result.run_dir / "report.md").read_text()
+    only_long = tmp_path / "only_long.jsonl"
+    only_long.write_text(json.dumps({"prompt": "abc" * 20}) + "\n")
+    with pytest.raises(DozeroError, match="every prompt is longer than the context"):
+        rl(dataclasses.replace(s, data=str(only_long)), rl_settings(tmp_path / "b"), reward_fn=ends_with_bang)
+    assert not (tmp_path / "b").exists()
