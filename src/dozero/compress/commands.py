@@ -115,9 +115,9 @@ def register(subparsers) -> None:
     r = sub.add_parser(
         "report",
         help="size, perplexity and decode speed of every method on one model: a table and a plot",
-        description="Apply each compression setting to a fresh copy of MODEL and measure weights (MB), "
-        "perplexity and bits per byte on --text, and greedy decode tokens/s; write report.md, report.json "
-        "and quality_vs_size.png to --out.",
+        description="Apply each compression setting to a fresh copy of MODEL, save it, and measure the folder in "
+        "a fresh process: weights and size on disk (MB), peak memory, perplexity and bits per byte on --text, "
+        "accuracy on --tasks, greedy decode tokens/s; write report.md, report.json and quality_vs_size.png to --out.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  dozero compress report --model smollm2-135m-instruct --out out/report",
     )
@@ -131,6 +131,13 @@ def register(subparsers) -> None:
         "--max-tokens", type=int, default=1024, metavar="N", help="tokens of --text measured (default: 1024)"
     )
     r.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens decoded for the speed (0: skip)")
+    r.add_argument(
+        "--tasks",
+        default="arc_easy,piqa",
+        metavar="NAMES",
+        help="dozero eval tasks scored for each setting (comma-separated; '' for none; default: arc_easy,piqa)",
+    )
+    r.add_argument("--limit", type=int, default=100, metavar="N", help="questions per task (default: 100)")
     r.add_argument(
         "--settings", nargs="+", default=None, metavar="NAME", help="a subset of the settings (default: all)"
     )
