@@ -70,19 +70,19 @@ def test_sizes_that_do_not_split_are_one_line_errors():
             tp_degree("fsdp+tp", 2, world)
 
 
-@pytest.mark.slow  # ~100 s on 2 cores: 1 + 1 + 4 + 2 processes
-def test_llama_blocks_move_from_one_process_to_fsdp_tp_on_4_then_tp_on_2(tmp_path):
-    """Llama blocks (RMSNorm, RoPE, SwiGLU's fused gate|up, 4 query heads sharing 2 key/value heads):
-    1 process (steps 1-2) -> fsdp+tp on a 2 x 2 mesh (3-4; AdamW's moments reordered and sharded on
-    the way) -> tp on 2 (5-6) takes the same steps as 1 process throughout."""
+@pytest.mark.slow  # ~140 s on 2 cores: 1 + 4 + 2 + 2 processes
+def test_llama_blocks_move_from_fsdp_tp_on_4_to_pp_on_2_to_tp_on_2(tmp_path):
+    """Llama blocks (RMSNorm, RoPE, SwiGLU's fused gate|up, 4 query heads sharing 2 key/value heads, a
+    tied head): fsdp+tp on a 2 x 2 mesh (steps 1-2) -> 2 pipeline stages (3-4) -> tp on 2 (5-6), each
+    resuming the sharded checkpoint of the one before, take the same steps as 1 process throughout."""
     common = ["--preset", "llama-char", *TINY, "--n-heads", "4", "--eval-interval", "2", "--max-steps", "6"]
     _run(["--out-dir", str(tmp_path / "one"), "--micro-batch-size", "8", *common])
     moved = tmp_path / "moved"
-    _run(["--out-dir", str(moved), "--micro-batch-size", "8", "--stop-after", "2", *common])
-    fsdp_tp = ["--micro-batch-size", "4", "--parallel", "fsdp+tp", "--tp-size", "2", "--stop-after", "4"]
-    _torchrun(4, 29641, ["--resume", str(moved), *fsdp_tp])
-    assert len(_shards(moved / "checkpoints" / "step_000004")) == 4
-    _torchrun(2, 29642, ["--resume", str(moved), "--micro-batch-size", "8", "--parallel", "tp"])
+    fsdp_tp = ["--micro-batch-size", "4", "--parallel", "fsdp+tp", "--tp-size", "2", "--stop-after", "2"]
+    _torchrun(4, 29641, ["--out-dir", str(moved), *fsdp_tp, *common])
+    assert len(_shards(moved / "checkpoints" / "step_000002")) == 4
+    _torchrun(2, 29642, ["--resume", str(moved), "--micro-batch-size", "8", "--parallel", "pp", "--stop-after", "4"])
+    _torchrun(2, 29643, ["--resume", str(moved), "--micro-batch-size", "8", "--parallel", "tp"])
     one, after = _losses(tmp_path / "one"), _losses(moved)
     assert sorted(one) == sorted(after) == list(range(1, 7))
     for s in one:

@@ -26,13 +26,14 @@ from torch.utils.checkpoint import checkpoint
 
 from dozero import runtime
 from dozero.errors import DozeroError
-from dozero.parallel import tp
+from dozero.parallel import pp, tp
 from dozero.train.config import PARALLEL_STRATEGIES
 
 STRATEGIES = PARALLEL_STRATEGIES
 """auto: DDP under torchrun, nothing in one process; ddp; fsdp (ZeRO-3); zero2 (FSDP, weights kept
 from forward to backward); tp (tensor parallelism over all processes, tp.py); fsdp+tp (a 2-D mesh:
-tp within groups of --tp-size, FSDP across them). Defined with TrainConfig's --parallel."""
+tp within groups of --tp-size, FSDP across them); pp (one stage of blocks per process, pp.py).
+Defined with TrainConfig's --parallel."""
 
 
 def _torch_module(name: str, strategy: str = "fsdp"):
@@ -94,12 +95,17 @@ def apply_fsdp(
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether the parameters are spread over processes (FSDP, tensor parallelism): then every rank
-    runs each forward pass (evaluation too) and every rank takes part in a save."""
+    """Whether the parameters are spread over processes (FSDP, tensor parallelism, pipeline stages):
+    then every rank runs each forward pass (evaluation too) and every rank takes part in a save.
+    (FSDP is asked directly: between an evaluation's forward and the next backward, zero2's
+    parameters are whole tensors, not DTensors.)"""
     try:
+        from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch without public DTensors shards nothing
+    except ImportError:  # a torch without FSDP2 / public DTensors shards nothing
         return False
+    if isinstance(model, FSDPModule) or getattr(model, "pipeline", None) is not None:
+        return True
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
@@ -127,6 +133,10 @@ def parallelize(model, optimizer, make_optimizer, cfg, device):
             f"--parallel {strategy} shards the model over processes: launch with torchrun --nproc_per_node=N "
             "(or use --parallel auto in one process)"
         )
+    if strategy == "pp":
+        if cfg.eval_tasks:
+            raise DozeroError("--eval-tasks scores with generation, which does not run through --parallel pp")
+        return pp.apply_pp(model, optimizer, make_optimizer, cfg, device)
     return _shard(model, optimizer, make_optimizer, cfg, device)
 
 

@@ -124,8 +124,8 @@ def _as_replicated(args: tuple, mesh) -> tuple:
 
 
 def tp_degree(strategy: str, tp_size: int, world: int) -> int:
-    """Processes per tensor-parallel group: all of them for tp, tp_size for fsdp+tp, 1 otherwise."""
-    if strategy == "tp":
+    """Processes that compute one batch together: all of them for tp and pp, tp_size for fsdp+tp, 1 otherwise."""
+    if strategy in ("tp", "pp"):
         return world
     if strategy != "fsdp+tp":
         return 1

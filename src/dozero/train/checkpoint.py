@@ -194,7 +194,7 @@ def save_checkpoint(
             save_file(tensors, str(tmp / OPTIMIZER_STATE))
         else:
             _save_sharded_config(tmp, model.cfg, tokenizer, metadata, shard_files)
-            groups = _named_param_groups(model, optimizer)
+            groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in optimizer.param_groups]
         state = {**trainer_state, "step": step, "optimizer_param_groups": groups}
         write_json(tmp / TRAINER_STATE, state, indent=1, default=_json_default)
         if extra_files is not None:
@@ -256,13 +256,6 @@ def _save_sharded_config(folder: Path, cfg: ModelConfig, tokenizer, metadata: di
     write_json(folder / MODEL_CONFIG_FILE, {**config, SHARDED_KEY: {"files": shard_files}})
     if tokenizer is not None:
         tokenizer.save(folder)
-
-
-def _named_param_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
-    """The optimizer's groups (lr, betas, weight_decay, ...) with their parameters by name: a sharded
-    checkpoint's moments are stored by name, and a resume on another number of ranks orders them anew."""
-    name_of = {id(p): name for name, p in model.named_parameters()}
-    return [{**g, "params": [name_of[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
 
 
 def _add_checksums(folder: Path, names: list[str]) -> None:
@@ -426,28 +419,31 @@ def _is_sharded(folder: Path) -> bool:
 
 
 def _moments_by_position(by_name: dict, groups: list[dict], model, optimizer, where) -> tuple[dict, list[dict]]:
-    """A sharded checkpoint's moments ("<name>/exp_avg") and groups (parameters by name) in the
-    layout `optimizer_from_files` checks and loads ("<position>.exp_avg", positions in the groups)."""
-    name_of = {id(p): name for name, p in model.named_parameters()}
-    own = [[name_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    if [g["params"] for g in groups] != own:
-        raise DozeroError(
-            f"{where}: the optimizer's parameters differ from this model's; the checkpoint is from another model shape"
-        )
-    position = {name: i for i, name in enumerate(n for names in own for n in names)}
+    """A sharded checkpoint's moments ("<name>/exp_avg") in the layout `optimizer_from_files` checks and
+    loads ("<position>.exp_avg", positions in this optimizer's groups). The saved groups give the
+    settings (lr, betas, ...) only: which parameter sits where is this optimizer's own business, and
+    the ranks that wrote the checkpoint may each have held a part (pipeline stages)."""
+    if len(groups) != len(optimizer.param_groups):
+        raise DozeroError(f"{where}: {len(groups)} optimizer groups, this model has {len(optimizer.param_groups)}")
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    position = {id(p): i for i, p in enumerate(order)}
+    # Every name of a parameter: a tied head is saved as out_head.weight by the stage that holds it.
+    index_of = {
+        name: position[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if id(p) in position
+    }
     tensors = {}
     for key, value in by_name.items():
         name, _, moment = key.rpartition("/")
-        if name not in position:
+        if name not in index_of:
             raise DozeroError(
                 f"{where}: 'optimizer/{key}' names no parameter of this model; "
                 "the checkpoint is from another model shape"
             )
-        tensors[f"{position[name]}.{moment}"] = value
+        tensors[f"{index_of[name]}.{moment}"] = value
     start, numbered = 0, []
-    for g in groups:
-        numbered.append({**g, "params": list(range(start, start + len(g["params"])))})
-        start += len(g["params"])
+    for own, saved in zip(optimizer.param_groups, groups, strict=True):
+        numbered.append({**saved, "params": list(range(start, start + len(own["params"])))})
+        start += len(own["params"])
     return tensors, numbered
 
 

@@ -18,7 +18,7 @@ from dozero.config import MODEL_PRESETS, suggest
 from dozero.errors import DozeroError
 
 SCHEDULES = ("cosine", "constant", "wsd")
-PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp", "zero2", "tp", "fsdp+tp")
+PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp", "zero2", "tp", "fsdp+tp", "pp")
 """--parallel choices (dozero.parallel applies them; listed here so that reading a config imports no process code)."""
 
 
@@ -88,7 +88,8 @@ class TrainConfig:
     gradients and AdamW moments sharded over the processes: ZeRO-3), zero2 (fsdp that keeps the gathered weights
     from forward to backward: more memory, less communication), tp (tensor parallelism: each block's heads and
     feed-forward split over all processes, which all read the same batch), fsdp+tp (tp within groups of --tp-size
-    processes, fsdp across the groups), or auto (ddp under torchrun). See docs scaling.md."""
+    processes, fsdp across the groups), pp (pipeline parallelism: the blocks split into one stage per process,
+    micro-batches of one sequence flowing through them), or auto (ddp under torchrun). See docs scaling.md."""
     tp_size: int = 2
     """fsdp+tp only: processes per tensor-parallel group (it must divide the number of processes and the heads)."""
     cpu_offload: bool = False

@@ -165,7 +165,8 @@ def _setup(cfg: TrainConfig, overrides: dict, resume, device: torch.device, quie
             raise disk_error(e, run_dir) from None
     # DDP, FSDP, activation checkpointing, compile: applied to the finished (and restored) model.
     model, optimizer = parallel.parallelize(raw_model, optimizer, lambda m: make_optimizer(m, cfg, device), cfg, device)
-    stepper = Stepper(model, raw_model, optimizer, loader, cfg, accum, device, dtype, scaler)
+    step_class = parallel.PipelineStepper if cfg.parallel == "pp" else Stepper  # pp: the schedule runs the passes
+    stepper = step_class(model, raw_model, optimizer, loader, cfg, accum, device, dtype, scaler)
     observer = RunObserver(run_dir, main, cfg.max_steps, result.step, show=not quiet, tensorboard=cfg.tensorboard)
     run = Run(
         cfg,

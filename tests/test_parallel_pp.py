@@ -1,0 +1,33 @@
+"""Pipeline parallelism (--parallel pp): the stages compute what the whole model computes, and a
+number of processes that does not divide the layers is one line. The same losses as one process at
+2 stages, resumed from and into sharded checkpoints: tests/test_parallel_tp.py (Llama blocks, tied head)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dozero.config import get_model_config
+from dozero.errors import DozeroError
+from dozero.model.gpt import GPTModel
+
+
+@pytest.mark.parametrize("preset", ["shakespeare-char", "llama-char"])
+def test_stages_in_a_row_compute_the_whole_model(preset):
+    from dozero.parallel.pp import Stage, stage_blocks
+
+    torch.manual_seed(0)
+    model = GPTModel(get_model_config(preset)).eval()
+    x = torch.randint(0, 65, (2, 24))
+    stages = [Stage(model, stage_blocks(4, 2, r), r == 0, r == 1) for r in range(2)]
+    torch.testing.assert_close(stages[1](stages[0](x)), model(x), rtol=0, atol=0)
+    assert [name for name, _ in stages[1].named_parameters()][0].startswith("trf_blocks.2.")  # the model's names
+
+
+def test_layers_that_do_not_split_are_one_line_errors():
+    from dozero.parallel.pp import stage_blocks
+
+    assert stage_blocks(12, 4, 3) == range(9, 12)
+    with pytest.raises(DozeroError, match="3 does not divide the model's 4 layers") as e:
+        stage_blocks(4, 3, 0)
+    assert "\n" not in str(e.value)
