@@ -238,7 +238,9 @@ def test_memory_per_strategy_follows_the_sharding_arithmetic(capsys):
     # tp: the 4 matrices of each block split (16 bytes + 2 for autocast's copy per parameter); 2 -> 4 saves a quarter.
     matrices = cfg.n_layers * (4 * cfg.emb_dim**2 + 2 * cfg.emb_dim * cfg.hidden_dim)
     assert at[2]["tp"] - at[4]["tp"] > 18 * matrices / 4
-    assert strategy_memory(cfg, 4, 1)["tp"] == at[2]["ddp"]
+    assert strategy_memory(cfg, 4, 1)["tp"] == strategy_memory(cfg, 4, 1)["pp"] == at[2]["ddp"]
+    # pp: the last stage holds L/N blocks and the head (a tied one as a copy) and those blocks' activations.
+    assert at[2]["ddp"] > at[2]["pp"] > at[4]["pp"] > at[2]["pp"] / 2
     assert suggest_strategy(cfg, 4, 2, memory=at[2]["ddp"]) == "ddp"
     assert suggest_strategy(cfg, 4, 2, memory=at[2]["fsdp"]) == "fsdp"
     assert suggest_strategy(cfg, 4, 2, memory=1000) is None

@@ -157,7 +157,7 @@ def _print_strategies(cfg, batch_size: int, context_length: int | None) -> None:
     )
     for strategy in STRATEGIES:
         print(f"  {strategy:<26}" + "".join(f"{human_bytes(table[w][strategy]):>12}" for w in worlds))
-    print("--parallel ddp|zero2|fsdp|tp, +ac: --activation-checkpointing (docs: scaling.md); batch is per GPU.")
+    print("--parallel ddp|zero2|fsdp|tp|pp, +ac: --activation-checkpointing (docs: scaling.md); batch is per GPU.")
     print("which to use (the first that fits, 15% spare):")
     for gib in (24, 80):
         print("  " + strategy_advice(cfg, batch_size, gib * 1024**3))

@@ -127,9 +127,9 @@ def memory_estimate(cfg: ModelConfig, batch_size: int, context_length: int | Non
     return out
 
 
-STRATEGIES = ("ddp", "zero2", "fsdp", "fsdp+ac", "tp")
+STRATEGIES = ("ddp", "zero2", "fsdp", "fsdp+ac", "tp", "pp")
 """Ways to spread training over processes (dozero train --parallel, --activation-checkpointing): the
-data-parallel ones first, least memory last; then tensor parallelism."""
+data-parallel ones first, least memory last; then tensor and pipeline parallelism."""
 
 
 def strategy_memory(
@@ -150,6 +150,9 @@ def strategy_memory(
                (their 16 bytes/parameter and the activations between them: q, k, v, the attention
                output, the feed-forward's hidden ones), the rest whole on every device (Korthikanti
                et al. 2022, section 4.2.1, without sequence parallelism).
+      pp       pipeline parallelism, one stage of L/N blocks per device: the busiest stage, the last (its
+               blocks, the final norm and the head, a copy of a tied head; with GPipe it keeps every
+               micro-batch's activations of its blocks until their backward: the whole batch's).
     Same caveats as memory_estimate (plan for 10-20% more); communication buffers are not counted.
     """
     est, counts = memory_estimate(cfg, batch_size, context_length), parameter_breakdown(cfg)
@@ -174,7 +177,17 @@ def strategy_memory(
         "fsdp": int(sharded + gathered_two + activations),
         "fsdp+ac": int(sharded + gathered_two + checkpointed),
         "tp": int((16 + cast) * (N - split + split / W) + activations - split_activations * (W - 1) / W),
+        "pp": row["training"] if W == 1 else _last_stage_bytes(cfg, batch_size, T, precision, W),
     }
+
+
+def _last_stage_bytes(cfg: ModelConfig, batch_size: int, context_length: int, precision: str, stages: int) -> int:
+    """Training bytes of the last of `stages` pipeline stages: ceil(L / stages) blocks, the final norm
+    and the head, each parameter 16 bytes (+ autocast's copy), and those blocks' activations."""
+    cast = 2 if precision == "bf16" else 0
+    blocks = -(-cfg.n_layers // stages)
+    params = blocks * sum(_block_parameters(cfg).values()) + _norm_parameters(cfg) + cfg.vocab_size * cfg.emb_dim
+    return int((16 + cast) * params + activation_bytes(_layers(cfg, blocks), batch_size, context_length, precision))
 
 
 def _split_activation_bytes(cfg: ModelConfig, batch_size: int, context_length: int, precision: str) -> int:
