@@ -168,6 +168,41 @@ def test_decoding_linear_equals_linear(rows, bias):
         torch.set_num_threads(threads)
 
 
+def test_one_token_product_is_four_calls_and_its_kept_view_stays_right(monkeypatch):
+    """DecodingLinear keeps its weight's split view between calls: a one-token product is 4 tensor
+    operations (7 when the view was built each time; SmolLM2 makes 121 products per token). The kept view
+    must follow in-place changes and new storage, and never stand in for the weight when gradients flow
+    (a view kept from inference mode carries none)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(768, 384, bias=False)
+    holder = torch.nn.Sequential(copy.deepcopy(linear))
+    use_decoding_layout(holder)
+    x = torch.randn(1, 1, 768)
+    with torch.inference_mode():
+        holder(x)  # keeps the view
+        calls = []
+        with Count():
+            holder(x)
+    assert len(calls) == 4 and "aten.bmm.default" in calls, calls
+    y = holder(x)  # gradients on: the weight itself, so the gradient reaches it
+    y.square().sum().backward()
+    linear(x).square().sum().backward()
+    torch.testing.assert_close(holder[0].weight.grad, linear.weight.grad, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        holder[0].weight.mul_(2)  # in place: the kept view sees it
+        torch.testing.assert_close(holder(x), 2 * linear(x), atol=1e-5, rtol=1e-5)
+        holder[0].weight.data = linear.weight.data.t().contiguous().t() * 3  # new storage: a new view
+        torch.testing.assert_close(holder(x), 3 * linear(x), atol=1e-5, rtol=1e-5)
+
+
 def test_batched_equals_one_by_one_text(char_model, char_tokenizer):
     prompts = ["The quick brown fox", "a", "Hello, world! How are you"]
     settings = {**GREEDY, "max_new_tokens": 20}

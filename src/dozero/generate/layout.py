@@ -54,28 +54,39 @@ class DecodingLinear(torch.nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight = weight  # (out, in); a Parameter stays the same object (and a tied one, tied)
         self.bias = bias
+        self._slices = None  # (threads, the weight's address, its (s, K/s, N) view): made once, not per token
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K, N = self.in_features, self.out_features
-        w = self.weight.t()  # (K, N): contiguous in the decoding layout
         # Under torch.compile: one product, which inductor plans itself (get_num_threads would also
         # break the graph in two).
         splits = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
         rows = x.numel() // K
-        split = (
-            splits > 1
-            and K % splits == 0
-            and K * N >= self.SPLIT_MIN_WEIGHTS
-            and rows <= self.SPLIT_MAX_ROWS
-            and w.is_contiguous()
-        )
-        if split:
-            slices = x.reshape(rows, splits, K // splits).transpose(0, 1)  # (s, R, K/s)
-            partial = torch.bmm(slices, w.view(splits, K // splits, N))  # (s, R, N)
-            y = partial.sum(0).view(*x.shape[:-1], N)
+        w_slices = self.weight_slices(splits) if 1 < splits and rows <= self.SPLIT_MAX_ROWS else None
+        if w_slices is not None:
+            # (s, R, K/s); one row (decoding one token) is a plain view, no transpose
+            slices = x.reshape(splits, 1, K // splits) if rows == 1 else x.reshape(rows, splits, -1).transpose(0, 1)
+            y = torch.bmm(slices, w_slices).sum(0).view(*x.shape[:-1], N)  # (s, R, N) partial products, summed
         else:
-            y = x @ w  # (..., K) @ (K, N), read as stored (F.linear was slower on this layout here)
+            y = x @ self.weight.t()  # (..., K) @ (K, N), read as stored (F.linear was slower on this layout)
         return y if self.bias is None else y + self.bias
+
+    def weight_slices(self, splits: int) -> torch.Tensor | None:
+        """The weight as `splits` slices of its input dimension (s, K/s, N), a view of the (in, out) storage;
+        None when it is not split (too small, not laid out, K not divisible). Kept between calls: building
+        the view took 2 of the 7 calls of a one-token product (SmolLM2 makes 121 products per token). A
+        weight given new storage (`.data =`, `.to()`) has another address, so its view is made again.
+        With gradients on, a fresh view every call: one kept from inference mode carries no gradient."""
+        K, N = self.in_features, self.out_features
+        cached, keep = self._slices, not torch.is_grad_enabled()
+        if keep and cached is not None and cached[0] == splits and cached[1] == self.weight.data_ptr():
+            return cached[2]
+        w = self.weight.t()  # (K, N): contiguous in the decoding layout
+        split = K % splits == 0 and K * N >= self.SPLIT_MIN_WEIGHTS and w.is_contiguous()
+        view = w.view(splits, K // splits, N) if split else None
+        if keep:
+            self._slices = (splits, self.weight.data_ptr(), view)
+        return view
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -102,7 +113,8 @@ class DecodingBlock(TransformerBlock):
         heads = att.qkv(self.norm1(x)).view(B, 1, nh + 2 * nkv, hs)  # (B, 1, nh + 2 nkv, hs): q, k, v heads
         qk, v = heads[:, :, : nh + nkv], heads[:, :, nh + nkv :]
         if rope is not None:  # cos, sin (B or 1, 1, 1, hs) broadcast over every query and key head at once
-            qk = apply_rope(qk, rope[0].to(qk.dtype), rope[1].to(qk.dtype))
+            cos, sin = rope if rope[0].dtype == qk.dtype else (rope[0].to(qk.dtype), rope[1].to(qk.dtype))
+            qk = apply_rope(qk, cos, sin)
         q, k = qk[:, :, :nh], qk[:, :, nh:]
         keys, values = att.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2), attn_mask.shape[-1])
         q = q.reshape(B, nkv, nh // nkv, hs) * (1.0 / math.sqrt(hs))  # (B, nkv, g, hs): a group's queries as rows
