@@ -80,7 +80,8 @@ class GenerationConfig(SamplingConfig):
     """Compile the one-token decode step with torch.compile: 10-35 s the first time (a few seconds once
     PyTorch has cached it on disk), then a small model's tokens cost about a third (4 layers x 128:
     ~1,900 instead of ~700 tokens/s here); at 124M memory decides and it gains little. Pays off for long
-    generations only (benchmarks/generate_speed.py --compile measures it)."""
+    generations only (benchmarks/generate_speed.py --compile measures it). The cache is rounded up to a
+    multiple of 512 slots, so later calls in the same process (chat turns) reuse the compiled step."""
 
     def validate(self) -> None:
         super().validate()
