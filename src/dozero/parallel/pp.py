@@ -81,8 +81,9 @@ def apply_pp(model: nn.Module, optimizer, make_optimizer, cfg, device):
     """Make `model` this rank's stage in place (other ranks' blocks removed, so its parameters and a
     sharded checkpoint hold this stage's only), build the GPipe schedule (one micro-batch per
     sequence) and an optimizer for what is left, carrying over a restored AdamW state."""
-    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+    from dozero.parallel.fsdp import _torch_module  # (fsdp.py imports this module)
 
+    pipelining = _torch_module("pipelining", "pp")  # a one-line error on a torch without it
     n, rank = runtime.world_size(), runtime.rank()
     blocks = stage_blocks(model.cfg.n_layers, n, rank)
     first, last = rank == 0, rank == n - 1
@@ -99,10 +100,12 @@ def apply_pp(model: nn.Module, optimizer, make_optimizer, cfg, device):
         if p in optimizer.state:  # the same Parameter objects: a restored state carries over
             new.state[p] = optimizer.state[p]
     loss_fn = _loss_of_micro_batch(cfg, model.cfg)
-    pipeline = PipelineStage(stage, rank, n, device)
+    pipeline = pipelining.PipelineStage(stage, rank, n, device)
     # scale_grads=False: the schedule would rescale every gradient in the stage after each step, those
     # of earlier accumulation steps too; the loss is divided instead (_loss_of_micro_batch).
-    model.pipeline = ScheduleGPipe(pipeline, n_microbatches=cfg.micro_batch_size, loss_fn=loss_fn, scale_grads=False)
+    model.pipeline = pipelining.ScheduleGPipe(
+        pipeline, n_microbatches=cfg.micro_batch_size, loss_fn=loss_fn, scale_grads=False
+    )
     model.pipeline_first, model.pipeline_last = first, last
     model.tied_group = dist.new_group([0, n - 1]) if model.cfg.tie_weights else None  # every rank calls new_group
     model.forward = _pipeline_forward(model)  # evaluation: the same call as an unsplit model
