@@ -54,8 +54,8 @@ class QuantizeConfig:
     kernel: str = "reference"
     """How the quantized layers multiply: 'reference' (dequantize, then a float product: weight-only, only
     the weights' rounding costs quality) or 'fbgemm' (FBGEMM's int8 kernel, the fast one on x86 CPUs, which
-    also rounds each input row to 8 bits, 7 without AVX-512 VNNI: SmolLM2-135M's perplexity +43% / 2.5x
-    worse, +7% with --smooth 0.7; see model/quantized.py)."""
+    also rounds each input row to 8 bits, 7 without AVX-512 VNNI: SmolLM2-135M's perplexity 1.4x / 3x
+    fp32's, 1.07x with --smooth 0.7; see model/quantized.py)."""
     smooth: float = 0.0
     """SmoothQuant's alpha (compress/smooth.py): before quantizing, move the activations' outliers into
     the weights (same function), measured on calibration text; 0 = off. For --kernel fbgemm (0.7 measured
