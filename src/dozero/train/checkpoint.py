@@ -15,7 +15,7 @@ Each checkpoint is a model folder (`config.json`, `model.safetensors`, tokenizer
                                best validation loss, grad-scaler state
     checksums.json             the sha256 of every other file, written last, checked on resume
 
-A run whose model is sharded over processes (--parallel fsdp|zero2) writes a sharded checkpoint
+A run whose model is sharded over processes (--parallel fsdp|zero2|tp|fsdp+tp|pp) writes a sharded checkpoint
 instead: every rank writes its own pieces of the weights and moments into shards/ in parallel
 (PyTorch's distributed checkpoint, DCP; dozero.parallel.dcp), there is no model.safetensors or
 optimizer.safetensors, and config.json names the shard files. It loads as a model folder and
@@ -47,17 +47,21 @@ from dozero.errors import DozeroError
 from dozero.files import write_json
 from dozero.model.checkpoint import (
     CHECKSUMS_FILE,
-    FORMAT,
-    FORMAT_VERSION,
-    MODEL_CONFIG_FILE,
     model_config_from_dict,
     read_json,
     read_safetensors,
     verify_checksums,
     write_checksums,
 )
-from dozero.model.sharded import SHARDED_KEY, SHARDS_DIR, read_sharded
+from dozero.model.sharded import SHARDS_DIR, read_sharded
 from dozero.train.config import TrainConfig
+from dozero.train.sharded_checkpoint import (
+    add_checksums,
+    is_sharded_checkpoint,
+    moments_by_position,
+    save_sharded_config,
+    write_sharded,
+)
 
 RUN_CONFIG_FILE = "train_config.json"
 TRAINER_STATE = "trainer_state.json"
@@ -178,7 +182,7 @@ def save_checkpoint(
     before the checksums, so they are verified with the rest.
 
     sharded: `model` is sharded over processes; every rank calls this and writes its own pieces
-    (`_write_sharded`); the trainer state (rank 0's) and everything else is written by rank 0 alone."""
+    (`write_sharded`); the trainer state (rank 0's) and everything else is written by rank 0 alone."""
     from dozero.model.checkpoint import save_model
 
     run_dir = Path(run_dir)
@@ -193,7 +197,7 @@ def save_checkpoint(
             tensors, groups = optimizer_to_files(optimizer)
             save_file(tensors, str(tmp / OPTIMIZER_STATE))
         else:
-            _save_sharded_config(tmp, model.cfg, tokenizer, metadata, shard_files)
+            save_sharded_config(tmp, model.cfg, tokenizer, metadata, shard_files)
             groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in optimizer.param_groups]
         state = {**trainer_state, "step": step, "optimizer_param_groups": groups}
         write_json(tmp / TRAINER_STATE, state, indent=1, default=_json_default)
@@ -201,10 +205,10 @@ def save_checkpoint(
             extra_files(tmp)
         write_checksums(tmp, step=step)  # last: a folder with checksums.json is complete
         if shard_files is not None:  # the shards are checked on load like every other file
-            _add_checksums(tmp, [f"{SHARDS_DIR}/{name}" for name in shard_files])
+            add_checksums(tmp, [f"{SHARDS_DIR}/{name}" for name in shard_files])
 
     if sharded:
-        _write_sharded(final, model, optimizer, fill)
+        write_sharded(final, model, optimizer, fill)
         if not runtime.is_main():
             return final
     else:
@@ -223,47 +227,6 @@ def _copy_files(src: Path, dst: Path) -> None:
             shutil.copytree(f, dst / f.name)
         else:
             shutil.copy2(f, dst / f.name)
-
-
-def _write_sharded(final: Path, model, optimizer, fill) -> None:
-    """Every rank writes its pieces into one temporary folder beside `final` (a name all ranks know,
-    on the file system they share); rank 0 then adds the rest with `fill(tmp, shard_files)` and renames
-    it into place, so the checkpoint appears whole or not at all, as an ordinary one."""
-    from dozero import parallel
-
-    tmp = final.with_name(f".{final.name}.sharded")
-    if runtime.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash of an earlier save
-        tmp.mkdir()
-    runtime.barrier()
-    try:
-        shard_files = parallel.save_sharded(tmp / SHARDS_DIR, model, optimizer)
-        if runtime.is_main():
-            fill(tmp, shard_files)
-            _replace_folder(tmp, final)
-    except BaseException:
-        if runtime.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _save_sharded_config(folder: Path, cfg: ModelConfig, tokenizer, metadata: dict, shard_files: list[str]) -> None:
-    """config.json of a model folder whose weights are in shards/ (dozero.model.sharded reads them)."""
-    reserved = {"format", "format_version", "model", SHARDED_KEY} & set(metadata)
-    if reserved:
-        raise ValueError(f"metadata may not use the reserved keys {sorted(reserved)}")
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict(), **metadata}
-    write_json(folder / MODEL_CONFIG_FILE, {**config, SHARDED_KEY: {"files": shard_files}})
-    if tokenizer is not None:
-        tokenizer.save(folder)
-
-
-def _add_checksums(folder: Path, names: list[str]) -> None:
-    from dozero.data.shards import file_sha256
-
-    record = read_json(folder / CHECKSUMS_FILE)
-    record["sha256"].update({name: file_sha256(folder / name) for name in names})
-    write_json(folder / CHECKSUMS_FILE, record)
 
 
 # ----------------------------------------------------------------------------- choosing one to resume
@@ -401,9 +364,9 @@ def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, model: to
     groups = state.pop("optimizer_param_groups", None)
     if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
         raise DozeroError(f"{folder / TRAINER_STATE}: no valid 'optimizer_param_groups'; the file is damaged")
-    if _is_sharded(folder):
+    if is_sharded_checkpoint(folder):
         where = folder / SHARDS_DIR
-        tensors, groups = _moments_by_position(read_sharded(folder, "optimizer/"), groups, model, optimizer, where)
+        tensors, groups = moments_by_position(read_sharded(folder, "optimizer/"), groups, model, optimizer, where)
     else:
         where = folder / OPTIMIZER_STATE
         tensors = read_safetensors(where)
@@ -412,39 +375,6 @@ def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, model: to
         if key not in state:
             raise DozeroError(f"{folder / TRAINER_STATE}: no '{key}'; the file is damaged")
     return state
-
-
-def _is_sharded(folder: Path) -> bool:
-    return SHARDED_KEY in read_json(folder / MODEL_CONFIG_FILE)
-
-
-def _moments_by_position(by_name: dict, groups: list[dict], model, optimizer, where) -> tuple[dict, list[dict]]:
-    """A sharded checkpoint's moments ("<name>/exp_avg") in the layout `optimizer_from_files` checks and
-    loads ("<position>.exp_avg", positions in this optimizer's groups). The saved groups give the
-    settings (lr, betas, ...) only: which parameter sits where is this optimizer's own business, and
-    the ranks that wrote the checkpoint may each have held a part (pipeline stages)."""
-    if len(groups) != len(optimizer.param_groups):
-        raise DozeroError(f"{where}: {len(groups)} optimizer groups, this model has {len(optimizer.param_groups)}")
-    order = [p for g in optimizer.param_groups for p in g["params"]]
-    position = {id(p): i for i, p in enumerate(order)}
-    # Every name of a parameter: a tied head is saved as out_head.weight by the stage that holds it.
-    index_of = {
-        name: position[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if id(p) in position
-    }
-    tensors = {}
-    for key, value in by_name.items():
-        name, _, moment = key.rpartition("/")
-        if name not in index_of:
-            raise DozeroError(
-                f"{where}: 'optimizer/{key}' names no parameter of this model; "
-                "the checkpoint is from another model shape"
-            )
-        tensors[f"{index_of[name]}.{moment}"] = value
-    start, numbered = 0, []
-    for own, saved in zip(optimizer.param_groups, groups, strict=True):
-        numbered.append({**saved, "params": list(range(start, start + len(own["params"])))})
-        start += len(own["params"])
-    return tensors, numbered
 
 
 def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict, groups: list[dict], where) -> None:
