@@ -9,7 +9,8 @@ vLLM): the table gives dozero's batched KV-cache engine's tokens/s for `rows` = 
 sampled answers. For DPO, the reference's log-probs either come from a table computed once before
 training (dozero's default) or from a forward pass of a live reference every step: a frozen copy for
 full fine-tuning, or the same model with LoRA switched off. Each mode runs in its own process, so
-its peak resident memory (CPU: ru_maxrss; CUDA: max_memory_allocated) is its own.
+its peak resident memory (CPU: ru_maxrss; CUDA: max_memory_allocated) is its own; the modes take
+turns, `--rounds` times, so a shift in the machine's load hits them all (medians and ranges shown).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -62,7 +64,7 @@ def dpo_step(args, mode: str) -> dict:
 
     model = build(args.preset, args.smoke, args.device)
     frozen = copy.deepcopy(model).eval().requires_grad_(False) if mode == "live-copy" else None
-    if mode != "live-copy":
+    if mode in ("precomputed", "live-lora-off"):
         apply_lora(model, LoRAConfig(rank=8))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -74,7 +76,7 @@ def dpo_step(args, mode: str) -> dict:
     for _ in range(args.steps + 1):
         start = time.perf_counter()
         logps = sequence_logprobs(model, x, y)
-        if mode != "precomputed":
+        if not mode.startswith("precomputed"):
             with torch.no_grad():
                 if frozen is not None:
                     ref = sequence_logprobs(frozen, x, y)
@@ -105,31 +107,40 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="times every mode is measured, taking turns")
     p.add_argument("--smoke", action="store_true", help="a tiny model and sizes, to check the script runs")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one measurement, in a child process
     args = p.parse_args(argv)
     if args.smoke:
-        args.rows, args.group, args.tokens, args.pairs, args.length, args.steps = 8, 4, 8, 2, 32, 1
+        args.rows, args.group, args.tokens, args.pairs, args.length, args.steps, args.rounds = 8, 4, 8, 2, 32, 1, 1
     if args.only:
         result = rollout_speed(args) if args.only == "rollout" else dpo_step(args, args.only)
         print(json.dumps(result))
         return 0
-    rows = []
-    for only in ("rollout", "precomputed", "live-lora-off", "live-copy"):
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--only", only]
-        rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
-    r = rows[0]
-    print(
-        f"rollouts: {r['rows']} answers x {args.tokens} tokens: {r['tokens_per_second']:,.0f} tokens/s ({args.device})"
-    )
-    print(f"{'DPO reference':<28} {'s/step':>8} {'peak MB':>9}")
     names = {
         "precomputed": "precomputed (LoRA)",
         "live-lora-off": "live, LoRA off (LoRA)",
+        "precomputed-full": "precomputed (full)",
         "live-copy": "live frozen copy (full)",
     }
-    for r in rows[1:]:
-        print(f"{names[r['mode']]:<28} {r['seconds_per_step']:>8.3f} {r['peak_memory_mb']:>9,.0f}")
+    runs = {name: [] for name in ("rollout", *names)}
+    for _ in range(args.rounds):
+        for only in runs:
+            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--only", only]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+            runs[only].append(json.loads(out))
+    speeds = [r["tokens_per_second"] for r in runs["rollout"]]
+    print(f"rollouts: {runs['rollout'][0]['rows']} answers x {args.tokens} tokens ({args.device}): median "
+          f"{statistics.median(speeds):,.0f} tokens/s (range {min(speeds):,.0f}-{max(speeds):,.0f}, "
+          f"{args.rounds} rounds)")  # fmt: skip
+    print(f"{'DPO reference':<26} {'s/step (median, range)':>24} {'x precomputed':>14} {'peak MB':>9}")
+    for mode, name in names.items():
+        times = [r["seconds_per_step"] for r in runs[mode]]
+        base = "precomputed-full" if mode == "live-copy" else "precomputed"
+        ratios = [t / b["seconds_per_step"] for t, b in zip(times, runs[base], strict=True)]  # same round
+        peak = max(r["peak_memory_mb"] for r in runs[mode])
+        print(f"{name:<26} {statistics.median(times):>8.3f} ({min(times):.3f}-{max(times):.3f})"
+              f" {statistics.median(ratios):>13.2f}x {peak:>9,.0f}")  # fmt: skip
     return 0
 
 
