@@ -2,6 +2,7 @@
 
     flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/train_speed.py                 # step times
     flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/train_speed.py --to-loss       # + time to val 1.886
+    flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/train_speed.py --compile       # + compiled
     .venv/bin/python benchmarks/train_speed.py --rounds 2 --steps 5 --warmup 2              # a quick check
 
 nanoGPT is never copied into dozero: its own `model.py` (the GPT module and `configure_optimizers`)
@@ -23,12 +24,16 @@ one, the nanoGPT parts are skipped with a message. To get it:
    load falls on all of them); each block's ms/step is printed, then the medians and the median of
    the per-round ratios nanoGPT ms / dozero ms (above 1: dozero is faster).
 2. --to-loss: time to nanoGPT's validation loss. nanoGPT's own train.py (its README's CPU recipe) and
-   `dozero train` (the shakespeare-char preset) run back to back as child processes on the same
-   characters (dozero's 90/10 split written as nanoGPT's train.bin/val.bin). Each one's eval lines
-   ("step N: ... val loss X") are timed as they arrive: the time to the first val loss <= 1.886 (the
-   figure nanoGPT's recipe reaches at step 2000) from the process's start, the whole run's wall
-   time, and the ratio nanoGPT time / dozero time. --dozero-args tries another dozero recipe
-   (e.g. '--max-steps 1500'); both processes' start (imports) is in their times, and is printed.
+   `dozero train --preset shakespeare-char-fast` (the same model and data; Muon, a higher lr, 600 steps:
+   see dozero/train/config.py) run back to back as child processes on the same characters (dozero's 90/10
+   split written as nanoGPT's train.bin/val.bin). Each one's eval lines ("step N: ... val loss X") are
+   timed as they arrive: the time to the first val loss <= 1.886 (the figure nanoGPT's recipe reaches at
+   step 2000) from the process's start (imports included; the first output's time is printed), the whole
+   run's wall time, and the ratio nanoGPT time / dozero time. dozero's run is the command as a user types
+   it: its evaluations (with their sample, checkpoint and loss.png) are inside the timed run.
+   --dozero-args replaces the dozero flags (e.g. '--preset shakespeare-char' for the default recipe).
+3. --compile (with 1): both models also compiled, torch.compile(model) (nanoGPT's train.py compiles by
+   default); the first step's time (the compile) is printed, the compiled pair compared with each other.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_NANOGPT = REPO.parent / "shared" / "reference" / "nanogpt"
 TARGET_VAL_LOSS = 1.886  # nanoGPT's CPU recipe at step 2000 (1.8857 on this project's machines)
 CPU = torch.device("cpu")
+DOZERO_TO_LOSS = "--preset shakespeare-char-fast"
 EVAL_LINE = re.compile(r"^step (\d+): .*?val loss (\d+\.\d+)")
 
 
@@ -99,11 +105,14 @@ class HFLogits(torch.nn.Module):
         return self.hf(input_ids=x).logits
 
 
-def dozero_step(cfg, corpus, shape):
+def dozero_step(cfg, corpus, shape, compile_model=False):
+    """dozero's model and training Stepper; compiled: the forward is torch.compile(model), as
+    `dozero train --compile` runs it (the Stepper then clips and steps the plain model's parameters)."""
     torch.manual_seed(cfg.seed)
     model = GPTModel(shape).train()
     loader = RandomWindowLoader(corpus.train, cfg.micro_batch_size, shape.context_length, cfg.seed)
-    stepper = Stepper(model, model, make_optimizer(model, cfg, CPU), loader, cfg, 1, CPU, torch.float32)
+    forward = torch.compile(model) if compile_model else model
+    stepper = Stepper(forward, model, make_optimizer(model, cfg, CPU), loader, cfg, 1, CPU, torch.float32)
     return model, lambda index: stepper(index)[0]
 
 
@@ -120,10 +129,11 @@ def hf_step(cfg, corpus, shape):
     return raw, lambda index: stepper(index)[0]
 
 
-def nanogpt_step(cfg, corpus, shape, nanogpt):
+def nanogpt_step(cfg, corpus, shape, nanogpt, compile_model=False):
     """nanoGPT's model and optimizer, and its train.py loop body as it runs on a CPU (no autocast; the
     GradScaler is disabled there, so scaler.step is optimizer.step). The learning rate follows its
-    cosine schedule (dozero's formula; the lr value does not change a step's time)."""
+    cosine schedule (dozero's formula; the lr value does not change a step's time). compile_model:
+    `model = torch.compile(model)`, what its train.py does with compile=True (its default)."""
     torch.manual_seed(cfg.seed)
     conf = nanogpt.GPTConfig(
         block_size=shape.context_length,
@@ -139,11 +149,12 @@ def nanogpt_step(cfg, corpus, shape, nanogpt):
         optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), "cpu")
     loader = RandomWindowLoader(corpus.train, cfg.micro_batch_size, shape.context_length, cfg.seed)
     cosine = dataclasses.replace(cfg, schedule="cosine")
+    forward = torch.compile(model) if compile_model else model
 
     def step(index: int) -> torch.Tensor:
         set_lr(optimizer, lr_at(index, cosine))
         x, y = loader.next_batch()  # (B, T) each
-        _, loss = model(x, y)
+        _, loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -163,13 +174,19 @@ def time_block(step, start: int, n: int) -> float:
 
 
 def build_all(args, cfg, corpus, shape) -> dict:
-    """name -> (model, step function), each built from the same seed."""
+    """name -> (model, step function), each built from the same seed. With --compile, also both
+    models compiled (nanoGPT's train.py compiles by default), so each is compared with its like."""
     runners = {"dozero": dozero_step(cfg, corpus, shape)}
     folder = nanogpt_dir(args.nanogpt)
-    if folder is not None:
-        runners["nanoGPT"] = nanogpt_step(cfg, corpus, shape, import_nanogpt(folder))
+    nanogpt = import_nanogpt(folder) if folder is not None else None
+    if nanogpt is not None:
+        runners["nanoGPT"] = nanogpt_step(cfg, corpus, shape, nanogpt)
     if not args.no_hf:
         runners["HF"] = hf_step(cfg, corpus, shape)
+    if args.compile:
+        runners["dozero+c"] = dozero_step(cfg, corpus, shape, compile_model=True)
+        if nanogpt is not None:
+            runners["nanoGPT+c"] = nanogpt_step(cfg, corpus, shape, nanogpt, compile_model=True)
     return runners
 
 
@@ -185,8 +202,10 @@ def step_times(args) -> None:
     names = list(runners)
     for name, (model, step) in runners.items():
         n_params = sum(p.numel() for p in model.parameters())
+        begin = time.perf_counter()
         first = float(step(0))  # the same batch for all: about ln(65) = 4.17 from a fresh init
-        print(f"{name:>8}: {n_params:,} parameters, first loss {first:.3f}")
+        took = time.perf_counter() - begin  # compiled: the compile of forward and backward (not in the ms/step)
+        print(f"{name:>9}: {n_params:,} parameters, first loss {first:.3f}, first step {took:.1f} s")
     print(f"step = {cfg.micro_batch_size} x {shape.context_length} tokens: forward, backward, clip, AdamW")
     print(f"{args.warmup} warm-up steps each, then {args.rounds} rounds of {args.steps} steps each; ms/step:\n")
     for _, step in runners.values():
@@ -200,9 +219,17 @@ def step_times(args) -> None:
             times[name].append(time_block(runners[name][1], index, args.steps))
         index += args.steps
         cells = "  ".join(f"{name} {times[name][-1]:6.1f}" for name in names)
-        ratio = f"  nanoGPT/dozero {times['nanoGPT'][-1] / times['dozero'][-1]:.2f}x" if "nanoGPT" in times else ""
-        print(f"round {r + 1:>2}: {cells}{ratio}")
+        ratios = "".join(
+            f"  {other}/{mine} {times[other][-1] / times[mine][-1]:.2f}x"
+            for other, mine in PAIRS
+            if other in times and mine in times and other != "HF"
+        )
+        print(f"round {r + 1:>2}: {cells}{ratios}")
     summarize(times, tokens)
+
+
+PAIRS = (("nanoGPT", "dozero"), ("HF", "dozero"), ("nanoGPT+c", "dozero+c"))
+"""The ratios printed: each model against dozero run the same way (eager with eager, compiled with compiled)."""
 
 
 def summarize(times: dict[str, list[float]], tokens: int) -> None:
@@ -210,12 +237,12 @@ def summarize(times: dict[str, list[float]], tokens: int) -> None:
     for name, ms in times.items():
         median = statistics.median(ms)
         spread = f"{min(ms):.1f}-{max(ms):.1f}"
-        print(f"{name:>8}: median {median:.1f} ms/step ({spread}), {1e3 * tokens / median:,.0f} tokens/s")
-    for other in ("nanoGPT", "HF"):
-        if other in times:
-            ratios = [o / d for o, d in zip(times[other], times["dozero"], strict=True)]
+        print(f"{name:>9}: median {median:.1f} ms/step ({spread}), {1e3 * tokens / median:,.0f} tokens/s")
+    for other, mine in PAIRS:
+        if other in times and mine in times:
+            ratios = [o / d for o, d in zip(times[other], times[mine], strict=True)]
             print(
-                f"{other}/dozero ms per step: median {statistics.median(ratios):.2f}x "
+                f"{other}/{mine} ms per step: median {statistics.median(ratios):.2f}x "
                 f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x; above 1: dozero is faster)"
             )
 
@@ -283,11 +310,15 @@ def time_to_loss(args) -> None:
     write_nanogpt_data(work / "data" / "shakespeare_char", corpus)
     (work / "configurator.py").symlink_to(folder / "configurator.py")  # train.py execs it from its cwd
     env = dict(os.environ, TQDM_DISABLE="1")
+    # dozero's run is `dozero train` as a user types it: its preset's steps, evaluations (each with its
+    # sample, checkpoint and loss.png, all inside the timed run) and logging; --dozero-args changes them.
     dozero = [sys.executable, "-u", "-m", "dozero", "train", "--out-dir", str(work / "runs" / "dozero")]
-    dozero += ["--max-steps", str(args.to_loss_steps), "--eval-interval", str(args.eval_interval)]
     dozero += shlex.split(args.dozero_args)
     commands = {"nanoGPT": nanogpt_command(folder, args.to_loss_steps, args.eval_interval), "dozero": dozero}
-    print(f"\ntime to val loss <= {TARGET_VAL_LOSS}, back to back, {args.to_loss_steps} steps each (folder {work}):")
+    print(
+        f"\ntime to val loss <= {TARGET_VAL_LOSS}, back to back: nanoGPT {args.to_loss_steps} steps "
+        f"(eval every {args.eval_interval}), then `{shlex.join(dozero[3:])}` (folder {work}):"
+    )
     results = {name: timed_run(name, command, work, env) for name, command in commands.items()}
     for name, r in results.items():
         reached = f"{r['reached']:.1f} s" if r["reached"] is not None else "not reached"
@@ -307,12 +338,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per model first (default 10)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the step times (default: PyTorch's)")
     p.add_argument("--no-hf", action="store_true", help="leave out Hugging Face's model")
+    p.add_argument("--compile", action="store_true", help="also time dozero and nanoGPT with torch.compile(model)")
     p.add_argument("--nanogpt", default="", help=f"nanoGPT checkout (default: $NANOGPT_DIR or {DEFAULT_NANOGPT})")
     p.add_argument("--to-loss", action="store_true", help="also time both full runs to nanoGPT's val loss")
     p.add_argument("--skip-steps", action="store_true", help="only the --to-loss runs")
-    p.add_argument("--to-loss-steps", type=int, default=2000, help="--to-loss: steps of each run (default 2000)")
-    p.add_argument("--eval-interval", type=int, default=250, help="--to-loss: steps between evals (default 250)")
-    p.add_argument("--dozero-args", default="", help="--to-loss: more `dozero train` flags, e.g. '--max-steps 1500'")
+    p.add_argument("--to-loss-steps", type=int, default=2000, help="--to-loss: nanoGPT's steps (default 2000)")
+    p.add_argument("--eval-interval", type=int, default=250, help="--to-loss: nanoGPT's steps between evals (250)")
+    p.add_argument(
+        "--dozero-args", default=DOZERO_TO_LOSS, help=f"--to-loss: `dozero train` flags (default '{DOZERO_TO_LOSS}')"
+    )
     args = p.parse_args()
     if min(args.rounds, args.steps, args.to_loss_steps, args.eval_interval) < 1 or args.warmup < 0:
         p.error("--rounds, --steps, --to-loss-steps and --eval-interval must be >= 1, --warmup >= 0")

@@ -377,3 +377,65 @@ def test_runtime_precision_and_peak_flops(monkeypatch):
     a = torch.rand(3)
     runtime.set_rng_state(json.loads(json.dumps(state)))  # survives JSON
     assert torch.equal(torch.rand(3), a)
+
+
+def test_muon_is_torchs_muon_for_the_blocks_matrices_and_adamw_for_the_rest():
+    import copy
+
+    from dozero.train.optim import MuonAdamW, orthogonalize
+
+    torch.manual_seed(0)
+    model = GPTModel(dataclasses.replace(get_model_config("shakespeare-char"), **TINY_SHAPE))
+    reference = copy.deepcopy(model)
+    decay, no_decay, matrices = param_groups(model, 0.1, muon=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)].rsplit(".", 2)[-2] for p in matrices["params"]) == sorted(
+        ["qkv", "out_proj", "fc", "proj"] * 2
+    )
+    assert [names[id(p)] for p in decay["params"]] == ["tok_emb.weight", "pos_emb.weight"]  # (the tied head)
+    mine = MuonAdamW([decay, no_decay, matrices], lr=0.01, betas=(0.9, 0.99), fused=True)
+    groups = param_groups(reference, 0.1, muon=True)
+    adamw = torch.optim.AdamW(groups[:2], lr=0.01, betas=(0.9, 0.99), eps=1e-8, fused=True)
+    muon = torch.optim.Muon(groups[2]["params"], lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    x = torch.randint(0, 65, (3, 16))
+    for _ in range(3):
+        for m in (model, reference):
+            torch.nn.functional.cross_entropy(m(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()
+        for opt in (mine, adamw, muon):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q), name  # bit for bit
+    # Every parameter carries AdamW's three state tensors (the layout checkpoints check).
+    assert {frozenset(s) for s in mine.state.values()} == {frozenset({"step", "exp_avg", "exp_avg_sq"})}
+    # The update is near-orthogonal: singular values pulled from a spread of ~30x to about 1.
+    g = torch.randn(96, 32) * torch.logspace(0, 1.5, 32)
+    assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > 20
+    s = torch.linalg.svdvals(orthogonalize(g).float())
+    assert 0.6 < s.min() and s.max() < 1.25
+
+
+def test_muon_runs_resume_exactly(tmp_path):
+    cfg = tiny_config(tmp_path, optimizer="muon", max_steps=8, eval_interval=4)
+    straight = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "straight")), TINY_SHAPE, quiet=True)
+    assert straight.losses[1] == pytest.approx(math.log(65), abs=0.1) and straight.losses[8] < straight.losses[1] - 0.3
+    first = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "cut"), stop_after=3), TINY_SHAPE, quiet=True)
+    resumed = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "cut")), resume=tmp_path / "cut", quiet=True)
+    assert [first.losses[s] for s in (1, 2, 3)] + [resumed.losses[s] for s in range(4, 9)] == [
+        straight.losses[s] for s in range(1, 9)
+    ]
+    assert resumed.val_loss == straight.val_loss
+    with pytest.raises(DozeroError, match="--optimizer muon orthogonalizes whole matrices"):
+        dataclasses.replace(cfg, parallel="fsdp").validate()
+    with pytest.raises(DozeroError, match="did you mean 'adamw'"):
+        dataclasses.replace(cfg, optimizer="adam").validate()
+
+
+def test_the_fast_preset_trains_the_course_model_with_muon():
+    fast, char = get_train_preset("shakespeare-char-fast"), get_train_preset("shakespeare-char")
+    assert fast.model == char.model and fast.micro_batch_size == char.micro_batch_size == 12  # same model, batch
+    assert (fast.optimizer, fast.max_steps, fast.lr, fast.warmup_steps) == ("muon", 600, 6e-3, 30)
+    assert (fast.schedule, fast.decay_fraction, fast.eval_iters) == ("wsd", 0.4, 20)
+    assert make_optimizer(GPTModel(get_model_config(fast.model)), fast, torch.device("cpu")).__class__.__name__ == (
+        "MuonAdamW"
+    )
