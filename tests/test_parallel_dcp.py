@@ -118,3 +118,95 @@ def _bad_sharded_checkpoints_are_one_line_errors(step: Path, tmp_path: Path, cap
     (other / "checksums.json").unlink()  # (with the checksums, the edit itself is the error)
     err = error(["model", "convert", str(other), str(tmp_path / "out2"), "--to", "dozero"])
     assert "has shape (65, 32) but the config needs (65, 48)" in err
+
+
+# ----------------------------------------------------------------------------- reading shards, in one process
+
+
+def _sharded_folder(root: Path, files: dict[str, dict[str, tuple[list[int], torch.Tensor]]]) -> Path:
+    """A checkpoint folder as DCP and rank 0 write it: per shard file, key -> (offsets, piece)."""
+    from safetensors.torch import save_file
+
+    from dozero.model.checkpoint import write_checksums
+    from dozero.model.sharded import SHARDING_INFO
+    from dozero.train.sharded_checkpoint import add_checksums
+
+    folder = root / "run" / "step"
+    (folder / SHARDS_DIR).mkdir(parents=True)
+    for name, pieces in files.items():
+        info = json.dumps({key: {"saved_offsets": offsets} for key, (offsets, _) in pieces.items()})
+        tensors = {key: t for key, (_, t) in pieces.items()}
+        save_file(tensors, str(folder / SHARDS_DIR / name), metadata={SHARDING_INFO: info})
+    config = {"format": "dozero", "format_version": 1, "model": {}, "sharded": {"files": sorted(files)}}
+    (folder / "config.json").write_text(json.dumps(config))
+    write_checksums(folder)
+    add_checksums(folder, [f"{SHARDS_DIR}/{name}" for name in files])
+    return folder
+
+
+def _rows(*rows: int) -> torch.Tensor:
+    return torch.tensor([[float(r)] * 3 for r in rows])
+
+
+def test_pieces_are_put_together_whatever_their_order(tmp_path):
+    from dozero.model.sharded import read_sharded
+
+    folder = _sharded_folder(
+        tmp_path,
+        {"b.safetensors": {"model/w": ([2, 0], _rows(2, 3))}, "a.safetensors": {"model/w": ([0, 0], _rows(0, 1))}},
+    )
+    assert torch.equal(read_sharded(folder, "model/")["w"], _rows(0, 1, 2, 3))
+
+
+@pytest.mark.parametrize(
+    "pieces, message",
+    [
+        # rows 0-1, row 1 again, row 3: the sizes add up to the 4 rows, row 2 is never written
+        ([([0, 0], _rows(0, 1)), ([1, 0], _rows(1)), ([3, 0], _rows(3))], "two pieces of 'w' overlap at [1, 0]"),
+        ([([-2, 0], _rows(0, 1)), ([0, 0], _rows(0, 1))], "sit at [-2, 0]"),
+        ([([10**12, 0], _rows(0))], "the shards hold 3 of the 3000000000003 values of 'w'"),  # not allocated
+    ],
+)
+def test_pieces_that_overlap_or_sit_outside_are_one_line_errors(tmp_path, pieces, message):
+    from dozero.errors import DozeroError
+    from dozero.model.sharded import read_sharded
+
+    folder = _sharded_folder(tmp_path, {f"{i}.safetensors": {"model/w": piece} for i, piece in enumerate(pieces)})
+    with pytest.raises(DozeroError, match=message.replace("[", r"\[").replace("]", r"\]")) as e:
+        read_sharded(folder, "model/")
+    assert "\n" not in str(e.value)
+
+
+def test_a_bad_segment_number_is_a_one_line_error():
+    from dozero.errors import DozeroError
+
+    with pytest.raises(DozeroError, match="'w#x' is not a segment name"):
+        _join_segments({"w#x": _rows(0)}, "shards")
+    with pytest.raises(DozeroError, match="segments of 'w' are not #0 to #1"):
+        _join_segments({"w#0": _rows(0), "w#2": _rows(1)}, "shards")
+    assert torch.equal(_join_segments({"w#1": _rows(1), "w#0": _rows(0)})["w"], _rows(0, 1))
+
+
+def test_shard_names_outside_the_folder_or_without_a_checksum_are_refused(tmp_path):
+    """config.json names the shard files: a name with a folder in it would read any file, and a file
+    checksums.json does not record was not saved with the checkpoint."""
+    from dozero.data.shards import file_sha256
+    from dozero.errors import DozeroError
+    from dozero.model.sharded import read_sharded
+
+    folder = _sharded_folder(tmp_path, {"a.safetensors": {"model/w": ([0, 0], _rows(0))}})
+    shutil.copy(folder / SHARDS_DIR / "a.safetensors", tmp_path / "secret.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    for name in ["../../../secret.safetensors", "/etc/passwd", "config.json"]:
+        config["sharded"]["files"] = [name]
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(DozeroError, match=f"'{name}' is not a shard file name"):
+            read_sharded(folder, "model/")
+    config["sharded"]["files"] = ["a.safetensors", "b.safetensors"]  # b added after the save
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(folder / SHARDS_DIR / "a.safetensors", folder / SHARDS_DIR / "b.safetensors")
+    sums = json.loads((folder / "checksums.json").read_text())
+    sums["sha256"]["config.json"] = file_sha256(folder / "config.json")
+    (folder / "checksums.json").write_text(json.dumps(sums))
+    with pytest.raises(DozeroError, match="checksums.json has no sha256 of shards/b.safetensors"):
+        read_sharded(folder, "model/")

@@ -86,10 +86,11 @@ def write_checksums(folder: Path, **extra) -> None:
     )
 
 
-def verify_checksums(folder: Path, only: tuple[str, ...] | None = None) -> bool:
+def verify_checksums(folder: Path, only: tuple[str, ...] | None = None, required: bool = False) -> bool:
     """Check the files of `folder` (or the `only` ones) against its checksums.json; DozeroError naming
     the first damaged or missing file. False when the folder has no checksums.json (written before
-    dozero kept them, or by another tool): nothing to check against."""
+    dozero kept them, or by another tool): nothing to check against. `required`: every `only` name
+    must be recorded (one that is not was not saved with the folder)."""
     from dozero.data.shards import file_sha256
 
     folder = Path(folder)
@@ -98,6 +99,9 @@ def verify_checksums(folder: Path, only: tuple[str, ...] | None = None) -> bool:
     recorded = read_json(folder / CHECKSUMS_FILE).get("sha256")
     if not isinstance(recorded, dict):
         raise DozeroError(f"{folder / CHECKSUMS_FILE} is damaged (no 'sha256' table)")
+    unrecorded = [name for name in only or () if required and name not in recorded]
+    if unrecorded:
+        raise DozeroError(f"{folder} is damaged: {CHECKSUMS_FILE} has no sha256 of {unrecorded[0]}")
     for name, digest in recorded.items():
         if only is not None and name not in only:
             continue
