@@ -93,6 +93,21 @@ def test_bad_parallel_settings_are_one_line_errors(tmp_path, capsys):
         assert code == 2 and expected in err and err.count("\n") == 1, err
 
 
+def test_fsdp_imports_no_tensor_parallelism(monkeypatch):
+    """--parallel fsdp|zero2 ask torch for FSDP alone: torch.distributed.tensor.parallel is apply_tp's."""
+    from dozero.errors import DozeroError
+    from dozero.parallel import fsdp
+    from dozero.train.config import TrainConfig
+
+    asked = []
+    monkeypatch.setattr(fsdp, "torch_module", lambda name, strategy="fsdp": asked.append(name))
+    model = GPTModel(get_model_config("shakespeare-char"))
+    for strategy in ("fsdp", "zero2"):
+        with pytest.raises(DozeroError, match="launch with torchrun"):  # this process is no torchrun
+            fsdp.parallelize(model, None, None, TrainConfig(parallel=strategy), torch.device("cpu"))
+    assert asked == ["fsdp", "fsdp"]
+
+
 def _two_nodes(args: list[str], port: int) -> None:
     """2 "nodes" x 1 process on this machine: two torchrun launchers meeting at 127.0.0.1 (docs/en/scaling.md)."""
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]

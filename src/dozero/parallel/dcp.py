@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dozero import runtime
-from dozero.parallel.fsdp import _torch_module
+from dozero.parallel.optional import torch_module
 
 
 def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -64,12 +64,12 @@ def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     """Write this rank's pieces into `folder` (every rank calls it; ranks share the file system) and
     return the names of all ranks' files, sorted. DCP gathers the plans, dedupes what several ranks
     hold, and raises on every rank if one rank's write fails."""
-    fsdp = _torch_module("fsdp")
+    fsdp = torch_module("fsdp")
     for module in model.modules():  # after an evaluation's forward the root holds whole weights: back to shards,
         if isinstance(module, fsdp.FSDPModule):  # the parameters the optimizer knows
             module.reshard()
-    dcp = _torch_module("checkpoint", "fsdp")
-    hf_storage = _torch_module("checkpoint.hf_storage", "fsdp")
+    dcp = torch_module("checkpoint", "fsdp")
+    hf_storage = torch_module("checkpoint.hf_storage", "fsdp")
     writer = hf_storage.HuggingFaceStorageWriter(str(folder), save_distributed=True)
     dcp.save(sharded_state(model, optimizer), storage_writer=writer)
     runtime.barrier()  # every file is closed before rank 0 lists and checksums them

@@ -18,8 +18,6 @@ reduce-scattered as averages, so N ranks x B sequences take the same step as one
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
@@ -27,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from dozero import runtime
 from dozero.errors import DozeroError
 from dozero.parallel import pp, tp
+from dozero.parallel.optional import torch_module
 from dozero.train.config import PARALLEL_STRATEGIES
 
 STRATEGIES = PARALLEL_STRATEGIES
@@ -34,18 +33,6 @@ STRATEGIES = PARALLEL_STRATEGIES
 from forward to backward); tp (tensor parallelism over all processes, tp.py); fsdp+tp (a 2-D mesh:
 tp within groups of --tp-size, FSDP across them); pp (one stage of blocks per process, pp.py).
 Defined with TrainConfig's --parallel."""
-
-
-def _torch_module(name: str, strategy: str = "fsdp"):
-    """torch.distributed.<name>, imported when a strategy needs it: FSDP2 is public from torch 2.6,
-    and dozero runs on torch >= 2.4 without it (a DDP or single-process run never imports it)."""
-    try:
-        return importlib.import_module(f"torch.distributed.{name}")
-    except ImportError:
-        raise DozeroError(
-            f"--parallel {strategy} needs torch.distributed.{name}, which this torch ({torch.__version__}) "
-            "lacks: install torch >= 2.6, or use --parallel ddp"
-        ) from None
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -79,9 +66,9 @@ def apply_fsdp(
     all-gathered as bfloat16 (half the traffic, and the forward computes in bf16); gradients are
     reduce-scattered in float32, so the average over ranks loses nothing (torchtitan's default).
     `mesh`: the processes to shard over (default: all; fsdp+tp: the data-parallel dimension)."""
-    fsdp = _torch_module("fsdp")
+    fsdp = torch_module("fsdp")
     if mesh is None:
-        mesh = _torch_module("device_mesh").init_device_mesh(device.type, (runtime.world_size(),))
+        mesh = torch_module("device_mesh").init_device_mesh(device.type, (runtime.world_size(),))
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if param_dtype != torch.float32:
         options["mp_policy"] = fsdp.MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -126,16 +113,13 @@ def parallelize(model, optimizer, make_optimizer, cfg, device):
     if strategy in ("auto", "ddp"):
         forward = torch.compile(model) if compile else model
         return runtime.wrap_ddp(forward, device), optimizer
-    _torch_module("fsdp", strategy)
-    _torch_module("tensor.parallel", strategy)
+    torch_module("fsdp", strategy)  # (tensor parallelism's own module: imported by apply_tp alone)
     if not (dist.is_available() and dist.is_initialized()):
         raise DozeroError(
             f"--parallel {strategy} shards the model over processes: launch with torchrun --nproc_per_node=N "
             "(or use --parallel auto in one process)"
         )
     if strategy == "pp":
-        if cfg.eval_tasks:
-            raise DozeroError("--eval-tasks scores with generation, which does not run through --parallel pp")
         return pp.apply_pp(model, optimizer, make_optimizer, cfg, device)
     return _shard(model, optimizer, make_optimizer, cfg, device)
 
@@ -146,11 +130,11 @@ def _shard(model, optimizer, make_optimizer, cfg, device):
     n = tp.tp_degree(strategy, cfg.tp_size, world)
     if n > 1:  # the fused rows rank-major, moments too, while both are still whole
         tp.reorder_for_tp(model, optimizer, n)
-    state_dict = _torch_module("checkpoint.state_dict")
+    state_dict = torch_module("checkpoint.state_dict")
     restored = state_dict.get_optimizer_state_dict(model, optimizer) if optimizer.state else None  # by name
     dp_mesh = None  # FSDP alone: over all processes
     if n > 1:
-        mesh = _torch_module("device_mesh").init_device_mesh(device.type, (world // n, n), mesh_dim_names=("dp", "tp"))
+        mesh = torch_module("device_mesh").init_device_mesh(device.type, (world // n, n), mesh_dim_names=("dp", "tp"))
         tp.apply_tp(model, mesh["tp"])
         dp_mesh = mesh["dp"]
     if strategy != "tp":
@@ -166,7 +150,7 @@ def _shard(model, optimizer, make_optimizer, cfg, device):
 def full_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """The whole model and optimizer state, gathered from the shards into CPU tensors. Every rank
     must call it (it all-gathers); the tensors arrive on rank 0 only (others get empty dicts)."""
-    state_dict = _torch_module("checkpoint.state_dict")
+    state_dict = torch_module("checkpoint.state_dict")
     options = state_dict.StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = state_dict.get_model_state_dict(model, options=options)
     return weights, state_dict.get_optimizer_state_dict(model, optimizer, options=options)

@@ -23,6 +23,7 @@ What the pipeline changes around the model:
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from dozero import runtime
 from dozero.errors import DozeroError
+from dozero.parallel.optional import torch_module
 from dozero.train.optim import lr_at, set_lr
 from dozero.train.step import Stepper
 
@@ -77,14 +79,28 @@ def stage_blocks(n_layers: int, n_stages: int, rank: int) -> range:
     return range(rank * per, (rank + 1) * per)
 
 
+def check_settings(cfg, device: torch.device, n_stages: int) -> None:
+    """One line for what the pipeline does not run. One process would be the first and the last stage
+    at once (the schedule assumes two ends); float16 needs a GradScaler whose skip-on-overflow each
+    stage would decide alone (bfloat16 has float32's range and needs none); the evaluation tasks generate."""
+    if n_stages < 2:
+        raise DozeroError(
+            "--parallel pp splits the blocks over 2 or more processes: launch with torchrun --nproc_per_node=N "
+            "(N >= 2), or use --parallel auto in one process"
+        )
+    if runtime.resolve_dtype(cfg.dtype, device) == torch.float16:
+        raise DozeroError("--parallel pp does not scale float16 losses: use --dtype bfloat16 or float32")
+    if cfg.eval_tasks:
+        raise DozeroError("--eval-tasks scores with generation, which does not run through --parallel pp")
+
+
 def apply_pp(model: nn.Module, optimizer, make_optimizer, cfg, device):
     """Make `model` this rank's stage in place (other ranks' blocks removed, so its parameters and a
     sharded checkpoint hold this stage's only), build the GPipe schedule (one micro-batch per
     sequence) and an optimizer for what is left, carrying over a restored AdamW state."""
-    from dozero.parallel.fsdp import _torch_module  # (fsdp.py imports this module)
-
-    pipelining = _torch_module("pipelining", "pp")  # a one-line error on a torch without it
     n, rank = runtime.world_size(), runtime.rank()
+    check_settings(cfg, device, n)
+    pipelining = torch_module("pipelining", "pp")  # a one-line error on a torch without it
     blocks = stage_blocks(model.cfg.n_layers, n, rank)
     first, last = rank == 0, rank == n - 1
     stage = Stage(model, blocks, first, last)
@@ -99,12 +115,12 @@ def apply_pp(model: nn.Module, optimizer, make_optimizer, cfg, device):
     for p in (p for g in new.param_groups for p in g["params"]):
         if p in optimizer.state:  # the same Parameter objects: a restored state carries over
             new.state[p] = optimizer.state[p]
-    loss_fn = _loss_of_micro_batch(cfg, model.cfg)
+    model.pipeline_loss = MicroBatchLoss()  # its share is set by PipelineStepper, which knows the accumulation
     pipeline = pipelining.PipelineStage(stage, rank, n, device)
     # scale_grads=False: the schedule would rescale every gradient in the stage after each step, those
-    # of earlier accumulation steps too; the loss is divided instead (_loss_of_micro_batch).
+    # of earlier accumulation steps too; the loss is divided instead (MicroBatchLoss).
     model.pipeline = pipelining.ScheduleGPipe(
-        pipeline, n_microbatches=cfg.micro_batch_size, loss_fn=loss_fn, scale_grads=False
+        pipeline, n_microbatches=cfg.micro_batch_size, loss_fn=model.pipeline_loss, scale_grads=False
     )
     model.pipeline_first, model.pipeline_last = first, last
     model.tied_group = dist.new_group([0, n - 1]) if model.cfg.tie_weights else None  # every rank calls new_group
@@ -119,16 +135,14 @@ def apply_pp(model: nn.Module, optimizer, make_optimizer, cfg, device):
     return model, new
 
 
-def _loss_of_micro_batch(cfg, model_cfg):
-    """Each micro-batch's share of the step's mean loss: its gradients then add up to the gradient of
-    the mean over all micro-batches (B of them) and accumulation steps."""
-    accum = max(1, cfg.global_batch_tokens // (cfg.micro_batch_size * model_cfg.context_length))
-    share = cfg.micro_batch_size * accum
+class MicroBatchLoss:
+    """Each micro-batch's share of the step's mean loss: divided by `share` (the micro-batches of the
+    step: micro_batch_size x accumulation steps), their gradients add up to the gradient of the mean."""
 
-    def loss(logits, y):  # logits (b, T, V), y (b, T)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / share
+    share: int = 1
 
-    return loss
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # logits (b, T, V), y (b, T)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / self.share
 
 
 def _pipeline_forward(model):
@@ -148,9 +162,13 @@ def _pipeline_forward(model):
     return forward
 
 
+@dataclass
 class PipelineStepper(Stepper):
     """Stepper's optimizer step (same learning rate, clipping, skip on NaN) with the forward and
     backward passes run by the pipeline schedule over this rank's stage."""
+
+    def __post_init__(self):
+        self.raw_model.pipeline_loss.share = self.cfg.micro_batch_size * self.accum  # the loop's accumulation
 
     def __call__(self, index: int) -> tuple[torch.Tensor, bool]:
         cfg, model, schedule = self.cfg, self.raw_model, self.raw_model.pipeline

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from dozero.errors import DozeroError
+from dozero.parallel.optional import torch_module
 
 
 def segments(model: nn.Module) -> dict[str, list[int]]:
@@ -86,12 +87,12 @@ def reorder_for_tp(model: nn.Module, optimizer: torch.optim.Optimizer, n: int) -
 
 def apply_tp(model: nn.Module, mesh) -> None:
     """Column/row-split each block's four matrices over `mesh` (1-D) and replicate the rest."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    parallel = torch_module("tensor.parallel", "tp")  # a one-line error on a torch without it
 
-    plan = {"att.qkv": ColwiseParallel(), "att.out_proj": RowwiseParallel()}
-    plan |= {"ff.fc": ColwiseParallel(), "ff.proj": RowwiseParallel()}
+    plan = {"att.qkv": parallel.ColwiseParallel(), "att.out_proj": parallel.RowwiseParallel()}
+    plan |= {"ff.fc": parallel.ColwiseParallel(), "ff.proj": parallel.RowwiseParallel()}
     for block in model.trf_blocks:
-        parallelize_module(block, mesh, plan)
+        parallel.parallelize_module(block, mesh, plan)
     replicate_rest(model, mesh)
 
 
