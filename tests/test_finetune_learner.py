@@ -57,3 +57,29 @@ def test_pretrained_bpe_model_takes_chat_tokens_and_fine_tunes(tmp_path, monkeyp
     ids, mask = render(tuned_tokenizer, chats[0], CHATML_TEMPLATE)
     assert ids.count(V) == 2 and sum(mask) > 0  # <|im_start|> opens both turns; the answer is scored
     assert tuned(torch.tensor([ids])).shape == (1, len(ids), V + 2)
+
+
+def test_eval_chat_stops_at_the_end_of_turn_not_only_at_the_end_token(tmp_path, monkeypatch, capsys):
+    """A dozero vocabulary grown with ChatML ends a turn with <|im_end|> while its end token stays
+    <|endoftext|>: `dozero eval --chat` must stop the answer there (or an exact answer never matches)."""
+    from dozero.config import ModelConfig
+    from dozero.finetune.chat import add_chat_tokens
+    from dozero.model.checkpoint import save_model
+    from dozero.model.gpt import GPTModel
+    from dozero.tokenizer import gpt2
+
+    torch.manual_seed(0)
+    tiny = ModelConfig(vocab_size=50257, context_length=64, emb_dim=16, n_heads=2, n_layers=1)
+    tokenizer, model = add_chat_tokens(gpt2(), GPTModel(tiny))
+    end = tokenizer.special_id(IM_END)
+    with torch.no_grad():  # every position's final state is <|im_end|>'s own (long) row: it always comes next
+        model.tok_emb.weight[end] = 1.0  # a long row (the others are N(0, 0.02))
+        model.final_norm.scale.zero_()
+        model.final_norm.shift.copy_(model.tok_emb.weight[end])
+    save_model(model, tmp_path / "m", tokenizer=tokenizer)
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "2+2?", "answer": "", "check": "exact"}) + "\n")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    args = ["eval", "--model", str(tmp_path / "m"), "--tasks", str(tmp_path / "t.jsonl"), "--chat", "--samples"]
+    assert main(args + ["--out", str(tmp_path / "r.json"), "--device", "cpu"]) == 0
+    (sample,) = json.loads((tmp_path / "r.json").read_text())["results"][0]["samples"]
+    assert sample["completion"] == "" and sample["exact_match"] == 1.0  # stopped at once, at <|im_end|>

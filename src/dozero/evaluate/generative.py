@@ -44,13 +44,17 @@ class GenerativeTask:
     """Said in the report card under the table."""
 
     def evaluate(self, model, tokenizer, config) -> dict:
-        from dozero.evaluate.chat import chat_prompt
+        from dozero.evaluate.chat import CHATML, chat_prompt
         from dozero.evaluate.harness import summarize
+        from dozero.tokenizer.chat_template import end_of_turn
 
         items = self.load()[: config.limit]
         prompts = [chat_prompt(tokenizer, it.prompt) if config.chat else it.prompt for it in items]
+        stop = self.stop
+        if config.chat:  # the answer ends at the turn's end (<|im_end|>), which need not be the end token
+            stop += (end_of_turn(getattr(tokenizer, "chat_template", None) or CHATML, tokenizer),)
         start = time.perf_counter()
-        completions, truncated = generate_texts(model, tokenizer, prompts, self.stop, self.max_new_tokens, self.name)
+        completions, truncated = generate_texts(model, tokenizer, prompts, stop, self.max_new_tokens, self.name)
         scores = self.check(items, completions)
         seconds = time.perf_counter() - start
         samples = [
