@@ -240,7 +240,7 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     #   AdamW lr 1e-3 (shakespeare-char):             2000 steps 1.836; 1.900 at step 1750
     #   AdamW lr 3e-3 / 6e-3, decay 30%:              1000 steps 1.899 / 1.897
     #   Muon lr 4e-3, decay 30%:                       600 steps 1.890; 650 steps 1.853
-    #   Muon lr 6e-3, decay 40% (this preset):         600 steps 1.857
+    #   Muon lr 6e-3, decay 40%:                       500 steps 1.896; 550 1.873; 600 1.857 (this preset)
     # Larger batches needed more tokens for the same loss (Muon 300 x 24 sequences: 1.955; AdamW 600 x 24:
     # 1.885, 350 x 48: 1.898). benchmarks/train_speed.py --to-loss times it against nanoGPT's own run.
     "shakespeare-char-fast": dataclasses.replace(
