@@ -2,7 +2,7 @@
 
     python benchmarks/align_speed.py                       # GPT-2 124M shape, random weights, CPU
     python benchmarks/align_speed.py --preset gpt2 --device cuda --rows 64
-    python benchmarks/align_speed.py --smoke               # a tiny model, seconds (what the tests run)
+    python benchmarks/align_speed.py --smoke               # a tiny model: checks the script runs
 
 Rollouts are the bottleneck of every public RL implementation (TRL, OpenRLHF and verl move them to
 vLLM): the table gives dozero's batched KV-cache engine's tokens/s for `rows` = prompts x group size
