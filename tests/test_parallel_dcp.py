@@ -210,3 +210,19 @@ def test_shard_names_outside_the_folder_or_without_a_checksum_are_refused(tmp_pa
     (folder / "checksums.json").write_text(json.dumps(sums))
     with pytest.raises(DozeroError, match="checksums.json has no sha256 of shards/b.safetensors"):
         read_sharded(folder, "model/")
+
+
+def test_a_sharded_checkpoint_without_its_shard_folder_or_model_is_one_line(tmp_path):
+    """Whether a checkpoint is sharded is config.json's word, on resume as on load: a deleted shards/ is
+    reported as such (not as a missing optimizer.safetensors), and its moments need the model's names."""
+    from dozero.errors import DozeroError
+    from dozero.train.checkpoint import TRAINER_STATE, load_trainer_state, verify_checkpoint
+
+    folder = _sharded_folder(tmp_path, {"a.safetensors": {"optimizer/w/exp_avg": ([0, 0], _rows(0))}})
+    state = {"optimizer_param_groups": [{"lr": 0.1, "params": []}], "step": 1, "loader": {}, "rng": {}}
+    (folder / TRAINER_STATE).write_text(json.dumps(state))
+    with pytest.raises(DozeroError, match="is a sharded checkpoint of a --parallel run; resume it with dozero train"):
+        load_trainer_state(folder, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1, 3))]))
+    shutil.rmtree(folder / SHARDS_DIR)
+    with pytest.raises(DozeroError, match="its shard folder shards/ is missing"):
+        verify_checkpoint(folder)

@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from dozero import runtime
 from dozero.config import ModelConfig
 from dozero.errors import DozeroError
-from dozero.files import write_json
+from dozero.files import replace_folder, write_json
 from dozero.model.checkpoint import (
     CHECKSUMS_FILE,
     model_config_from_dict,
@@ -55,13 +55,8 @@ from dozero.model.checkpoint import (
 )
 from dozero.model.sharded import SHARDS_DIR, read_sharded
 from dozero.train.config import TrainConfig
-from dozero.train.sharded_checkpoint import (
-    add_checksums,
-    is_sharded_checkpoint,
-    moments_by_position,
-    save_sharded_config,
-    write_sharded,
-)
+from dozero.train.optimizer_files import moments_by_position, optimizer_from_files, optimizer_to_files
+from dozero.train.sharded_checkpoint import add_checksums, is_sharded_checkpoint, save_sharded_config, write_sharded
 
 RUN_CONFIG_FILE = "train_config.json"
 TRAINER_STATE = "trainer_state.json"
@@ -117,16 +112,6 @@ def write_run_config(run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig) ->
 # ----------------------------------------------------------------------------- writing
 
 
-def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Split an optimizer's state_dict into flat tensors ("<param index>.<name>") and JSON groups."""
-    sd = optimizer.state_dict()
-    tensors = {}
-    for index, state in sd["state"].items():
-        for name, value in state.items():
-            tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
-    return tensors, sd["param_groups"]
-
-
 def _json_default(x):
     if isinstance(x, np.ndarray):
         return x.tolist()
@@ -137,20 +122,6 @@ def _json_default(x):
     raise TypeError(f"cannot store {type(x).__name__} in {TRAINER_STATE}")
 
 
-def _replace_folder(tmp: Path, final: Path) -> None:
-    """Put folder `tmp` at `final`, replacing what was there. The old folder is renamed aside first
-    (two renames; between them `final` is briefly absent and `find_resume_point` falls back to
-    checkpoints/)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_folder(final: Path, fill) -> None:
     """Create `final` atomically: `fill(tmp)` writes into a temporary folder beside it, which is
     then renamed into place; on any error the temporary folder goes and `final` is untouched."""
@@ -158,7 +129,7 @@ def _write_folder(final: Path, fill) -> None:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); a checkpoint is shared like any folder
     try:
         fill(tmp)
-        _replace_folder(tmp, final)
+        replace_folder(tmp, final, keep=lambda name: False)  # nothing of the old one stays
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -242,9 +213,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def verify_checkpoint(folder: Path) -> None:
     """DozeroError if `folder` is not a whole, undamaged checkpoint (checksums of every file)."""
-    for name in (TRAINER_STATE,) if (folder / SHARDS_DIR).is_dir() else (TRAINER_STATE, OPTIMIZER_STATE):
+    sharded = is_sharded_checkpoint(folder)  # as the loader decides: config.json's key, not what is on disk
+    for name in (TRAINER_STATE,) if sharded else (TRAINER_STATE, OPTIMIZER_STATE):
         if not (folder / name).is_file():
             raise DozeroError(f"{folder} is not a whole checkpoint: {name} is missing")
+    if sharded and not (folder / SHARDS_DIR).is_dir():
+        raise DozeroError(f"{folder} is not a whole checkpoint: its shard folder {SHARDS_DIR}/ is missing")
     verify_checksums(folder)
 
 
@@ -365,6 +339,8 @@ def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, model: to
     if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
         raise DozeroError(f"{folder / TRAINER_STATE}: no valid 'optimizer_param_groups'; the file is damaged")
     if is_sharded_checkpoint(folder):
+        if model is None:  # its moments are stored by parameter name: the model gives the names
+            raise DozeroError(f"{folder} is a sharded checkpoint of a --parallel run; resume it with dozero train")
         where = folder / SHARDS_DIR
         tensors, groups = moments_by_position(read_sharded(folder, "optimizer/"), groups, model, optimizer, where)
     else:
@@ -375,40 +351,6 @@ def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, model: to
         if key not in state:
             raise DozeroError(f"{folder / TRAINER_STATE}: no '{key}'; the file is damaged")
     return state
-
-
-def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict, groups: list[dict], where) -> None:
-    """Load a state split by `optimizer_to_files`, after checking that it fits this optimizer: the
-    same groups, and for every parameter moments of its shape and dtype. (load_state_dict checks
-    only the group sizes: a state of another shape trained on silently, or crashed the fused kernel.)"""
-    own = [len(g["params"]) for g in optimizer.param_groups]
-    saved = [len(g["params"]) for g in groups]
-    if own != saved:
-        raise DozeroError(
-            f"{where}: parameter groups of sizes {saved}, but this model's optimizer has {own}; "
-            "the checkpoint is from another model shape"
-        )
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, _, name = key.partition(".")
-        if not index.isdigit() or int(index) >= len(params):
-            raise DozeroError(f"{where}: '{key}' names no parameter of this model ({len(params)} parameters)")
-        p = params[int(index)]
-        expected = ((), torch.float32) if name == "step" else (tuple(p.shape), p.dtype)
-        if (tuple(value.shape), value.dtype) != expected:
-            raise DozeroError(
-                f"{where}: '{key}' is {tuple(value.shape)} {value.dtype}, but this model needs {expected[0]} "
-                f"{expected[1]}; the checkpoint is from another model shape"
-            )
-        state.setdefault(int(index), {})[name] = value
-    names = {frozenset(s) for s in state.values()}
-    if state and (len(state) != len(params) or len(names) != 1):
-        raise DozeroError(f"{where}: the optimizer state covers {len(state)} of {len(params)} parameters unevenly")
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def check_finite(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from dozero import runtime
 from dozero.config import ModelConfig
-from dozero.errors import DozeroError
-from dozero.files import write_json
+from dozero.files import replace_folder, write_json
 from dozero.model.checkpoint import CHECKSUMS_FILE, FORMAT, FORMAT_VERSION, MODEL_CONFIG_FILE, read_json
 from dozero.model.sharded import SHARDED_KEY, SHARDS_DIR
 
@@ -22,7 +21,6 @@ def write_sharded(final: Path, model, optimizer, fill) -> None:
     on the file system they share); rank 0 then adds the rest with `fill(tmp, shard_files)` and renames
     it into place, so the checkpoint appears whole or not at all, as an ordinary one."""
     from dozero import parallel
-    from dozero.train.checkpoint import _replace_folder
 
     tmp = final.with_name(f".{final.name}.sharded")
     if runtime.is_main():
@@ -33,7 +31,7 @@ def write_sharded(final: Path, model, optimizer, fill) -> None:
         shard_files = parallel.save_sharded(tmp / SHARDS_DIR, model, optimizer)
         if runtime.is_main():
             fill(tmp, shard_files)
-            _replace_folder(tmp, final)
+            replace_folder(tmp, final, keep=lambda name: False)
     except BaseException:
         if runtime.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -61,32 +59,3 @@ def add_checksums(folder: Path, names: list[str]) -> None:
 
 def is_sharded_checkpoint(folder: Path) -> bool:
     return SHARDED_KEY in read_json(folder / MODEL_CONFIG_FILE)
-
-
-def moments_by_position(by_name: dict, groups: list[dict], model, optimizer, where) -> tuple[dict, list[dict]]:
-    """A sharded checkpoint's moments ("<name>/exp_avg") in the layout `optimizer_from_files` checks and
-    loads ("<position>.exp_avg", positions in this optimizer's groups). The saved groups give the
-    settings (lr, betas, ...) only: which parameter sits where is this optimizer's own business, and
-    the ranks that wrote the checkpoint may each have held a part (pipeline stages)."""
-    if len(groups) != len(optimizer.param_groups):
-        raise DozeroError(f"{where}: {len(groups)} optimizer groups, this model has {len(optimizer.param_groups)}")
-    order = [p for g in optimizer.param_groups for p in g["params"]]
-    position = {id(p): i for i, p in enumerate(order)}
-    # Every name of a parameter: a tied head is saved as out_head.weight by the stage that holds it.
-    index_of = {
-        name: position[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if id(p) in position
-    }
-    tensors = {}
-    for key, value in by_name.items():
-        name, _, moment = key.rpartition("/")
-        if name not in index_of:
-            raise DozeroError(
-                f"{where}: 'optimizer/{key}' names no parameter of this model; "
-                "the checkpoint is from another model shape"
-            )
-        tensors[f"{index_of[name]}.{moment}"] = value
-    start, numbered = 0, []
-    for own, saved in zip(optimizer.param_groups, groups, strict=True):
-        numbered.append({**saved, "params": list(range(start, start + len(own["params"])))})
-        start += len(own["params"])
-    return tensors, numbered
