@@ -226,3 +226,15 @@ def test_a_sharded_checkpoint_without_its_shard_folder_or_model_is_one_line(tmp_
     shutil.rmtree(folder / SHARDS_DIR)
     with pytest.raises(DozeroError, match="its shard folder shards/ is missing"):
         verify_checkpoint(folder)
+
+
+def test_metadata_may_not_mark_a_model_folder_as_sharded(tmp_path):
+    """save_model and a sharded checkpoint's config.json share one assembly, reserving "sharded" (a folder
+    saved with it would be read as shards it does not have)."""
+    from dozero.config import get_model_config
+    from dozero.model.checkpoint import save_model
+    from dozero.model.gpt import GPTModel
+
+    model = GPTModel(get_model_config("shakespeare-char"))
+    with pytest.raises(ValueError, match=r"reserved keys \['sharded'\]"):
+        save_model(model, tmp_path / "m", metadata={"sharded": {"files": ["a.safetensors"]}})

@@ -285,10 +285,7 @@ def save_model(
         if cfg.tie_weights:
             state.pop("out_head.weight")  # the same tensor as tok_emb.weight
         tensors = state
-        reserved = {"format", "format_version", "model"} & set(metadata or {})
-        if reserved:
-            raise ValueError(f"metadata may not use the reserved keys {sorted(reserved)}")
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict(), **(metadata or {})}
+        config = dozero_config(cfg, metadata)
     else:
         raise DozeroError(f"unknown model format '{format}'; choose 'dozero' or 'hf'")
     write_safetensors(folder / WEIGHTS_FILE, tensors)
@@ -301,6 +298,15 @@ def save_model(
         write_json(folder / "generation_config.json", ids)
     write_json(folder / MODEL_CONFIG_FILE, config)
     return folder
+
+
+def dozero_config(cfg: ModelConfig, metadata: dict | None) -> dict:
+    """config.json of a dozero folder: the format, the ModelConfig, then `metadata`, whose keys may not
+    be those nor SHARDED_KEY (it would make the folder read as a sharded checkpoint)."""
+    reserved = {"format", "format_version", "model", SHARDED_KEY} & set(metadata or {})
+    if reserved:
+        raise ValueError(f"metadata may not use the reserved keys {sorted(reserved)}")
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict(), **(metadata or {})}
 
 
 def write_hf_tokenizer_files(tokenizer, folder: Path, context_length: int) -> list[Path]:

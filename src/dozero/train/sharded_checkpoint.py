@@ -12,7 +12,7 @@ from pathlib import Path
 from dozero import runtime
 from dozero.config import ModelConfig
 from dozero.files import replace_folder, write_json
-from dozero.model.checkpoint import CHECKSUMS_FILE, FORMAT, FORMAT_VERSION, MODEL_CONFIG_FILE, read_json
+from dozero.model.checkpoint import CHECKSUMS_FILE, MODEL_CONFIG_FILE, dozero_config, read_json
 from dozero.model.sharded import SHARDED_KEY, SHARDS_DIR
 
 
@@ -40,11 +40,7 @@ def write_sharded(final: Path, model, optimizer, fill) -> None:
 
 def save_sharded_config(folder: Path, cfg: ModelConfig, tokenizer, metadata: dict, shard_files: list[str]) -> None:
     """config.json of a model folder whose weights are in shards/ (dozero.model.sharded reads them)."""
-    reserved = {"format", "format_version", "model", SHARDED_KEY} & set(metadata)
-    if reserved:
-        raise ValueError(f"metadata may not use the reserved keys {sorted(reserved)}")
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict(), **metadata}
-    write_json(folder / MODEL_CONFIG_FILE, {**config, SHARDED_KEY: {"files": shard_files}})
+    write_json(folder / MODEL_CONFIG_FILE, {**dozero_config(cfg, metadata), SHARDED_KEY: {"files": shard_files}})
     if tokenizer is not None:
         tokenizer.save(folder)
 
