@@ -239,7 +239,7 @@ def test_fsdp_holds_half_the_weights_and_moments_per_rank():
 
 def test_memory_per_strategy_follows_the_sharding_arithmetic(capsys):
     from dozero.cli import main
-    from dozero.model.info import STRATEGIES, parameter_breakdown, strategy_advice, strategy_memory, suggest_strategy
+    from dozero.model.info import DATA_PARALLEL, parameter_breakdown, strategy_advice, strategy_memory, suggest_strategy
 
     cfg = get_model_config("gpt2")
     N = parameter_breakdown(cfg)["total"]
@@ -248,7 +248,7 @@ def test_memory_per_strategy_follows_the_sharding_arithmetic(capsys):
     for strategy in ("zero2", "fsdp", "fsdp+ac"):
         assert at[2][strategy] - at[4][strategy] == pytest.approx(4 * N, abs=2)
     assert at[2]["ddp"] == at[4]["ddp"]
-    data_parallel = STRATEGIES[:4]
+    data_parallel = DATA_PARALLEL
     assert [at[2][s] for s in data_parallel] == sorted((at[2][s] for s in data_parallel), reverse=True)
     # tp: the 4 matrices of each block split (16 bytes + 2 for autocast's copy per parameter); 2 -> 4 saves a quarter.
     matrices = cfg.n_layers * (4 * cfg.emb_dim**2 + 2 * cfg.emb_dim * cfg.hidden_dim)
@@ -295,3 +295,17 @@ def test_doctor_names_the_parallel_strategy_for_this_machines_gpus():
     assert two.endswith("torchrun --nproc_per_node=2 -m dozero train --parallel fsdp --activation-checkpointing")
     assert parallel_check(xl, 4, 24 * gib, 8).value.startswith("fsdp on 8 GPUs")
     assert "no --parallel needed" in parallel_check(get_model_config("gpt2"), 4, 80 * gib, 1).value
+
+
+def test_doctor_and_model_info_share_the_spare_and_the_flags(monkeypatch):
+    """One definition of the memory a suggestion plans with and of fsdp+ac's flags, for both tools."""
+    from dozero.course.doctor import parallel_check
+    from dozero.model import info
+
+    cfg = get_model_config("gpt2")
+    need = info.strategy_memory(cfg, 16, 2)
+    assert need["fsdp+ac"] < need["fsdp"]
+    monkeypatch.setattr(info, "USABLE_MEMORY", 1.0)  # no spare: exactly fsdp+ac's estimate fits
+    flags = "fsdp --activation-checkpointing"
+    assert parallel_check(cfg, 16, need["fsdp+ac"], 2).value.startswith(f"{flags} on 2 GPUs")
+    assert info.strategy_advice(cfg, 16, need["fsdp+ac"], worlds=(2,)).endswith(f"2 GPUs: {flags}")

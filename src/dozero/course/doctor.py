@@ -247,16 +247,16 @@ def fit_checks(preset: str, device: str, batch_size: int | None, context_length:
 def parallel_check(cfg, batch_size: int, memory: int, devices: int) -> Check:
     """Which `dozero train --parallel` to use on the GPUs of this machine (the first strategy whose
     estimate fits with 15% spare; dozero.model.info.suggest_strategy), one line."""
-    from dozero.model.info import human_bytes, suggest_strategy
+    from dozero.model import info
 
-    pick = suggest_strategy(cfg, batch_size, devices, int(memory * 0.85))
-    where = f"{devices} GPU{'s' if devices > 1 else ''} of {human_bytes(memory)}, batch {batch_size} per GPU"
+    pick = info.suggest_strategy(cfg, batch_size, devices, int(memory * info.USABLE_MEMORY))
+    where = f"{devices} GPU{'s' if devices > 1 else ''} of {info.human_bytes(memory)}, batch {batch_size} per GPU"
     if pick is None:
         more = "more GPUs, " if devices < 8 else ""
         return Check("--parallel", f"nothing fits on {where}: {more}a smaller batch or a shorter context")
     if devices == 1:
         return Check("--parallel", f"one process fits on {where}: no --parallel needed")
-    flags = {"fsdp+ac": "fsdp --activation-checkpointing"}.get(pick, pick)
+    flags = info.strategy_flags(pick)
     return Check(
         "--parallel", f"{flags} on {where}: torchrun --nproc_per_node={devices} -m dozero train --parallel {flags}"
     )

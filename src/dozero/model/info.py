@@ -127,9 +127,19 @@ def memory_estimate(cfg: ModelConfig, batch_size: int, context_length: int | Non
     return out
 
 
-STRATEGIES = ("ddp", "zero2", "fsdp", "fsdp+ac", "tp", "pp")
+DATA_PARALLEL = ("ddp", "zero2", "fsdp", "fsdp+ac")
+"""The data-parallel strategies, least communication first (least memory last): `suggest_strategy`'s choice."""
+STRATEGIES = (*DATA_PARALLEL, "tp", "pp")
 """Ways to spread training over processes (dozero train --parallel, --activation-checkpointing): the
-data-parallel ones first, least memory last; then tensor and pipeline parallelism."""
+data-parallel ones, then tensor and pipeline parallelism."""
+USABLE_MEMORY = 0.85
+"""The share of a device's memory a suggestion plans with: 15% kept spare for the framework (the CUDA
+context, the allocator's cache, communication buffers; memory_estimate's 10-20% caveat)."""
+
+
+def strategy_flags(strategy: str) -> str:
+    """What to pass to `dozero train --parallel` for a strategy of STRATEGIES."""
+    return {"fsdp+ac": "fsdp --activation-checkpointing"}.get(strategy, strategy)
 
 
 def strategy_memory(
@@ -212,21 +222,21 @@ def suggest_strategy(
 ) -> str | None:
     """The first strategy (least communication first) whose estimate fits in `memory` bytes per device, or None."""
     need = strategy_memory(cfg, batch_size, world_size, precision)
-    candidates = STRATEGIES[:4] if world_size > 1 else ("ddp",)
+    candidates = DATA_PARALLEL if world_size > 1 else ("ddp",)
     return next((s for s in candidates if need[s] <= memory), None)
 
 
 def strategy_advice(cfg: ModelConfig, batch_size: int, memory: int, worlds=(1, 2, 4, 8)) -> str:
     """One line: for each number of devices of `memory` bytes (15% kept spare for the framework), the
     --parallel to use (`suggest_strategy`), or that none fits."""
-    budget = int(memory * 0.85)
+    budget = int(memory * USABLE_MEMORY)
     picks = []
     for world in worlds:
         pick = suggest_strategy(cfg, batch_size, world, budget)
         if pick == "ddp" and world == 1:
             pick = "one process"
-        elif pick == "fsdp+ac":
-            pick = "fsdp --activation-checkpointing"
+        elif pick is not None:
+            pick = strategy_flags(pick)
         picks.append(f"{world} GPU{'s' if world > 1 else ''}: {pick or 'does not fit, lower the batch'}")
     return f"{human_bytes(memory)} per GPU: " + " · ".join(picks)
 
