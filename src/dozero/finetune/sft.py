@@ -52,8 +52,8 @@ class FinetuneConfig:
     """A conversation longer than max_length: 'truncate' (keep its start) or 'drop'; both are counted."""
     batching: str = "pad"
     """How a batch holds its conversations: 'pad' (one row each, padded to the batch's longest) or 'pack'
-    (one after another in rows of max_length, kept apart by an attention mask). Same loss; 'pad' measured
-    faster at small sizes on a CPU (benchmarks/finetune_speed.py --packing)."""
+    (one after another in rows of max_length, kept apart by an attention mask). Same loss; packing was
+    measured no faster for short conversations on a CPU (benchmarks/finetune_speed.py --packing)."""
     accumulation: int = 1
     """Micro-batches per optimizer step (gradient accumulation)."""
     lora_rank: int = LoRAConfig.rank
