@@ -244,3 +244,15 @@ def test_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(observe, "open", full_disk, raising=False)  # as root, chmod does not stop writes
     with pytest.raises(DozeroError, match=r"cannot write .*run/metrics.jsonl: No space left on device"):
         train(tiny_config(tmp_path), TINY_SHAPE, quiet=True)
+
+
+@pytest.mark.parametrize("name", ["../secret.txt", "/etc/hostname"])
+def test_checksums_naming_a_file_outside_the_folder_are_refused(tmp_path, name):
+    """checksums.json is read from the folder like any file: a name outside it is damage, never hashed."""
+    from dozero.model.checkpoint import verify_checksums
+
+    (tmp_path / "secret.txt").write_text("x")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "checksums.json").write_text(json.dumps({"sha256": {name: "0" * 64}}))
+    with pytest.raises(DozeroError, match=f"names '{name}', outside the folder"):
+        verify_checksums(tmp_path / "ckpt")

@@ -103,6 +103,8 @@ def verify_checksums(folder: Path, only: tuple[str, ...] | None = None, required
     if unrecorded:
         raise DozeroError(f"{folder} is damaged: {CHECKSUMS_FILE} has no sha256 of {unrecorded[0]}")
     for name, digest in recorded.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:  # never read outside the folder
+            raise DozeroError(f"{folder / CHECKSUMS_FILE} names '{name}', outside the folder; the file is damaged")
         if only is not None and name not in only:
             continue
         if not (folder / name).is_file():
