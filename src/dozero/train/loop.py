@@ -36,6 +36,7 @@ from dozero import parallel, runtime
 from dozero.config import ModelConfig, get_model_config
 from dozero.errors import DozeroError
 from dozero.model.gpt import GPTModel
+from dozero.model.info import parameter_breakdown
 from dozero.train import checkpoint as ckpt
 from dozero.train.config import TrainConfig
 from dozero.train.corpus import Corpus, load_corpus
@@ -186,7 +187,7 @@ def _setup(cfg: TrainConfig, overrides: dict, resume, device: torch.device, quie
         step=result.step,
     )
     observer.write(
-        f"training {raw_model.num_parameters():,} parameters on {runtime.describe_hardware(device)}, "
+        f"training {parameter_breakdown(model_cfg)['total']:,} parameters on {runtime.describe_hardware(device)}, "
         f"{tokens_per_step:,} tokens/step ({cfg.micro_batch_size} x {T} x {world} processes x {accum} "
         f"accumulation), run folder {run_dir}"
     )
@@ -315,7 +316,10 @@ def _flush(run: Run) -> None:
     peak = runtime.peak_flops(run.device)
     if peak:
         fpt = flops_per_token(
-            run.raw_model.num_parameters(), run.model_cfg.n_layers, run.model_cfg.emb_dim, run.model_cfg.context_length
+            parameter_breakdown(run.model_cfg)["total"],
+            run.model_cfg.n_layers,
+            run.model_cfg.emb_dim,
+            run.model_cfg.context_length,
         )
         mfu = fpt * tokens_per_second / (peak * runtime.world_size())
         postfix["mfu"] = f"{100 * mfu:.1f}%"
@@ -413,7 +417,7 @@ def _finish(run: Run) -> TrainResult:
     run.observer.write_report(
         cfg=run.cfg,
         model_cfg=run.model_cfg,
-        n_params=run.raw_model.num_parameters(),
+        n_params=parameter_breakdown(run.model_cfg)["total"],  # the whole model's: under pp raw_model is one stage
         hardware=runtime.describe_hardware(run.device),
         source=run.corpus.source,
         steps=run.step,
