@@ -24,12 +24,13 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TOLERANCE = 1e-5
 
 
-def _torchrun(n: int, port: int, args: list[str]) -> None:
+def _torchrun(n: int, port: int, args: list[str]) -> str:
     import subprocess
 
     cmd = [*TORCHRUN, f"--nproc_per_node={n}", f"--master_port={port}", "-m", "dozero", "train", *args]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
 
 
 def _shards(folder: Path) -> list[str]:

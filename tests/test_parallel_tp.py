@@ -75,13 +75,21 @@ def test_llama_blocks_move_from_fsdp_tp_on_4_to_pp_on_2_to_tp_on_2(tmp_path):
     """Llama blocks (RMSNorm, RoPE, SwiGLU's fused gate|up, 4 query heads sharing 2 key/value heads, a
     tied head): fsdp+tp on a 2 x 2 mesh (steps 1-2) -> 2 pipeline stages (3-4) -> tp on 2 (5-6), each
     resuming the sharded checkpoint of the one before, take the same steps as 1 process throughout."""
+    from dozero.model.info import parameter_breakdown
+    from dozero.train.checkpoint import read_run_config
+
     common = ["--preset", "llama-char", *TINY, "--n-heads", "4", "--eval-interval", "2", "--max-steps", "6"]
     _run(["--out-dir", str(tmp_path / "one"), "--micro-batch-size", "8", *common])
     moved = tmp_path / "moved"
     fsdp_tp = ["--micro-batch-size", "4", "--parallel", "fsdp+tp", "--tp-size", "2", "--stop-after", "2"]
     _torchrun(4, 29641, ["--out-dir", str(moved), *fsdp_tp, *common])
     assert len(_shards(moved / "checkpoints" / "step_000002")) == 4
-    _torchrun(2, 29642, ["--resume", str(moved), "--micro-batch-size", "8", "--parallel", "pp", "--stop-after", "4"])
+    out = _torchrun(
+        2, 29642, ["--resume", str(moved), "--micro-batch-size", "8", "--parallel", "pp", "--stop-after", "4"]
+    )
+    # The whole model's parameters (the start line, MFU, report.md), not the first stage's.
+    whole = parameter_breakdown(read_run_config(moved)[1])["total"]
+    assert f"training {whole:,} parameters" in out, out[-2000:]
     _torchrun(2, 29643, ["--resume", str(moved), "--micro-batch-size", "8", "--parallel", "tp"])
     one, after = _losses(tmp_path / "one"), _losses(moved)
     assert sorted(one) == sorted(after) == list(range(1, 7))
