@@ -235,3 +235,15 @@ def test_cli_bad_pairs_are_one_line_and_write_nothing(tmp_path, base_and_pairs, 
     assert not out.exists()
     assert main(["align", "rl", "--model", str(base), "--data", bad, "--reward", "nope", "--out-dir", str(out)]) == 2
     assert "--reward 'nope'" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("method", ["dpo", "reward", "rl"])
+@pytest.mark.parametrize("flag", [["--parallel", "fsdp"], ["--tp-size", "2"], ["--activation-checkpointing"]])
+def test_cli_refuses_sharding_flags_it_would_ignore(method, flag, capsys):
+    """Alignment runs one process or plain DDP: a sharding flag is refused, not silently ignored."""
+    from dozero.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["align", method, "--model", "m", "--data", "d.jsonl", *flag])
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {flag[0]}" in capsys.readouterr().err

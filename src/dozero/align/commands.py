@@ -14,9 +14,11 @@ import argparse
 
 from dozero.cli_args import add_dataclass_args, apply_args
 
-# TrainConfig fields an alignment run sets itself (as fine-tuning does).
+# TrainConfig fields an alignment run sets itself, as fine-tuning does: like it, it runs one process
+# or plain DDP under torchrun, so the sharding flags are not offered (they were accepted and ignored).
 _NOT_HERE = ("preset", "model", "data", "tokenizer", "val_fraction", "sample_prompt", "sample_tokens",
-             "global_batch_tokens", "eval_iters", "compile")  # fmt: skip
+             "global_batch_tokens", "eval_iters", "compile",
+             "parallel", "tp_size", "cpu_offload", "activation_checkpointing")  # fmt: skip
 
 
 def register(subparsers) -> None:
