@@ -225,3 +225,22 @@ def test_a_backlog_goes_out_as_one_chunk_per_choice_and_events_wake_the_loop_onc
     assert got == [(0, "Hello!", None), (0, "", "length"), (1, "Hi", None), (1, "", "length")]
     assert lines[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
     assert chunks[-1] == "data: [DONE]\n\n"
+
+
+def test_a_finished_event_loop_and_its_mailbox_are_freed():
+    """The mailboxes are kept per loop in a weak dictionary; the mailbox must not hold its loop alive
+    (one leaked loop per TestClient or server restart in a process)."""
+    import asyncio
+    import gc
+
+    from dozero.serve.app import _MAILBOXES, emitter
+
+    gc.collect()
+    before = len(_MAILBOXES)
+    loop = asyncio.new_event_loop()
+    emit = emitter(loop, asyncio.Queue(), 0)
+    assert len(_MAILBOXES) == before + 1
+    loop.close()
+    del loop, emit
+    gc.collect()
+    assert len(_MAILBOXES) == before

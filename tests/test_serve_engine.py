@@ -185,7 +185,8 @@ def test_block_accounting_check_catches_leaks_and_double_use(tokenizer):
             if engine.metrics.counters["kv_accounting_errors_total"]:
                 break
             threading.Event().wait(0.02)
-        assert engine.metrics.counters["kv_accounting_errors_total"] == 1
+        # 1 or 2: the idle check after the first request may run before or after the bad count.
+        assert engine.metrics.counters["kv_accounting_errors_total"] in (1, 2)
     finally:
         engine.close()
 

@@ -182,7 +182,9 @@ class Mailbox:
     step instead of one per event, which the engine thread pays for under the GIL)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.lock, self.items = loop, threading.Lock(), []
+        # A weak reference: _MAILBOXES is keyed weakly by the loop, and a strong one here would keep
+        # every loop (and its mailbox) alive for good.
+        self.loop, self.lock, self.items = weakref.ref(loop), threading.Lock(), []
 
     def put(self, events: asyncio.Queue, item) -> None:
         with self.lock:
@@ -190,7 +192,10 @@ class Mailbox:
             if len(self.items) > 1:
                 return  # a delivery is already on its way and will take this one too
         try:
-            self.loop.call_soon_threadsafe(self.deliver)
+            loop = self.loop()
+            if loop is None:
+                raise RuntimeError("event loop is gone")
+            loop.call_soon_threadsafe(self.deliver)
         except RuntimeError:  # the loop is closed: nobody reads these; the engine cancels the sequence
             with self.lock:
                 self.items.clear()
