@@ -127,3 +127,31 @@ def test_finetune_quantize_trains_and_saves_a_peft_adapter(tmp_path):
     load_adapter(load_base(str(tmp_path / "base"))[0], saved)  # and it loads onto the float base
     with pytest.raises(DozeroError, match="--quantize needs LoRA"):
         finetune(FinetuneConfig(model=str(tmp_path / "base"), data=str(data), lora_rank=0, quantize="int8"), cfg)
+
+
+def test_interrupted_qlora_run_resumes_exactly(tmp_path):
+    """A QLoRA run stopped at step 3 and resumed takes the same steps as one that never stopped: the
+    quantized base is rebuilt the same from the float model, the adapters and AdamW come back."""
+    from dozero.finetune.sft import FINETUNE_DEFAULTS
+
+    torch.manual_seed(0)
+    tiny = ModelConfig(vocab_size=50257, context_length=48, emb_dim=32, n_heads=2, n_layers=2)
+    save_model(GPTModel(tiny), tmp_path / "base", tokenizer=gpt2())
+    chats = [{"messages": [{"role": "user", "content": f"twice {i}"}, {"role": "assistant", "content": str(2 * i)}]}
+             for i in range(12)]  # fmt: skip
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    ft = FinetuneConfig(model=str(tmp_path / "base"), data=str(data), lora_rank=4, quantize="int8")
+
+    def cfg(name, **changes):
+        return dataclasses.replace(FINETUNE_DEFAULTS, out_dir=str(tmp_path / name), micro_batch_size=4, max_steps=6,
+                                   eval_interval=3, warmup_steps=1, lr=1e-2, tensorboard="off", device="cpu",
+                                   **changes)  # fmt: skip
+
+    whole = finetune(ft, cfg("a"), quiet=True)
+    first = finetune(ft, cfg("b", stop_after=3), quiet=True)
+    assert first.stopped == "stop_after" and first.step == 3
+    rest = finetune(ft, cfg("b"), resume=first.run_dir, quiet=True)
+    assert rest.step == 6
+    assert {**first.losses, **rest.losses} == whole.losses  # bit-exact
+    assert whole.losses[6] < whole.losses[1]
