@@ -24,8 +24,8 @@ Two ways to multiply (`kernel`, chosen when quantizing and kept in config.json; 
     row to 7 bits per call and multiplies integers. Measured on the project's 2-core AVX2 EPYC
     (MEASURED.md): 2.3x faster than fp32 at 768 x 3072, while `torch._weight_int8pack_mm` was 7x and
     `_weight_int4pack_mm_for_cpu` 10x slower than fp32: the only fast int8 path on this CPU. The input
-    rounding costs quality where activations have outliers: SmolLM2-135M's perplexity went from 48.3
-    to 119 with 7-bit inputs (most of it at the SwiGLU down projection, whose inputs reach 100x their
+    rounding costs quality where activations have outliers: SmolLM2-135M's perplexity went from 41.4
+    (fp32) to 127 with 7-bit inputs (most of it at the SwiGLU down projection, whose inputs reach 100x their
     mean); 8-bit inputs where the CPU allows (`reduce_range`) and SmoothQuant's rescaling before quantizing
     (compress/smooth.py) bring it to +7%. FBGEMM knows
     one scale per row, so a grouped weight (int4, or int8 with groups) is requantized to int8 per row
