@@ -83,10 +83,14 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     assert (tmp_path / "cut" / "best" / "model.safetensors").is_file()
 
 
-def test_tensorboard_events_match_metrics_across_a_resume(tmp_path):
+def test_tensorboard_events_match_metrics_across_a_resume(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer import event_file_writer
 
+    # Event files are named by second, then by a per-process counter compared as text: from 9 to 10,
+    # a resume made in the run's second sorted first (seen in the full suite). dozero waits a second.
+    monkeypatch.setattr(event_file_writer._global_uid, "_value", 9)
     cfg = tiny_config(tmp_path, max_steps=8, eval_interval=4, log_interval=1, tensorboard="on", keep_last=2)
     run = tmp_path / "run"
     train(dataclasses.replace(cfg, stop_after=6), TINY_SHAPE, quiet=True)  # checkpoints at steps 4 and 6

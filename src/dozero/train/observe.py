@@ -41,7 +41,19 @@ def tensorboard_writer(run_dir: Path, mode: str, start_step: int):
         if mode == "on":
             raise DozeroError("--tensorboard on needs the tensorboard package: pip install tensorboard") from None
         return None
+    if start_step:
+        _wait_for_a_later_second(run_dir / "tensorboard")
     return SummaryWriter(run_dir / "tensorboard", purge_step=start_step + 1 if start_step else None)
+
+
+def _wait_for_a_later_second(folder: Path) -> None:
+    """TensorBoard reads a folder's event files in name order. A name starts with the second it was
+    made, then host, pid and a per-process counter compared as text ("10" < "9"): a resume's file made
+    in the same second as the last run's could be read first, its steps before the older ones. Wait
+    for the next second (only a resume from Python right after a run ever waits)."""
+    now = int(time.time())
+    if any(f.name.split(".")[3:4] == [str(now)] for f in folder.glob("events.out.tfevents.*")):
+        time.sleep(max(0.0, now + 1 - time.time()))
 
 
 def disk_error(e: OSError, path: Path, note: str = "") -> DozeroError:
