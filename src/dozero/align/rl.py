@@ -198,11 +198,11 @@ class RLStepper:
         x, y = (t.to(self.device) for t in batch_of(prompts, completions, k, self.pad_id))
         mask = y != IGNORE
         with torch.no_grad(), runtime.autocast(self.device, self.dtype):
-            ref = token_logprobs(self.reference(x), y)
-            old = token_logprobs(self.model(x), y) if s.ppo_epochs > 1 else None
+            ref = self.reference(x, y)
+            old = token_logprobs(self.model, x, y) if s.ppo_epochs > 1 else None
         for _ in range(s.ppo_epochs):
             with runtime.autocast(self.device, self.dtype):
-                logps = token_logprobs(self.forward(x), y)  # (G, L-1)
+                logps = token_logprobs(self.forward, x, y)  # (G, L-1)
                 loss, kl = grpo_loss(logps, logps.detach() if old is None else old, ref, advantages, mask, s.clip,
                                      s.kl_coef)  # fmt: skip
             if agree(not torch.isfinite(loss)):
@@ -226,20 +226,21 @@ class RLStepper:
 
 
 def reference_fn(model, lora: bool):
-    """x -> reference logits: the policy with LoRA off, or a frozen copy of the starting weights."""
+    """(x, y) -> (G, L-1) reference log-probs of the targets: the policy with LoRA off (no second model
+    in memory), or a frozen copy of the starting weights. Called under no_grad."""
     import copy
 
     from dozero.align.step import lora_disabled
 
     if lora:
 
-        def without_lora(x):
+        def without_lora(x, y):
             with lora_disabled(model):
-                return model(x)
+                return token_logprobs(model, x, y)
 
         return without_lora
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
-    return frozen
+    return lambda x, y: token_logprobs(frozen, x, y)
 
 
 def held_out_reward(stepper: RLStepper, records) -> dict:
