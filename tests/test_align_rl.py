@@ -152,6 +152,30 @@ def test_interrupted_rl_run_resumes_exactly(tmp_path, toy):
     assert {**first.losses, **rest.losses} == whole.losses  # same rollouts (seeded per step), same updates
 
 
+def test_chunks_of_answers_take_the_same_steps_as_one_batch(tmp_path, toy):
+    """--micro-batch-size splits the policy's forward and backward over the answers (uneven chunks of 3,
+    3 and 2 here); the chunks' gradients add up to the whole batch's, so every step is the same."""
+    base, data = toy
+    s = RLConfig(model=str(base), data=data, lora_rank=0, group_size=4, prompts_per_step=2, max_new_tokens=3,
+                 kl_coef=0.5)  # fmt: skip
+    small = dict(max_steps=3, eval_interval=3, log_interval=1)
+
+    def distinct(prompt, answer, record):  # differs between most answers: every step has advantages
+        return float(len(set(answer)))
+
+    runs = [rl(s, rl_settings(tmp_path / str(n), **small, micro_batch_size=n), quiet=True, reward_fn=distinct)
+            for n in (8, 3)]  # fmt: skip
+    whole, parts = ([json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()
+                     if "kl" in line] for r in runs)  # fmt: skip
+    assert [r["step"] for r in whole] == [r["step"] for r in parts] == [1, 2, 3]
+    assert whole[0]["kl"] == 0.0 and whole[-1]["kl"] > 1e-4  # the policy has moved from the reference
+    for a, b in zip(whole, parts, strict=True):
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7)
+        assert b["mean_reward"] == a["mean_reward"]  # the same rollouts
+    for step, loss in runs[0].losses.items():
+        assert runs[1].losses[step] == pytest.approx(loss, abs=1e-6)
+
+
 def test_held_out_rollouts_after_a_fused_adamw_step_use_the_new_head(toy):
     """The held-out evaluation samples in eval mode, where the engine reuses its transposed copy of the
     output head while the weight's _version is unchanged; fused AdamW steps in place without bumping it.

@@ -15,7 +15,9 @@ One step (DeepSeekMath, Shao et al. 2024, section 4.1; nanochat chat_rl.py):
            -[min(ratio A, clip(ratio, 1-e, 1+e) A) - kl_coef * KL]     ratio = pi / pi_old
        with the unbiased, always-positive KL estimator pi_ref/pi - log(pi_ref/pi) - 1 (Schulman 2020).
        The answers were sampled by this very policy, so pi_old = pi (ratio 1, its gradient A grad log pi);
-       the clip matters with --ppo-epochs > 1, where the same rollouts are reused.
+       the clip matters with --ppo-epochs > 1, where the same rollouts are reused. The forward and
+       backward run over --micro-batch-size answers at a time, gradients accumulated (the same step,
+       with one chunk's activations in memory).
 Why the reference and KL: the reward is a proxy; maximized alone, the policy finds what the reward
 function scores but nobody meant (docs/en/alignment.md shows it), and forgets how to write. The KL
 term keeps it near the model that could.
@@ -201,14 +203,10 @@ class RLStepper:
             ref = self.reference(x, y)
             old = token_logprobs(self.model, x, y) if s.ppo_epochs > 1 else None
         for _ in range(s.ppo_epochs):
-            with runtime.autocast(self.device, self.dtype):
-                logps = token_logprobs(self.forward, x, y)  # (G, L-1)
-                loss, kl = grpo_loss(logps, logps.detach() if old is None else old, ref, advantages, mask, s.clip,
-                                     s.kl_coef)  # fmt: skip
+            loss, kl = self.backward(x, y, mask, advantages, ref, old)
             if agree(not torch.isfinite(loss)):
                 self.optimizer.zero_grad(set_to_none=True)
-                return loss.detach(), False
-            loss.backward()
+                return loss, False
             if self.cfg.grad_clip > 0:
                 params = [p for p in self.model.parameters() if p.requires_grad]
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
@@ -218,7 +216,26 @@ class RLStepper:
         lengths = sum(len(c) for c in completions) / len(completions)
         self.log(index, **mean_over_ranks(dict(mean_reward=float(rewards.mean()), pass_at_1=pass1, pass_at_k=passk,
                                                kl=float(kl), answer_tokens=lengths)))  # fmt: skip
-        return loss.detach(), True
+        return loss, True
+
+    def backward(self, x, y, mask, advantages, ref, old):
+        """The GRPO loss's gradient, accumulated over chunks of --micro-batch-size answers: the loss is a
+        mean over answers, so the chunks' shares add up to it, and only one chunk's activations are held
+        (for SmolLM2 they, not the logits, are most of a step's memory). Returns (loss, mean KL), detached."""
+        s, G = self.s, len(x)
+        n = self.cfg.micro_batch_size or G
+        loss_sum, kl_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for start in range(0, G, n):
+            part = slice(start, start + n)
+            share = len(x[part]) / G
+            with runtime.no_sync(self.forward, start + n < G), runtime.autocast(self.device, self.dtype):
+                logps = token_logprobs(self.forward, x[part], y[part])  # (n, L-1)
+                loss, kl = grpo_loss(logps, logps.detach() if old is None else old[part], ref[part], advantages[part],
+                                     mask[part], s.clip, s.kl_coef)  # fmt: skip
+            (loss * share).backward()
+            loss_sum += loss.detach() * share
+            kl_sum += kl * share
+        return loss_sum, kl_sum
 
     def log(self, index: int, **values) -> None:
         if self.observer is not None:
