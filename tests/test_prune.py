@@ -3,6 +3,7 @@ layers that save/load and compute what the kept neurons computed, bad input, the
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,3 +143,169 @@ def test_cli_report_writes_the_table_and_the_plot(tmp_path, capsys):
     assert "| int8 |" in (tmp_path / "r" / "report.md").read_text()
     assert main([*args, "--settings", "int3"]) == 2
     assert "unknown setting 'int3'" in capsys.readouterr().err
+
+
+# Attention heads (structured): which heads go, the shapes, the function of the kept heads, the file.
+
+
+def _head_cols(heads, hs):
+    return torch.cat([torch.arange(h * hs, (h + 1) * hs) for h in heads])
+
+
+@pytest.mark.parametrize(
+    "preset, sparsity, dead, n_heads, n_kv",
+    [
+        ("shakespeare-char", 0.5, [1, 2], 2, 2),  # 4 heads, no GQA: whole heads (queries, keys, values) go
+        ("llama-char", 0.5, [0, 3], 2, 2),  # 4 query heads in 2 key/value groups: one query head per group
+    ],
+)
+def test_heads_shrink_the_matrices_and_keep_the_kept_function(tmp_path, preset, sparsity, dead, n_heads, n_kv):
+    """Heads whose out_proj columns are zero add nothing: they are the ones removed, and the logits stay."""
+    from dozero.generate.engine import GenerationConfig, generate_ids
+
+    model = _tiny(preset)
+    C, hs = model.cfg.emb_dim, model.cfg.head_dim
+    with torch.no_grad():
+        for block in model.trf_blocks:
+            block.att.out_proj.weight[:, _head_cols(dead, hs)] = 0.0
+    x = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(x)
+    small = prune(model, PruneConfig(method="heads", sparsity=sparsity), _ids())
+    assert (small.cfg.n_heads, small.cfg.kv_heads, small.cfg.head_dim) == (n_heads, n_kv, hs)
+    assert small.trf_blocks[0].att.qkv.weight.shape == ((n_heads + 2 * n_kv) * hs, C)
+    assert small.trf_blocks[3].att.out_proj.weight.shape == (C, n_heads * hs)
+    assert small.num_parameters() < model.num_parameters()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), expected, rtol=1e-5, atol=1e-5)
+    save_model(small, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert (loaded.cfg.n_heads, loaded.cfg.head_size) == (n_heads, hs)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+    # generate (KV cache, the decoding layout) gives what repeated full forwards give
+    greedy = GenerationConfig(temperature=0.0, max_new_tokens=8, stop_at_eot=False)
+    out = generate_ids(loaded, [x[0, :5].tolist()], greedy)[0]
+    ids = x[0, :5]
+    with torch.no_grad():
+        for _ in range(8):
+            ids = torch.cat([ids, small(ids[None])[0, -1].argmax()[None]])
+    assert out[-8:] == ids[5:].tolist()
+
+
+def test_head_importance_is_the_energy_each_head_adds():
+    """Against the definition, computed directly: sum over tokens of ||W_o[:, h] y_h||^2."""
+    from dozero.compress.prune import head_importance
+
+    model, ids = _tiny("llama-char"), _ids(150)
+    hs, inputs = model.cfg.head_dim, []
+    hook = model.trf_blocks[2].att.out_proj.register_forward_hook(lambda m, i, o: inputs.append(i[0][0]))
+    with torch.no_grad():
+        model(ids[:64][None]), model(ids[64:128][None]), model(ids[128:][None])  # the windows of context 64
+    hook.remove()
+    y, w = torch.cat(inputs), model.trf_blocks[2].att.out_proj.weight.detach()  # (150, nh * hs), (C, nh * hs)
+    direct = torch.stack([(y[:, _head_cols([h], hs)] @ w[:, _head_cols([h], hs)].T).square().sum() for h in range(4)])
+    torch.testing.assert_close(head_importance(model, ids)[2], direct, rtol=1e-4, atol=0)
+
+
+def test_pruned_llama_heads_match_transformers(tmp_path):
+    """The pruned shape (head_dim * heads < hidden_size) is a Llama Hugging Face reads: same logits."""
+    transformers = pytest.importorskip("transformers")
+    small = prune(_tiny("llama-char"), PruneConfig(method="heads", sparsity=0.5), _ids())
+    save_model(small, tmp_path / "hf", format="hf")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.config.head_dim * theirs.config.num_attention_heads == small.cfg.emb_dim // 2
+    x = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), theirs(x).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "preset, sparsity, message",
+    [
+        ("shakespeare-char", 0.9, "removes all 4 attention heads of every block; use a sparsity below 0.875"),
+        ("llama-char", 0.8, "removes all 2 query heads of each key/value group of every block"),
+    ],
+)
+def test_pruning_every_head_is_one_line(preset, sparsity, message):
+    with pytest.raises(DozeroError, match=message):
+        prune(_tiny(preset), PruneConfig(method="heads", sparsity=sparsity), _ids())
+    with pytest.raises(DozeroError, match="heads needs calibration text"):
+        prune(_tiny(preset), PruneConfig(method="heads", sparsity=0.5))
+
+
+def test_cli_prune_heads(tmp_path, capsys):
+    from dozero.tokenizer.char import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'\n-&$3")
+    save_model(_tiny("llama-char"), tmp_path / "fp32", tokenizer=tok)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    args = ["compress", "prune", "--model", str(tmp_path / "fp32"), "--calibration", str(text), "--method", "heads"]
+    assert main([*args, "--sparsity", "0.5", "--out", str(tmp_path / "h50")]) == 0
+    assert "heads: 4 -> 2 attention heads per block" in capsys.readouterr().out
+    assert load_model(tmp_path / "h50").cfg.n_heads == 2
+    assert main([*args, "--sparsity", "0.8", "--out", str(tmp_path / "x")]) == 2
+    assert "removes all 2 query heads" in capsys.readouterr().err
+    assert main([*args, "--finetune-steps", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "--finetune-steps needs --data TEXT" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    tuned = ["--sparsity", "0.5", "--finetune-steps", "3", "--data", str(text), "--out", str(tmp_path / "h50ft")]
+    assert main([*args, *tuned]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tune step 3/3" in out and "held-out loss: unpruned" in out and ", finetuned " in out
+    assert load_model(tmp_path / "h50ft").cfg.n_heads == 2
+
+
+# The short fine-tune after pruning (--finetune-steps): it recovers loss, and pruned zeros stay zero.
+
+
+def _markov_tokens(n=6000, seed=0):
+    """A text the tiny model can learn in a few dozen steps: each of 20 symbols has 2 likely successors."""
+    rng = np.random.default_rng(seed)
+    successors = rng.integers(0, 20, (20, 2))
+    tokens = [0]
+    for _ in range(n - 1):
+        tokens.append(int(successors[tokens[-1], rng.integers(0, 2)]) if rng.random() < 0.9 else int(rng.integers(20)))
+    return np.array(tokens)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train ~50x faster on one thread than on two spinning against other jobs (measured: 3 s
+    against 190 s for 40 steps on the loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from dozero.compress.distill import DistillConfig, distill
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tokens = _tiny("llama-char"), _markov_tokens()
+    distill(model, None, tokens, DistillConfig(steps=40, batch_size=8, context_length=64, alpha=0.0, lr=3e-3))
+    torch.set_num_threads(threads)
+    return model, tokens
+
+
+@pytest.mark.parametrize("method", ["magnitude", "neurons"])
+def test_finetune_after_pruning_lowers_the_held_out_loss(trained, one_thread, method):
+    """A model trained on a bigram text (measured: held-out loss 1.21; uniform 4.17), pruned to 90%: 1.50
+    (magnitude) or 1.61 (neurons); 20 fine-tune steps bring it back to 1.20 / 1.21. (Heads barely matter to a
+    bigram text: 1.211 -> 1.211 at 50%; their pruning is checked above.)"""
+    import copy
+
+    from dozero.compress.prune import finetune
+
+    original, tokens = trained
+    config = PruneConfig(method=method, sparsity=0.9, finetune_steps=20, finetune_lr=2e-3)
+    pruned = prune(copy.deepcopy(original), config, torch.from_numpy(tokens[:512]))
+    zeros = sparsity_of(pruned)
+    losses = finetune(pruned, original, tokens, config)
+    assert losses["unpruned"] < 1.3 and losses["pruned"] > losses["unpruned"] + 0.2
+    assert losses["finetuned"] < losses["pruned"] - 0.2
+    assert sparsity_of(pruned) == zeros  # magnitude's zeros are still exactly zero (neurons: none to keep)

@@ -117,7 +117,8 @@ def test_smoothing_keeps_the_function_and_shrinks_an_outlier_channel(preset):
     """SmoothQuant's rescaling (compress/smooth.py) is folded into norms, up rows and value rows: the
     float model computes the same logits; an input channel made 50x larger (with its weight column 50x
     smaller: the same function) is brought back down before FBGEMM rounds the inputs."""
-    from dozero.compress.smooth import input_maxima, smooth_activations
+    from dozero.compress.calibrate import input_maxima
+    from dozero.compress.smooth import smooth_activations
 
     model = _tiny(preset=preset)
     with torch.no_grad():  # channel 5 of every block's fc input: 50x larger, its weights 50x smaller
@@ -247,7 +248,7 @@ def test_smollm2_int8_perplexity_within_one_percent_of_fp32():
     within 10% where the CPU gives it 8-bit inputs."""
     import importlib.util
 
-    from dozero.compress.prune import calibration_tokens
+    from dozero.compress.calibrate import calibration_tokens
     from dozero.evaluate.perplexity import evaluate_text
     from dozero.model.gguf import load_gguf
     from dozero.model.quantized import reduce_range

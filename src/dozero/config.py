@@ -65,6 +65,9 @@ class ModelConfig:
     bias: bool = True
     """Biases in the attention output projection and the feed-forward, and LayerNorm's shift (GPT-2: all
     on; Llama: none). The query/key/value bias is `qkv_bias`."""
+    head_size: int = 0
+    """Width of each attention head; 0 = emb_dim / n_heads. Set by pruning attention heads
+    (compress/prune.py): the kept heads keep their width, so n_heads * head_size < emb_dim."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,7 +76,9 @@ class ModelConfig:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             if getattr(self, name) < 1:
                 raise DozeroError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
-        if self.emb_dim % self.n_heads != 0:
+        if self.head_size < 0:
+            raise DozeroError(f"model config: head_size must be >= 0 (0 = emb_dim / n_heads), got {self.head_size}")
+        if self.head_size == 0 and self.emb_dim % self.n_heads != 0:
             raise DozeroError(
                 f"model config: emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}); "
                 f"try n_heads={_nearest_divisor(self.emb_dim, self.n_heads)}"
@@ -102,7 +107,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.emb_dim // self.n_heads
+        return self.head_size or self.emb_dim // self.n_heads
 
     @property
     def kv_heads(self) -> int:

@@ -80,6 +80,13 @@ def register(subparsers) -> None:
         help="text whose activations score the weights (wanda; a file or a bundled text's name, read from its "
         "middle; default: tinyshakespeare)",
     )
+    pr.add_argument(
+        "--data",
+        metavar="TEXT",
+        help="text of the fine-tune after pruning (--finetune-steps; a file or a bundled "
+        "text's name; its last 10%% is held out to measure the loss before and after)",
+    )
+    pr.add_argument("--max-tokens", type=int, default=200_000, metavar="N", help="tokens of --data (default: 200000)")
     pr.add_argument("--force", action="store_true", help="overwrite a model in DIR, or write into a foreign folder")
     add_dataclass_args(pr, PruneConfig)
     pr.set_defaults(func=run_prune)
@@ -191,7 +198,7 @@ def run_quantize(args) -> int:
     before = weight_bytes(model)
     calibration = None
     if config.smooth:
-        from dozero.compress.prune import calibration_tokens
+        from dozero.compress.calibrate import calibration_tokens
 
         calibration = calibration_tokens(args.calibration, tokenizer, 512)
     quantize(model, config, calibration)
@@ -203,27 +210,45 @@ def run_quantize(args) -> int:
 
 
 def run_prune(args) -> int:
-    from dozero.compress.prune import calibration_tokens, prune, sparsity_of
+    import copy
+    import math
+
+    from dozero.compress.calibrate import calibration_tokens
+    from dozero.compress.prune import finetune, prune, sparsity_of
     from dozero.compress.quantize import weight_bytes
     from dozero.model.checkpoint import load_model, resolve_model_dir, save_model
     from dozero.tokenizer import load_tokenizer
 
     config = apply_args(PruneConfig(), args)
     config.check()
+    if config.finetune_steps and not args.data:
+        raise DozeroError("prune: --finetune-steps needs --data TEXT (the text to fine-tune on)")
     src = resolve_model_dir(args.model)
     dst = prepare_out(args.out, src, args.force)
     tokenizer = load_tokenizer(src)
     model = load_model(src)
     calibration = None
-    if config.method == "wanda":
+    if config.method in ("wanda", "heads"):
         calibration = calibration_tokens(args.calibration, tokenizer, config.calibration_tokens)
     before = weight_bytes(model)
-    pruned = prune(model, config, calibration)
-    save_model(pruned, dst, tokenizer=tokenizer, metadata={"pruned_from": str(args.model), "prune": vars(config)})
-    print(
-        f"{config.method}: {sparsity_of(pruned):.1%} of the blocks' weights are zero; weights {before / 1e6:.1f} MB "
-        f"-> {weight_bytes(pruned) / 1e6:.1f} MB; wrote {dst}"
-    )
+    original = copy.deepcopy(model) if config.finetune_steps and config.method in ("magnitude", "wanda") else model
+    pruned = prune(model, config, calibration)  # magnitude and wanda in place
+    meta = {"pruned_from": str(args.model), "prune": vars(config)}
+    if config.finetune_steps:
+        from dozero.evaluate.perplexity import read_eval_tokens
+
+        ids = read_eval_tokens(args.data, tokenizer, args.max_tokens)[0]
+        meta["held_out_loss"] = losses = finetune(
+            pruned, original, ids, config, _progress("fine-tune", config.finetune_steps)
+        )
+        print("held-out loss: " + ", ".join(f"{k} {v:.4f} (perplexity {math.exp(v):.2f})" for k, v in losses.items()))
+    save_model(pruned, dst, tokenizer=tokenizer, metadata=meta)
+    shape = {
+        "heads": f"{model.cfg.n_heads} -> {pruned.cfg.n_heads} attention heads per block",
+        "neurons": f"{model.cfg.hidden_dim} -> {pruned.cfg.hidden_dim} feed-forward neurons per block",
+    }.get(config.method, f"{sparsity_of(pruned):.1%} of the blocks' weights are zero")
+    size = f"weights {before / 1e6:.1f} MB -> {weight_bytes(pruned) / 1e6:.1f} MB"
+    print(f"{config.method}: {shape}; {size}; wrote {dst}")
     return 0
 
 

@@ -108,15 +108,20 @@ def held_out_loss(model, tokens: np.ndarray, context_length: int) -> float:
 
 
 def distill(student, teacher, train_tokens: np.ndarray, config: DistillConfig, progress=None) -> list[float]:
-    """Train `student` (in place) against `teacher` on random windows of `train_tokens`; the losses per step."""
+    """Train `student` (in place) against `teacher` on random windows of `train_tokens`; the losses per step.
+    With alpha 0 the teacher is not used and may be None (plain training on the same machinery)."""
     from dozero.data.loader import RandomWindowLoader
     from dozero.train.config import TrainConfig
     from dozero.train.optim import make_optimizer
     from dozero.train.step import Stepper
 
     config.check()
-    check_same_vocabulary(teacher, student)
-    T = min(config.context_length, student.cfg.context_length, teacher.cfg.context_length)
+    if teacher is None and config.alpha > 0:
+        raise DozeroError("distill: alpha > 0 needs a teacher")
+    if teacher is not None:
+        check_same_vocabulary(teacher, student)
+        teacher.eval()
+    T = min(config.context_length, student.cfg.context_length, (teacher or student).cfg.context_length)
     train_cfg = TrainConfig(
         max_steps=config.steps,
         lr=config.lr,
@@ -128,7 +133,6 @@ def distill(student, teacher, train_tokens: np.ndarray, config: DistillConfig, p
         dtype="float32",
     )
     device = torch.device("cpu")
-    teacher.eval()
     student.train()
 
     def loss_fn(logits, x, y):

@@ -4,9 +4,10 @@
     rows = compression_report(model, tokenizer, "tinyshakespeare", calibration_ids)
 
 For each setting (fp32, int8, int4 in groups of 32 and 64, int8 through FBGEMM with and without
-SmoothQuant's rescaling, magnitude and Wanda pruning to 50%, 25% of the feed-forward neurons removed) it
-applies the method to a fresh copy of the model, saves it to a temporary folder, and measures that folder
-in a fresh process, as `dozero generate` / `dozero eval` would use it:
+SmoothQuant's rescaling, magnitude and Wanda pruning to 50%, 25% of the feed-forward neurons removed, a
+third of the attention heads removed) it applies the method to a fresh copy of the model, saves it to a
+temporary folder, and measures that folder in a fresh process, as `dozero generate` / `dozero eval`
+would use it:
   * weights (MB): the bytes of the stored tensors (a tied head once), about what one token reads; and
     the folder's size on disk;
   * peak memory (MB): the process's peak resident memory from loading the folder to the end of the
@@ -43,6 +44,7 @@ SETTINGS: dict[str, QuantizeConfig | PruneConfig | None] = {
     "magnitude-50%": PruneConfig(method="magnitude", sparsity=0.5),
     "wanda-50%": PruneConfig(method="wanda", sparsity=0.5),
     "neurons-25%": PruneConfig(method="neurons", sparsity=0.25),
+    "heads-33%": PruneConfig(method="heads", sparsity=1 / 3),
 }
 
 
@@ -200,11 +202,11 @@ def write_report(rows: list[dict], folder: str | Path, title: str) -> Path:
 
 def main_report(model, tokenizer, args) -> list[dict]:
     """The CLI's body (commands.py): calibration tokens, the rows, the files."""
-    from dozero.compress.prune import calibration_tokens
+    from dozero.compress.calibrate import calibration_tokens
 
     names = args.settings or list(SETTINGS)
     calibration = None
-    if any(isinstance(SETTINGS[n], PruneConfig) and SETTINGS[n].method == "wanda" for n in names) or any(
+    if any(isinstance(SETTINGS[n], PruneConfig) and SETTINGS[n].method in ("wanda", "heads") for n in names) or any(
         isinstance(SETTINGS[n], QuantizeConfig) and SETTINGS[n].smooth for n in names
     ):
         calibration = calibration_tokens(args.calibration, tokenizer, 2048)

@@ -26,31 +26,9 @@ is left is the proj's input (with proj on the weight-only path: 41.9).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
+from dozero.compress.calibrate import input_maxima
 from dozero.errors import DozeroError
-
-
-@torch.no_grad()
-def input_maxima(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """max |X[:, j]| over the calibration tokens, for the input of every linear layer of the blocks."""
-    maxima, hooks = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.startswith("trf_blocks."):
-
-            def hook(mod, inputs, output, name=name):
-                x = inputs[0].reshape(-1, inputs[0].shape[-1]).abs().amax(0).float()  # (in,)
-                maxima[name] = torch.maximum(maxima[name], x) if name in maxima else x
-
-            hooks.append(module.register_forward_hook(hook))
-    try:
-        ctx = model.cfg.context_length
-        for s in range(0, ids.numel(), ctx):
-            model(ids[s : s + ctx][None])
-    finally:
-        for h in hooks:
-            h.remove()
-    return maxima
 
 
 def smoothing_factors(x_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -153,8 +153,8 @@ class MultiHeadAttention(nn.Module):
         self.drop_rate = cfg.drop_rate
         self.kv_dim = self.n_kv_heads * self.head_dim
         self.gqa = self.n_kv_heads != self.n_heads  # SDPA then serves each key/value head to its group
-        self.qkv = nn.Linear(cfg.emb_dim, cfg.emb_dim + 2 * self.kv_dim, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.emb_dim, self.n_heads * self.head_dim + 2 * self.kv_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(self.n_heads * self.head_dim, cfg.emb_dim, bias=cfg.bias)  # C x C unless pruned
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, input_pos=None, attn_mask=None, need_weights=False, rope=None):

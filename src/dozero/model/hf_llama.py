@@ -209,7 +209,7 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     is not written: transformers ties lm_head to embed_tokens on load."""
     attention_bias = cfg.qkv_bias or cfg.bias
     sizes = {  # how each stack splits: rows per Hugging Face tensor
-        "att.qkv": [cfg.emb_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim],
+        "att.qkv": [cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim],
         "ff.fc": [cfg.hidden_dim, cfg.hidden_dim],
     }
     out = {theirs: state[ours].contiguous() for ours, theirs in TOP_TABLE.items()}

@@ -20,8 +20,8 @@ BYTES = {"fp32": 4, "bf16": 2}
 
 
 def _qkv_width(cfg: ModelConfig) -> int:
-    """Rows of the fused qkv projection: queries C, keys and values nkv * hs each (3C without GQA)."""
-    return cfg.emb_dim + 2 * cfg.kv_heads * cfg.head_dim
+    """Rows of the fused qkv projection: queries nh * hs (C unless pruned), keys and values nkv * hs each."""
+    return (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
 
 
 def _fc_width(cfg: ModelConfig) -> int:
@@ -36,7 +36,7 @@ def _norm_parameters(cfg: ModelConfig) -> int:
 
 def _block_parameters(cfg: ModelConfig) -> dict[str, int]:
     C, H, qkv, fc, b = cfg.emb_dim, cfg.hidden_dim, _qkv_width(cfg), _fc_width(cfg), int(cfg.bias)
-    attention = C * qkv + (qkv if cfg.qkv_bias else 0) + C * C + b * C  # qkv (+bias), out_proj (+bias)
+    attention = C * qkv + (qkv if cfg.qkv_bias else 0) + cfg.n_heads * cfg.head_dim * C + b * C  # qkv, out_proj
     feed_forward = C * fc + b * fc + H * C + b * C  # fc (+bias), proj (+bias)
     norms = 2 * _norm_parameters(cfg)  # norm1, norm2
     return {"attention": attention, "feed_forward": feed_forward, "norms": norms}
