@@ -22,26 +22,20 @@ four copies of its ~1-2% of trainable numbers. Activations are the same in both.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import subprocess
 import sys
 import time
 
 
-def resident_kib(field: str) -> int:
-    """VmRSS (resident now) or VmHWM (the peak since the last reset_peak) in KiB, from /proc/self/status."""
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status (the memory figures need Linux)")
+def resident(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (the peak since the last reset_peak_memory) in bytes."""
+    from dozero.runtime import resident_bytes
 
-
-def reset_peak() -> None:
-    """Set VmHWM to the memory resident now (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    value = resident_bytes(field)
+    if value is None:
+        raise RuntimeError(f"no {field} in /proc/self/status (the memory figures need Linux)")
+    return value
 
 
 def measure(shape: str, method: str, steps: int, tokens: int) -> dict:
@@ -52,11 +46,12 @@ def measure(shape: str, method: str, steps: int, tokens: int) -> dict:
     from dozero.config import get_model_config
     from dozero.finetune.lora import LoRAConfig, apply_lora, trainable_parameters
     from dozero.model.gpt import GPTModel
+    from dozero.runtime import reset_peak_memory
     from dozero.train.config import TrainConfig
     from dozero.train.optim import make_optimizer
     from dozero.train.step import Stepper
 
-    base_rss = resident_kib("VmRSS") * 1024
+    base_rss = resident("VmRSS")
     torch.manual_seed(0)
     cfg = dataclasses.replace(get_model_config(shape), context_length=max(tokens, 64))
     model = GPTModel(cfg)
@@ -78,12 +73,12 @@ def measure(shape: str, method: str, steps: int, tokens: int) -> dict:
 
     stepper = Stepper(model, model, optimizer, Random(), train_cfg, 1, device, torch.float32)
     stepper(0)  # the first step allocates AdamW's moments
-    reset_peak()
+    reset_peak_memory()
     start = time.perf_counter()
     for i in range(steps):
         stepper(i + 1)
     seconds = (time.perf_counter() - start) / steps
-    peak = resident_kib("VmHWM") * 1024
+    peak = resident("VmHWM")
     return {
         "shape": shape,
         "method": method,

@@ -378,3 +378,26 @@ def stop_signals():
         yield flag
     finally:
         restore()
+
+
+def resident_bytes(field: str = "VmRSS") -> int | None:
+    """This process's memory from /proc/self/status: resident now (VmRSS) or the peak (VmHWM, since the
+    start or the last `reset_peak_memory`), in bytes. None where there is no /proc (macOS, Windows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # the kernel writes kB (KiB)
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> None:
+    """Set VmHWM to what is resident now (Linux >= 4.0: write 5 to /proc/self/clear_refs), so the next
+    peak read measures only what follows."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

@@ -84,25 +84,15 @@ def save_setting(model, tokenizer, folder: Path) -> None:
         save_model(model, folder, tokenizer=tokenizer)
 
 
-def resident_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (the peak) of this process in MB, from /proc (Linux); 0 where it is absent."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def measure_folder(folder: str, params: dict) -> dict:
     """Run in a fresh process (`python -m dozero.compress.report FOLDER PARAMS`): load the folder as the CLI
     does, then perplexity, eval tasks and decode speed, and the peak memory all of that took."""
     from dozero.evaluate.harness import EvalConfig, evaluate_model
     from dozero.model.checkpoint import load_model
+    from dozero.runtime import resident_bytes
     from dozero.tokenizer import load_tokenizer
 
-    before = resident_mb("VmRSS")
+    before = resident_bytes("VmRSS")
     model, tokenizer = load_model(folder), load_tokenizer(folder)
     config = EvalConfig(tasks=params["tasks"], limit=params["limit"], samples=False)
     card = evaluate_model(model, tokenizer, config, text=params["text"], max_text_tokens=params["max_tokens"])
@@ -113,7 +103,8 @@ def measure_folder(folder: str, params: dict) -> dict:
         "tasks": {t["task"]: t["metrics"]["acc"]["score"] for t in tasks},
         "tokens_per_second": decode_speed(model, params["new_tokens"]) if params["new_tokens"] else None,
     }
-    return {**row, "peak_memory_mb": resident_mb("VmHWM") - before if before else None}
+    peak = resident_bytes("VmHWM")
+    return {**row, "peak_memory_mb": (peak - before) / 2**20 if before and peak else None}  # MiB, as before
 
 
 def measure_in_child(folder: Path, params: dict) -> dict:
