@@ -127,7 +127,7 @@ def test_cli_report_writes_the_table_and_the_plot(tmp_path, capsys):
     task = tmp_path / "quiz.jsonl"
     task.write_text('{"question": "the quick brown", "choices": ["fox", "dog"], "answer": 0}\n' * 3)
     args = ["compress", "report", "--model", str(tmp_path / "fp32"), "--text", str(text), "--out", str(tmp_path / "r")]
-    settings = ["fp32", "int8", "int4-g32", "int8-fbgemm-smooth", "wanda-50%", "neurons-25%"]
+    settings = ["fp32", "int8", "int4-g32", "int8-fbgemm-smooth", "wanda-50%", "neurons-25%", "heads-33%"]
     flags = ["--calibration", str(text), "--max-tokens", "200", "--new-tokens", "4", "--tasks", str(task)]
     assert main([*args, *flags, "--limit", "3", "--settings", *settings]) == 0
     rows = {r["setting"]: r for r in json.loads((tmp_path / "r" / "report.json").read_text())["rows"]}
@@ -135,6 +135,7 @@ def test_cli_report_writes_the_table_and_the_plot(tmp_path, capsys):
     assert rows["int8"]["weights_mb"] < rows["fp32"]["weights_mb"] / 3  # int8 + fp16 scales, fp32 norms
     assert rows["int4-g32"]["weights_mb"] < rows["int8"]["weights_mb"]
     assert rows["neurons-25%"]["weights_mb"] < rows["fp32"]["weights_mb"] == rows["wanda-50%"]["weights_mb"]
+    assert rows["heads-33%"]["weights_mb"] < rows["fp32"]["weights_mb"]  # 4 -> 3 heads: qkv and out_proj shrink
     assert all(r["perplexity"] > 1 and r["tokens_per_second"] > 0 for r in rows.values())
     assert all(r["weights_mb"] < r["disk_mb"] < r["weights_mb"] + 0.1 for r in rows.values())  # + config, vocab
     assert all(r["peak_memory_mb"] > r["weights_mb"] for r in rows.values())  # a fresh process each
@@ -162,6 +163,7 @@ def _head_cols(heads, hs):
 def test_heads_shrink_the_matrices_and_keep_the_kept_function(tmp_path, preset, sparsity, dead, n_heads, n_kv):
     """Heads whose out_proj columns are zero add nothing: they are the ones removed, and the logits stay."""
     from dozero.generate.engine import GenerationConfig, generate_ids
+    from dozero.generate.layout import use_decoding_layout
 
     model = _tiny(preset)
     C, hs = model.cfg.emb_dim, model.cfg.head_dim
@@ -185,6 +187,7 @@ def test_heads_shrink_the_matrices_and_keep_the_kept_function(tmp_path, preset, 
         assert torch.equal(loaded(x), small(x))
     # generate (KV cache, the decoding layout) gives what repeated full forwards give
     greedy = GenerationConfig(temperature=0.0, max_new_tokens=8, stop_at_eot=False)
+    use_decoding_layout(loaded)  # as `dozero generate` runs a model on the CPU
     out = generate_ids(loaded, [x[0, :5].tolist()], greedy)[0]
     ids = x[0, :5]
     with torch.no_grad():

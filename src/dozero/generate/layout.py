@@ -121,7 +121,7 @@ class DecodingBlock(TransformerBlock):
         scores = q @ keys.transpose(-2, -1)  # (B, nkv, g, hs) @ (B, nkv, hs, S) -> (B, nkv, g, S)
         scores = torch.where(attn_mask, scores, float("-inf"))  # mask (B or 1, 1, 1, S), True = may attend
         y = torch.softmax(scores, dim=-1) @ values  # (B, nkv, g, S) @ (B, nkv, S, hs) -> (B, nkv, g, hs)
-        x = x + att.out_proj(y.reshape(B, 1, C))  # heads in order: key/value head j serves query heads j*g ..
+        x = x + att.out_proj(y.reshape(B, 1, nh * hs))  # heads in order: key/value head j serves query heads j*g ..
         return x + self.ff(self.norm2(x)), None
 
 

@@ -37,7 +37,7 @@ def segments(model: nn.Module) -> dict[str, list[int]]:
     kv = cfg.kv_heads * cfg.head_dim
     for i in range(cfg.n_layers):
         for suffix in ("weight", "bias"):
-            found[f"trf_blocks.{i}.att.qkv.{suffix}"] = [cfg.emb_dim, kv, kv]
+            found[f"trf_blocks.{i}.att.qkv.{suffix}"] = [cfg.n_heads * cfg.head_dim, kv, kv]
             if cfg.ff == "swiglu":
                 found[f"trf_blocks.{i}.ff.fc.{suffix}"] = [cfg.hidden_dim, cfg.hidden_dim]
     names = {name for name, _ in model.named_parameters()}
