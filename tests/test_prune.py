@@ -312,3 +312,25 @@ def test_finetune_after_pruning_lowers_the_held_out_loss(trained, one_thread, me
     assert losses["unpruned"] < 1.3 and losses["pruned"] > losses["unpruned"] + 0.2
     assert losses["finetuned"] < losses["pruned"] - 0.2
     assert sparsity_of(pruned) == zeros  # magnitude's zeros are still exactly zero (neurons: none to keep)
+
+
+def test_pruned_heads_export_where_a_format_has_the_shape(tmp_path, capsys):
+    """Llama GGUF writes llama.cpp's key_length (dozero's GGUF reader then refuses it in one line: its heads
+    are emb_dim / n_heads wide); Hugging Face's GPT-2 has no such shape: one line, nothing written."""
+    gguf = pytest.importorskip("gguf")
+    from dozero.tokenizer.bpe import BPETokenizer
+
+    tok = BPETokenizer({bytes([b]): b for b in range(256)}, {"<|endoftext|>": 256}, name="bytes")
+    torch.manual_seed(0)
+    llama = GPTModel(get_model_config("llama-char", vocab_size=257)).eval()
+    save_model(prune(llama, PruneConfig(method="heads", sparsity=0.5), _ids()), tmp_path / "l", tokenizer=tok)
+    assert main(["model", "convert", str(tmp_path / "l"), str(tmp_path / "l.gguf"), "--to", "gguf"]) == 0
+    fields = gguf.GGUFReader(tmp_path / "l.gguf").fields
+    assert int(fields["llama.attention.key_length"].parts[-1][0]) == 32  # 128 / 4 heads, 2 of them kept
+    assert int(fields["llama.attention.head_count"].parts[-1][0]) == 2
+    with pytest.raises(DozeroError, match="rope.dimension_count = 32"):
+        load_model(tmp_path / "l.gguf")
+    gpt2 = prune(_tiny(), PruneConfig(method="heads", sparsity=0.5), _ids())
+    with pytest.raises(DozeroError, match="GPT-2 has no shape for pruned heads"):
+        save_model(gpt2, tmp_path / "g", format="hf")
+    assert not (tmp_path / "g" / "model.safetensors").exists()

@@ -348,6 +348,14 @@ def _hf_export(model) -> tuple[dict, dict[str, torch.Tensor]]:
     return hf.config_to_hf(cfg), hf.state_dict_to_hf(state, cfg)
 
 
+def _head_lengths(config: dict) -> dict:
+    """llama.cpp's key/value head widths, written (as its converter does) only when they are not
+    hidden_size / heads: a model whose heads were pruned (compress/prune.py)."""
+    hs = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    same = hs == config["hidden_size"] // config["num_attention_heads"]
+    return {} if same else {"attention.key_length": hs, "attention.value_length": hs}
+
+
 def _gguf_metadata(config: dict) -> tuple[str, dict]:
     """(architecture, its {arch}.* keys) for a transformers config dict; the reverse of _*_config above."""
     if config["model_type"] == "gpt2":
@@ -370,9 +378,9 @@ def _gguf_metadata(config: dict) -> tuple[str, dict]:
             "attention.head_count_kv": config["num_key_value_heads"],
             "attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
             "rope.freq_base": float(theta),
-            "rope.dimension_count": config["hidden_size"] // config["num_attention_heads"],
+            "rope.dimension_count": config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
             "vocab_size": config["vocab_size"],
-        }
+        } | _head_lengths(config)
     raise DozeroError(f"GGUF export knows GPT-2 and Llama shapes; this model is {config['model_type']!r}")
 
 

@@ -118,6 +118,8 @@ def config_to_hf(cfg: ModelConfig, eos_token_id: int | None = None) -> dict:
     """ModelConfig -> the config.json that `transformers.GPT2LMHeadModel.from_pretrained` reads."""
     if hf_llama.hf_family(cfg) == "llama":
         return hf_llama.config_to_hf(cfg, eos_token_id)
+    if cfg.n_heads * cfg.head_dim != cfg.emb_dim:  # pruned heads (compress/prune.py): Llama has head_dim
+        raise DozeroError("Hugging Face's GPT-2 has no shape for pruned heads; keep this model in dozero's format")
     if eos_token_id is None and cfg.vocab_size == 50257:
         eos_token_id = 50256  # GPT-2's <|endoftext|>
     return {
