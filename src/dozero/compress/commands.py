@@ -65,9 +65,9 @@ def register(subparsers) -> None:
 
     pr = sub.add_parser(
         "prune",
-        help="zero the least important weights, or remove feed-forward neurons",
-        description="Prune a finished model: magnitude or wanda (zeros, same shapes) or neurons (narrower "
-        "feed-forward layers: a smaller, faster model).",
+        help="zero the least important weights, or remove feed-forward neurons or attention heads",
+        description="Prune a finished model: magnitude or wanda (zeros, same shapes), neurons or heads (narrower "
+        "feed-forward layers, fewer attention heads: a smaller, faster model); optionally fine-tune it after.",
         epilog=PRUNE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -77,7 +77,7 @@ def register(subparsers) -> None:
         "--calibration",
         default="tinyshakespeare",
         metavar="TEXT",
-        help="text whose activations score the weights (wanda; a file or a bundled text's name, read from its "
+        help="text whose activations score the weights (wanda, heads; a file or a bundled text's name, read from its "
         "middle; default: tinyshakespeare)",
     )
     pr.add_argument(
@@ -156,9 +156,14 @@ examples:
   dozero compress prune --model runs/shakespeare-char --method magnitude --sparsity 0.5 --out out/char-m50
   dozero compress prune --model smollm2-135m-instruct --method wanda --sparsity 0.5 --out out/smol-w50
   dozero compress prune --model smollm2-135m-instruct --method neurons --sparsity 0.25 --out out/smol-n25
+  dozero compress prune --model smollm2-135m-instruct --method heads --sparsity 0.34 \\
+      --finetune-steps 100 --data tinyshakespeare --out out/smol-h33
 
-magnitude and wanda set weights to zero (the file and the speed stay the same); neurons removes whole
-feed-forward neurons, so the matrices, the file and the time per token shrink."""
+magnitude and wanda set weights to zero (the file and the speed stay the same); neurons and heads remove
+whole feed-forward neurons or attention heads (with grouped-query attention, the same number of query
+heads from every group), so the matrices, the file and the time per token shrink. --finetune-steps then
+trains the pruned model on --data, learning from the unpruned one too, and prints the held-out loss
+before and after (the last 10% of --data is held out)."""
 
 
 DISTILL_EPILOG = """\
