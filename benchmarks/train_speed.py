@@ -3,6 +3,7 @@
     flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/train_speed.py                 # step times
     flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/train_speed.py --to-loss       # + time to val 1.886
     flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/train_speed.py --compile       # + compiled
+    flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/train_speed.py --no-hf --bf16 --compile  # + bf16
     .venv/bin/python benchmarks/train_speed.py --rounds 2 --steps 5 --warmup 2              # a quick check
 
 nanoGPT is never copied into dozero: its own `model.py` (the GPT module and `configure_optimizers`)
@@ -34,6 +35,11 @@ one, the nanoGPT parts are skipped with a message. To get it:
    --dozero-args replaces the dozero flags (e.g. '--preset shakespeare-char' for the default recipe).
 3. --compile (with 1): both models also compiled, torch.compile(model) (nanoGPT's train.py compiles by
    default); the first step's time (the compile) is printed, the compiled pair compared with each other.
+4. --bf16 (with 1): both models also under bfloat16 autocast, float32 weights and AdamW states: dozero as
+   `dozero train --dtype bfloat16` runs it (on a CPU its attention stays float32: train/step.py), nanoGPT's
+   forward under torch.autocast, as its train.py's `ctx` on a GPU (on a CPU its train.py runs float32). Two
+   ratios: nanoGPT as its train.py runs on a CPU (float32) / dozero bf16, and nanoGPT bf16 / dozero bf16.
+   With --compile too: the compiled pair in bf16, and nanoGPT compiled float32 / dozero compiled bf16.
 """
 
 from __future__ import annotations
@@ -105,14 +111,15 @@ class HFLogits(torch.nn.Module):
         return self.hf(input_ids=x).logits
 
 
-def dozero_step(cfg, corpus, shape, compile_model=False):
+def dozero_step(cfg, corpus, shape, compile_model=False, dtype=torch.float32):
     """dozero's model and training Stepper; compiled: the forward is torch.compile(model), as
-    `dozero train --compile` runs it (the Stepper then clips and steps the plain model's parameters)."""
+    `dozero train --compile` runs it (the Stepper then clips and steps the plain model's parameters).
+    dtype bfloat16: `dozero train --dtype bfloat16` (autocast; float32 weights and AdamW states)."""
     torch.manual_seed(cfg.seed)
     model = GPTModel(shape).train()
     loader = RandomWindowLoader(corpus.train, cfg.micro_batch_size, shape.context_length, cfg.seed)
     forward = torch.compile(model) if compile_model else model
-    stepper = Stepper(forward, model, make_optimizer(model, cfg, CPU), loader, cfg, 1, CPU, torch.float32)
+    stepper = Stepper(forward, model, make_optimizer(model, cfg, CPU), loader, cfg, 1, CPU, dtype)
     return model, lambda index: stepper(index)[0]
 
 
@@ -129,11 +136,13 @@ def hf_step(cfg, corpus, shape):
     return raw, lambda index: stepper(index)[0]
 
 
-def nanogpt_step(cfg, corpus, shape, nanogpt, compile_model=False):
+def nanogpt_step(cfg, corpus, shape, nanogpt, compile_model=False, dtype=torch.float32):
     """nanoGPT's model and optimizer, and its train.py loop body as it runs on a CPU (no autocast; the
     GradScaler is disabled there, so scaler.step is optimizer.step). The learning rate follows its
     cosine schedule (dozero's formula; the lr value does not change a step's time). compile_model:
-    `model = torch.compile(model)`, what its train.py does with compile=True (its default)."""
+    `model = torch.compile(model)`, what its train.py does with compile=True (its default). dtype
+    bfloat16: its forward under `torch.autocast(device_type, dtype)`, its train.py's `ctx` on a GPU
+    (on a CPU that train.py uses a nullcontext: float32)."""
     torch.manual_seed(cfg.seed)
     conf = nanogpt.GPTConfig(
         block_size=shape.context_length,
@@ -154,7 +163,8 @@ def nanogpt_step(cfg, corpus, shape, nanogpt, compile_model=False):
     def step(index: int) -> torch.Tensor:
         set_lr(optimizer, lr_at(index, cosine))
         x, y = loader.next_batch()  # (B, T) each
-        _, loss = forward(x, y)
+        with runtime.autocast(CPU, dtype):
+            _, loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -187,6 +197,15 @@ def build_all(args, cfg, corpus, shape) -> dict:
         runners["dozero+c"] = dozero_step(cfg, corpus, shape, compile_model=True)
         if nanogpt is not None:
             runners["nanoGPT+c"] = nanogpt_step(cfg, corpus, shape, nanogpt, compile_model=True)
+    if args.bf16:
+        bf16 = torch.bfloat16
+        runners["dozero+bf16"] = dozero_step(cfg, corpus, shape, dtype=bf16)
+        if nanogpt is not None:
+            runners["nanoGPT+bf16"] = nanogpt_step(cfg, corpus, shape, nanogpt, dtype=bf16)
+        if args.compile:
+            runners["dozero+c+bf16"] = dozero_step(cfg, corpus, shape, compile_model=True, dtype=bf16)
+            if nanogpt is not None:
+                runners["nanoGPT+c+bf16"] = nanogpt_step(cfg, corpus, shape, nanogpt, compile_model=True, dtype=bf16)
     return runners
 
 
@@ -205,7 +224,7 @@ def step_times(args) -> None:
         begin = time.perf_counter()
         first = float(step(0))  # the same batch for all: about ln(65) = 4.17 from a fresh init
         took = time.perf_counter() - begin  # compiled: the compile of forward and backward (not in the ms/step)
-        print(f"{name:>9}: {n_params:,} parameters, first loss {first:.3f}, first step {took:.1f} s")
+        print(f"{name:>14}: {n_params:,} parameters, first loss {first:.3f}, first step {took:.1f} s")
     print(f"step = {cfg.micro_batch_size} x {shape.context_length} tokens: forward, backward, clip, AdamW")
     print(f"{args.warmup} warm-up steps each, then {args.rounds} rounds of {args.steps} steps each; ms/step:\n")
     for _, step in runners.values():
@@ -228,8 +247,17 @@ def step_times(args) -> None:
     summarize(times, tokens)
 
 
-PAIRS = (("nanoGPT", "dozero"), ("HF", "dozero"), ("nanoGPT+c", "dozero+c"))
-"""The ratios printed: each model against dozero run the same way (eager with eager, compiled with compiled)."""
+PAIRS = (
+    ("nanoGPT", "dozero"),
+    ("HF", "dozero"),
+    ("nanoGPT+c", "dozero+c"),
+    ("nanoGPT", "dozero+bf16"),
+    ("nanoGPT+bf16", "dozero+bf16"),
+    ("nanoGPT+c", "dozero+c+bf16"),
+    ("nanoGPT+c+bf16", "dozero+c+bf16"),
+)
+"""The ratios printed: each model against dozero run the same way (eager with eager, compiled with compiled,
+bf16 autocast with bf16 autocast), and nanoGPT as its train.py runs on a CPU (float32) against dozero's bf16."""
 
 
 def summarize(times: dict[str, list[float]], tokens: int) -> None:
@@ -237,7 +265,7 @@ def summarize(times: dict[str, list[float]], tokens: int) -> None:
     for name, ms in times.items():
         median = statistics.median(ms)
         spread = f"{min(ms):.1f}-{max(ms):.1f}"
-        print(f"{name:>9}: median {median:.1f} ms/step ({spread}), {1e3 * tokens / median:,.0f} tokens/s")
+        print(f"{name:>14}: median {median:.1f} ms/step ({spread}), {1e3 * tokens / median:,.0f} tokens/s")
     for other, mine in PAIRS:
         if other in times and mine in times:
             ratios = [o / d for o, d in zip(times[other], times[mine], strict=True)]
@@ -339,6 +367,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the step times (default: PyTorch's)")
     p.add_argument("--no-hf", action="store_true", help="leave out Hugging Face's model")
     p.add_argument("--compile", action="store_true", help="also time dozero and nanoGPT with torch.compile(model)")
+    p.add_argument(
+        "--bf16", action="store_true", help="also time dozero and nanoGPT under bfloat16 autocast (float32 weights)"
+    )
     p.add_argument("--nanogpt", default="", help=f"nanoGPT checkout (default: $NANOGPT_DIR or {DEFAULT_NANOGPT})")
     p.add_argument("--to-loss", action="store_true", help="also time both full runs to nanoGPT's val loss")
     p.add_argument("--skip-steps", action="store_true", help="only the --to-loss runs")

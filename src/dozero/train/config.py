@@ -85,7 +85,8 @@ class TrainConfig:
     """cuda, mps, cpu, or auto."""
     dtype: str = "auto"
     """auto (bf16 on recent GPUs, fp16 + grad scaler on older ones, float32 on CPU), float32, bfloat16,
-    float16."""
+    float16. bfloat16 is mixed precision (float32 weights and AdamW states); on CPUs with AMX (Intel Xeon
+    4th gen+) it makes the shakespeare-char step ~1.3x faster (attention stays float32 there: train/step.py)."""
     compile: bool = False
     """torch.compile the model (faster steps after a compile of some seconds to minutes)."""
     parallel: str = "auto"

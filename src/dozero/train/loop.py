@@ -42,7 +42,7 @@ from dozero.train.config import TrainConfig
 from dozero.train.corpus import Corpus, load_corpus
 from dozero.train.observe import RunObserver, disk_error, flops_per_token
 from dozero.train.optim import make_optimizer
-from dozero.train.step import Stepper
+from dozero.train.step import Stepper, mixed_precision
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 """Exit status of a run stopped by a signal (128 + the signal's number, as shells report it)."""
@@ -444,7 +444,7 @@ def evaluate(model: GPTModel, tokens, cfg: TrainConfig, T: int, device, dtype) -
     total = torch.zeros((), device=device)
     for _ in range(cfg.eval_iters):
         x, y = (t.to(device) for t in loader.next_batch())  # (B, T)
-        with runtime.autocast(device, dtype):
+        with mixed_precision(device, dtype):  # as the training step computes it
             logits = model(x)  # (B, T, V)
         total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
     model.train(was_training)
