@@ -19,6 +19,8 @@ below 3x the fp32 model (3 x 540 MB); decoding >= 1.5x Hugging Face.
     .venv/bin/python benchmarks/smollm2_speed.py --repeats 3 --new-tokens 32 --threads 2
     .venv/bin/python benchmarks/smollm2_speed.py --skip-load --compile   # the decode step under torch.compile,
                                                   # and the compile time its first call (a CLI call) pays
+    .venv/bin/python benchmarks/smollm2_speed.py --skip-load --breakdown --threads 2   # where a token's time
+                                                  # goes: matrices, head, the rest; the bandwidth floor
 """
 
 from __future__ import annotations
@@ -153,6 +155,61 @@ def decode_benchmark(new_tokens: int, repeats: int, threads: int, compile_step: 
         )
 
 
+def breakdown(steps: int = 32) -> None:
+    """Where one decoded token's time goes, in dozero as `dozero generate` runs it: the decode step, the
+    30 layers' matrix products alone, the output head alone, and the rest (norms, RoPE, attention, and
+    the Python and dispatcher time of ~1,500 tensor calls: what fewer calls or a compiled step can
+    remove). The matrices are read out of cache as in decoding; the memory-bandwidth floor is the fp32
+    weights' bytes at the speed of `sum()` over 512 MB."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dozero.generate.engine import BatchState
+    from dozero.generate.layout import use_decoding_layout
+    from dozero.model.checkpoint import load_model
+
+    model = load_model(NAME).eval()
+    use_decoding_layout(model)
+    ids, _ = prompt_ids()
+    linears = [m for b in model.trf_blocks for m in (b.att.qkv, b.att.out_proj, b.ff.fc, b.ff.proj)]
+    inputs = [torch.randn(1, 1, m.in_features) for m in linears]
+    head_input = torch.randn(1, 1, model.cfg.emb_dim)
+    big = torch.ones(128 * 1024 * 1024)  # 512 MB
+
+    def median_ms(fn, repeats=steps) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    calls = []
+
+    class CountCalls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode():
+        state = BatchState(model, [ids], len(ids) + steps + 8)  # room for every timed step
+        tokens = state.prefill().argmax(-1)
+        with CountCalls():
+            state.decode_one_token(tokens)
+        step = median_ms(lambda: state.decode_one_token(tokens))
+        blocks = median_ms(lambda: [m(x) for m, x in zip(linears, inputs, strict=True)])
+        head = median_ms(lambda: model.out_head(head_input))
+        bandwidth = big.numel() * 4 / median_ms(big.sum, 5) / 1e6  # GB/s
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9  # GB, the tied head once
+    print(
+        f"one decode step {step:.1f} ms ({1e3 / step:.1f} tokens/s, {len(calls)} tensor calls): the layers' 120 "
+        f"matrix products {blocks:.1f} ms, the head {head:.1f} ms, the rest {step - blocks - head:.1f} ms; memory "
+        f"{bandwidth:.1f} GB/s, so reading the {weights * 1e3:.0f} MB of weights takes at least "
+        f"{weights / bandwidth * 1e3:.1f} ms ({bandwidth / weights:.0f} tokens/s)",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -161,6 +218,9 @@ def main() -> None:
     parser.add_argument("--skip-load", action="store_true", help="do not measure the load")
     parser.add_argument(
         "--compile", action="store_true", help="dozero as `dozero generate --compile` (compiled in the warm-up)"
+    )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time a decode step's parts: matrices, head, the rest"
     )
     args = parser.parse_args()
     if args.threads:
@@ -176,6 +236,8 @@ def main() -> None:
             f"{load['base_kb'] / 1e3:.0f} MB, so the load adds {(load['peak_kb'] - load['base_kb']) / 1e3:.0f} MB)",
             flush=True,
         )
+    if args.breakdown:
+        breakdown()
     decode_benchmark(args.new_tokens, args.repeats, threads, args.compile)
 
 
