@@ -162,26 +162,16 @@ def generate_tokens(
     finished = [False] * len(rows) if finished is None else finished
     if config.max_new_tokens == 0:
         return
-    device = model.tok_emb.weight.device
-    generator = torch.Generator(device=device)
-    if config.seed is not None:
-        generator.manual_seed(config.seed)
-    else:
-        generator.seed()
+    generator = seeded_generator(model.tok_emb.weight.device, config.seed)
     cache_len = min(ctx, max(len(r) for r in rows) + config.max_new_tokens)
     if config.compile:  # the compiled step is specialized to the cache's length: a few lengths, few compiles
         cache_len = min(ctx, -(-cache_len // COMPILED_CACHE_STEP) * COMPILED_CACHE_STEP)
-    keep = max(1, ctx - ctx // 4)  # tokens kept when the window slides
     starts = [0] * len(rows)  # where each row's window begins in `rows[b]`
 
     # Inference mode is entered around the tensor work only, never across a `yield`: the caller's
     # code between steps (printing, training) must not run in it.
     with torch.inference_mode():
-        counts = None
-        if config.uses_counts:  # occurrences of each token in prompt + generated text, for the penalties
-            counts = torch.zeros(len(rows), model.cfg.vocab_size, device=device)  # (B, V)
-            for b, r in enumerate(rows):
-                counts[b].index_add_(0, torch.tensor(r, device=device), torch.ones(len(r), device=device))
+        counts = token_counts(rows, model.cfg.vocab_size, generator.device) if config.uses_counts else None
         state = BatchState(model, rows, cache_len, config.compile)
         logits = state.prefill()
     for step in range(config.max_new_tokens):
@@ -190,12 +180,10 @@ def generate_tokens(
             ids = tokens.tolist()  # the one host sync per step: the ids decide stopping and streaming
         out = []
         for b, t in enumerate(ids):
-            if finished[b] or (config.stop_at_eot and t == eot_id):
-                finished[b] = True
-                out.append(None)
-            else:
+            finished[b] = finished[b] or (config.stop_at_eot and t == eot_id)
+            out.append(None if finished[b] else t)
+            if not finished[b]:
                 rows[b].append(t)
-                out.append(t)
         yield out
         if all(finished) or step == config.max_new_tokens - 1:
             return
@@ -204,22 +192,47 @@ def generate_tokens(
                 counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=counts.dtype))
             if state.length < ctx:
                 logits = state.decode_one_token(tokens)
-            else:  # the window is full: re-read the last `keep` tokens from position 0
-                warnings.warn(
-                    f"generation reached the context length ({ctx} tokens): sliding the window, keeping the last "
-                    f"{keep} tokens (re-read from position 0)",
-                    stacklevel=2,
-                )
-                # Each row slides when ITS window passes the context, exactly as it would alone;
-                # the others are re-read unchanged. A finished row shrinks to one token.
-                for b, r in enumerate(rows):
-                    if finished[b]:
-                        starts[b] = len(r) - 1
-                    elif len(r) - starts[b] > ctx:
-                        starts[b] = len(r) - keep
-                windows = [r[start:] for r, start in zip(rows, starts, strict=True)]
-                state = BatchState(model, windows, ctx, config.compile)
+            else:  # the window is full: re-read the last tokens of each row from position 0
+                state = BatchState(model, slide_windows(rows, starts, finished, ctx), ctx, config.compile)
                 logits = state.prefill()
+
+
+def seeded_generator(device, seed: int | None) -> torch.Generator:
+    """The random source of sampling: `seed` gives the same draws every time, None a fresh seed."""
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator
+
+
+def token_counts(rows: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """Occurrences of each token in each row (B, V), for the repetition and frequency penalties."""
+    counts = torch.zeros(len(rows), vocab_size, device=device)  # (B, V)
+    for b, r in enumerate(rows):
+        counts[b].index_add_(0, torch.tensor(r, device=device), torch.ones(len(r), device=device))
+    return counts
+
+
+def slide_windows(rows: list[list[int]], starts: list[int], finished: list[bool], ctx: int) -> list[list[int]]:
+    """The tokens to re-read when the cache is full, one window per row; moves `starts` (in place).
+
+    Each row slides when ITS window passes the context, keeping its last three quarters, exactly as it
+    would alone; the others are re-read unchanged. A finished row shrinks to one token.
+    """
+    keep = max(1, ctx - ctx // 4)
+    warnings.warn(
+        f"generation reached the context length ({ctx} tokens): sliding the window, keeping the last "
+        f"{keep} tokens (re-read from position 0)",
+        stacklevel=3,  # past generate_tokens: the code that iterates over it (stream_batch, generate_ids)
+    )
+    for b, r in enumerate(rows):
+        if finished[b]:
+            starts[b] = len(r) - 1
+        elif len(r) - starts[b] > ctx:
+            starts[b] = len(r) - keep
+    return [r[start:] for r, start in zip(rows, starts, strict=True)]
 
 
 @contextmanager
