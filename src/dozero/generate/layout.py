@@ -108,7 +108,7 @@ class DecodingBlock(TransformerBlock):
         att = self.att
         if x.shape[1] != 1 or att.kv_cache is None or attn_mask is None or need_weights or self.training:
             return super().forward(x, input_pos, attn_mask, need_weights, rope)
-        B, _, C = x.shape  # legend: model/gpt.py; here T = 1, g = nh / nkv query heads per key/value head
+        B = x.shape[0]  # legend: model/gpt.py; here T = 1, g = nh / nkv query heads per key/value head
         nh, nkv, hs = att.n_heads, att.n_kv_heads, att.head_dim
         heads = att.qkv(self.norm1(x)).view(B, 1, nh + 2 * nkv, hs)  # (B, 1, nh + 2 nkv, hs): q, k, v heads
         qk, v = heads[:, :, : nh + nkv], heads[:, :, nh + nkv :]
