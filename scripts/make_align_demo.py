@@ -6,7 +6,10 @@
       heldout_larger.jsonl  the same for the other task; no held-out question appears in rl.jsonl
     python scripts/make_align_demo.py --out demo/align --pairs-from smollm2-135m-instruct
       pairs.jsonl         {"prompt", "chosen", "rejected"}: k answers sampled from the model for each
-                          training prompt, scored by the same check; best and worst kept (for `align dpo`)
+                          training prompt; "chosen" is a clean right answer (`clean_answer` scores it
+                          1: the number alone, or a short sentence ending "is <number>."), "rejected"
+                          the worst of the others (wrong if one is, else rambling); the same number
+                          of pairs for each task (for `align dpo`)
 
 The two tasks (procedural, as reasoning-gym's, with the answer known):
     next    "What number comes after 199? Answer with the number only."    -> 200
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -49,6 +53,19 @@ def first_line_number(prompt: str, answer: str, record: dict) -> float:
     return number(prompt, answer.strip().split("\n")[0], record)
 
 
+def clean_answer(prompt: str, answer: str, record: dict) -> float:
+    """The stricter score the pairs are chosen by: 1.0 for a clean right answer, one line that is the
+    number alone or a short sentence ending "is <number>." ("434", "The number after 433 is 434.");
+    0.5 for an answer the held-out check counts right that is not clean ("14 is not a multiple of
+    39." ends in the larger number; "To find the number after 433, ... 434" rambles); 0.0 otherwise.
+    A pair's chosen answer must score 1.0, so DPO is never taught a lucky or rambling shape."""
+    text, want = answer.strip(), record["answer"]
+    clean = re.fullmatch(rf"(?:[^\n]{{0,60}}\bis:?\s+)?{want}\.?", text)
+    if clean and not re.search(r"\bnot\b|n't", text):
+        return 1.0
+    return 0.5 * first_line_number(prompt, answer, record)
+
+
 def make_questions(n: int, rng: random.Random, seen: set) -> list[dict]:
     """`n` distinct questions, alternating tasks, none in `seen` (which they are added to)."""
     out = []
@@ -68,8 +85,13 @@ def write(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
-def self_made_pairs(model_spec: str, prompts: list[dict], k: int, max_new_tokens: int, seed: int) -> list[dict]:
-    """k sampled answers per prompt from the model, scored by the check; best/worst kept (align.data.make_pairs)."""
+def task_of(prompt: str) -> str:
+    return "next" if prompt.startswith("What number") else "larger"
+
+
+def self_made_pairs(model_spec: str, prompts: list[dict], k: int, seed: int, **sampling) -> list[dict]:
+    """k sampled answers per prompt from the model; chosen a clean right answer (`clean_answer` 1.0),
+    rejected the worst of the rest (align.data.make_pairs); then as many pairs of each task."""
     import torch
 
     from dozero.align.data import make_pairs
@@ -78,14 +100,19 @@ def self_made_pairs(model_spec: str, prompts: list[dict], k: int, max_new_tokens
     torch.manual_seed(seed)
     model, tokenizer, template = load_base(model_spec)
     by_prompt = {q["prompt"]: q for q in prompts}
-    reward = lambda prompt, answer, record: first_line_number(prompt, answer, by_prompt[prompt])  # noqa: E731
+    reward = lambda prompt, answer, record: clean_answer(prompt, answer, by_prompt[prompt])  # noqa: E731
     pairs = []
-    for start in range(0, len(prompts), 8):  # 8 prompts x k answers per batch: small steps, visible progress
-        chunk = [q["prompt"] for q in prompts[start : start + 8]]
-        pairs += make_pairs(model, tokenizer, template, chunk, reward, k=k, seed=seed + start,
-                            max_new_tokens=max_new_tokens, temperature=1.0)  # fmt: skip
+    for start in range(0, len(prompts), 16):  # 16 prompts x k answers per batch: small steps, visible progress
+        chunk = [q["prompt"] for q in prompts[start : start + 16]]
+        pairs += make_pairs(model, tokenizer, template, chunk, reward, k=k, seed=seed + start, min_chosen=1.0,
+                            **sampling)  # fmt: skip
         print(f"  {start + len(chunk)}/{len(prompts)} prompts sampled, {len(pairs)} pairs", file=sys.stderr)
-    return pairs
+    by_task = {task: [r for r in pairs if task_of(r["prompt"]) == task] for task in TASKS}
+    n = min(len(records) for records in by_task.values())  # balanced: DPO must not learn one task's shape
+    print(
+        f"  pairs per task: {', '.join(f'{t} {len(r)}' for t, r in by_task.items())}; {n} of each kept", file=sys.stderr
+    )
+    return [r for group in zip(*(records[:n] for records in by_task.values()), strict=True) for r in group]
 
 
 def main(argv=None) -> int:
@@ -95,14 +122,15 @@ def main(argv=None) -> int:
     p.add_argument("--heldout", type=int, default=25, help="held-out questions per task (default: 25)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pairs-from", metavar="MODEL", help="also sample pairs.jsonl from this model")
-    p.add_argument("--pairs-prompts", type=int, default=64, help="training prompts sampled for pairs (default: 64)")
+    p.add_argument("--pairs-prompts", type=int, default=96, help="training prompts sampled for pairs (default: 96)")
     p.add_argument("--k", type=int, default=6, help="answers sampled per prompt for pairs (default: 6)")
-    p.add_argument("--max-new-tokens", type=int, default=12, help="longest sampled answer (default: 12)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="longest sampled answer (default: 16)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for pairs (default: 0.7)")
     args = p.parse_args(argv)
     rng, seen = random.Random(args.seed), set()
     heldout = {task: [] for task in TASKS}
     for q in make_questions(args.heldout * len(TASKS), rng, seen):  # drawn first: the training set avoids them
-        heldout["next" if q["prompt"].startswith("What number") else "larger"].append({**q, "check": "number"})
+        heldout[task_of(q["prompt"])].append({**q, "check": "number"})
     train = make_questions(args.train, rng, seen)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +139,8 @@ def main(argv=None) -> int:
         write(out / f"heldout_{task}.jsonl", records)
     print(f"wrote {out}/rl.jsonl ({len(train)}) and heldout_{{{','.join(TASKS)}}}.jsonl ({args.heldout} each)")
     if args.pairs_from:
-        pairs = self_made_pairs(args.pairs_from, train[: args.pairs_prompts], args.k, args.max_new_tokens, args.seed)
+        sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+        pairs = self_made_pairs(args.pairs_from, train[: args.pairs_prompts], args.k, args.seed, **sampling)
         write(out / "pairs.jsonl", pairs)
         print(f"wrote {out}/pairs.jsonl: {len(pairs)} pairs from {args.pairs_prompts} prompts x {args.k} answers")
     return 0

@@ -247,3 +247,41 @@ def test_cli_refuses_sharding_flags_it_would_ignore(method, flag, capsys):
         main(["align", method, "--model", "m", "--data", "d.jsonl", *flag])
     assert exit_info.value.code == 2
     assert f"unrecognized arguments: {flag[0]}" in capsys.readouterr().err
+
+
+def test_self_made_pairs_take_a_clean_right_answer_and_a_wrong_one():
+    """The alignment demo's pair rule on hand-made answers: chosen must be a clean right answer (the
+    number alone or a short sentence ending in it), never one that the looser held-out check only
+    counts right by luck ("14 is not a multiple of 39."); rejected is a wrong answer when there is one."""
+    import importlib.util
+    from pathlib import Path
+
+    from dozero.align.data import pick_pair
+
+    spec = importlib.util.spec_from_file_location(
+        "make_align_demo", Path(__file__).parents[1] / "scripts/make_align_demo.py"
+    )
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    record = {"answer": 39}
+    score = lambda prompt, answer, _: demo.clean_answer(prompt, answer, record)  # noqa: E731
+    scores = {
+        a: score("", a, record)
+        for a in ["39", "39.", "The larger number is 39.", "The answer is: 39", "14 is not a multiple of 39.",
+                  "To compare 14 and 39, note 39", "39\nand more", "14 is 14.", "14", "Larger numbers are fun"]
+    }  # fmt: skip
+    assert list(scores.values()) == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0]
+    lucky, wrong, clean = "14 is not a multiple of 39.", "14 is 14.", "The larger number is 39."
+    # The old rule (best above worst) made the lucky answer "chosen"; with min_chosen there is no pair.
+    assert pick_pair("p", [lucky, wrong], score) == {"prompt": "p", "chosen": lucky, "rejected": wrong}
+    assert pick_pair("p", [lucky, wrong], score, min_chosen=1.0) is None
+    assert pick_pair("p", [lucky, clean, wrong], score, min_chosen=1.0) == {
+        "prompt": "p",
+        "chosen": clean,
+        "rejected": wrong,
+    }
+    assert pick_pair("p", [lucky, clean], score, min_chosen=1.0) == {"prompt": "p", "chosen": clean, "rejected": lucky}
+    assert pick_pair("p", [lucky, clean], score, min_chosen=1.0, max_rejected=0.0) is None  # rejected must be wrong
+    assert pick_pair("p", [clean, clean + " "], score, min_chosen=1.0) is None  # all equal: nothing to learn
+    broken = lambda p, a, r: float("nan") if a == wrong else (1 / 0 if a == lucky else 1.0)  # noqa: E731
+    assert pick_pair("p", [wrong, lucky, clean], broken) is None  # only one answer could be scored

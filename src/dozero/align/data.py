@@ -141,27 +141,53 @@ class PairLoader(SFTLoader):
         return x, y, torch.tensor(picked)
 
 
-def make_pairs(model, tokenizer, template: str, prompts: list[str], reward_fn, k: int = 4, seed: int = 0, **sampling):
+def pick_pair(
+    prompt: str, answers: list[str], reward_fn, min_chosen: float | None = None, max_rejected: float | None = None
+) -> dict | None:
+    """The preference record for one prompt's answers, or None: the best-scoring answer is chosen and
+    the worst rejected. A score only ranks answers; `min_chosen` and `max_rejected` say what is good
+    and bad enough to teach. Without them the best of k wrong answers becomes "chosen" whenever it
+    scores a little higher, and DPO learns whatever made it score (in the alignment demo: a rambling
+    sentence that happened to end in the right number). An answer whose reward raises, is not finite
+    or is blank is left out."""
+    scored = []
+    for answer in answers:
+        try:
+            score = float(reward_fn(prompt, answer, {"prompt": prompt}))
+        except Exception:  # a reward that fails on one answer only loses that answer
+            continue
+        if math.isfinite(score) and answer.strip():
+            scored.append((score, answer))
+    if len(scored) < 2:
+        return None
+    best, worst = max(scored, key=lambda s: s[0]), min(scored, key=lambda s: s[0])
+    if best[0] <= worst[0] or best[1] == worst[1]:
+        return None  # no preference to learn
+    if (min_chosen is not None and best[0] < min_chosen) or (max_rejected is not None and worst[0] > max_rejected):
+        return None
+    return {"prompt": prompt, "chosen": best[1], "rejected": worst[1]}
+
+
+def make_pairs(
+    model,
+    tokenizer,
+    template: str,
+    prompts: list[str],
+    reward_fn,
+    k: int = 4,
+    seed: int = 0,
+    min_chosen: float | None = None,
+    max_rejected: float | None = None,
+    **sampling,
+):
     """Self-made preference records: k sampled answers per prompt, scored by `reward_fn(prompt, answer,
-    record)` (the signature of align/rewards.py; record is {"prompt": prompt});
-    the best and the worst become chosen and rejected. Prompts whose answers all score the same (or
-    whose best and worst texts are equal) give no pair: there is no preference to learn."""
+    record)` (the signature of align/rewards.py; record is {"prompt": prompt}), kept by `pick_pair`
+    (best and worst, each past its threshold when one is given). Prompts whose answers all score the
+    same (or whose best and worst texts are equal) give no pair: there is no preference to learn."""
     from dozero.align.rollout import sample_answers
 
-    records = []
     groups = sample_answers(model, tokenizer, template, prompts, k, seed=seed, **sampling)
-    for prompt, answers in zip(prompts, groups, strict=True):
-        scored = []
-        for answer in answers:
-            try:
-                score = float(reward_fn(prompt, answer, {"prompt": prompt}))
-            except Exception:  # a reward that fails on one answer only loses that answer
-                continue
-            if math.isfinite(score) and answer.strip():
-                scored.append((score, answer))
-        if len(scored) < 2:
-            continue
-        best, worst = max(scored, key=lambda s: s[0]), min(scored, key=lambda s: s[0])
-        if best[0] > worst[0] and best[1] != worst[1]:
-            records.append({"prompt": prompt, "chosen": best[1], "rejected": worst[1]})
-    return records
+    records = [
+        pick_pair(p, answers, reward_fn, min_chosen, max_rejected) for p, answers in zip(prompts, groups, strict=True)
+    ]
+    return [r for r in records if r is not None]
