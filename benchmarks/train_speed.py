@@ -39,7 +39,8 @@ one, the nanoGPT parts are skipped with a message. To get it:
    `dozero train --dtype bfloat16` runs it (on a CPU its attention stays float32: train/step.py), nanoGPT's
    forward under torch.autocast, as its train.py's `ctx` on a GPU (on a CPU its train.py runs float32). Two
    ratios: nanoGPT as its train.py runs on a CPU (float32) / dozero bf16, and nanoGPT bf16 / dozero bf16.
-   With --compile too: the compiled pair in bf16, and nanoGPT compiled float32 / dozero compiled bf16.
+   With --compile too: the compiled pair in bf16, and nanoGPT float32 (eager, as its README's CPU recipe
+   runs, and compiled) / dozero compiled bf16.
 """
 
 from __future__ import annotations
@@ -253,6 +254,7 @@ PAIRS = (
     ("nanoGPT+c", "dozero+c"),
     ("nanoGPT", "dozero+bf16"),
     ("nanoGPT+bf16", "dozero+bf16"),
+    ("nanoGPT", "dozero+c+bf16"),
     ("nanoGPT+c", "dozero+c+bf16"),
     ("nanoGPT+c+bf16", "dozero+c+bf16"),
 )
