@@ -13,6 +13,7 @@ from dozero.config import get_model_config
 from dozero.errors import DozeroError
 from dozero.model.checkpoint import load_model, save_model
 from dozero.model.gpt import GPTModel
+from dozero.model.info import layer_summary
 
 
 def _tiny(preset="shakespeare-char", seed=0):
@@ -178,6 +179,8 @@ def test_heads_shrink_the_matrices_and_keep_the_kept_function(tmp_path, preset, 
     assert small.trf_blocks[0].att.qkv.weight.shape == ((n_heads + 2 * n_kv) * hs, C)
     assert small.trf_blocks[3].att.out_proj.weight.shape == (C, n_heads * hs)
     assert small.num_parameters() < model.num_parameters()
+    rows = {row.name: row.params for row in layer_summary(small.cfg, expand_blocks="all")}  # `dozero model info`
+    assert rows["trf_blocks.0.att.out_proj"] == sum(p.numel() for p in small.trf_blocks[0].att.out_proj.parameters())
     with torch.no_grad():
         torch.testing.assert_close(small(x), expected, rtol=1e-5, atol=1e-5)
     save_model(small, tmp_path / "m")

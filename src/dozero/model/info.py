@@ -264,6 +264,7 @@ def layer_summary(cfg: ModelConfig, batch_size: int = 1, tokens: int | None = No
     size.update({hidden_dim: H, fc_dim: _fc_width(cfg), "nh": cfg.n_heads, "hs": cfg.head_dim, "V": V})
     block = _block_parameters(cfg)
     qkv = C * _qkv_width(cfg) + (_qkv_width(cfg) if cfg.qkv_bias else 0)
+    out_proj = block["attention"] - qkv  # C x C (+ bias); (nh * hs) x C once heads are pruned
     norm = _norm_parameters(cfg)
     activation = "SwiGLU: silu(gate) * up" if cfg.ff == "swiglu" else "then GELU"
     kv_note = "" if qkv_dim == "3C" else f" (kv = {cfg.kv_heads} heads x hs)"
@@ -288,7 +289,7 @@ def layer_summary(cfg: ModelConfig, batch_size: int = 1, tokens: int | None = No
                 row(p + "norm1", ("B", "T", "C"), norm, 1),
                 row(p + "att.qkv", ("B", "T", qkv_dim), qkv, 1, "queries, keys, values" + kv_note),
                 row(p + "att (heads)", ("B", "nh", "T", "hs"), 0, 1, "softmax(q k^T / sqrt(hs)) v"),
-                row(p + "att.out_proj", ("B", "T", "C"), C * C + b * C, 1, "heads re-assembled, projected"),
+                row(p + "att.out_proj", ("B", "T", "C"), out_proj, 1, "heads re-assembled, projected"),
                 row(p + "drop_shortcut", ("B", "T", "C"), 0, 1, "+ shortcut"),
                 row(p + "norm2", ("B", "T", "C"), norm, 1),
                 row(p + "ff.fc", ("B", "T", fc_dim), C * _fc_width(cfg) + b * _fc_width(cfg), 1, activation),
