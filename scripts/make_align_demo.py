@@ -55,12 +55,13 @@ def first_line_number(prompt: str, answer: str, record: dict) -> float:
 
 def clean_answer(prompt: str, answer: str, record: dict) -> float:
     """The stricter score the pairs are chosen by: 1.0 for a clean right answer, one line that is the
-    number alone or a short sentence ending "is <number>." ("434", "The number after 433 is 434.");
-    0.5 for an answer the held-out check counts right that is not clean ("14 is not a multiple of
-    39." ends in the larger number; "To find the number after 433, ... 434" rambles); 0.0 otherwise.
-    A pair's chosen answer must score 1.0, so DPO is never taught a lucky or rambling shape."""
+    number alone or a short sentence that begins with a word and ends "is <number>." ("434", "The
+    number after 433 is 434."); 0.5 for an answer the held-out check counts right that is not clean
+    ("38 is 91." and "14 is not a multiple of 39." end in the larger number by luck; "To find the
+    number after 433, ... 434" rambles); 0.0 otherwise. A pair's chosen answer must score 1.0, so
+    DPO is never taught a lucky or rambling shape."""
     text, want = answer.strip(), record["answer"]
-    clean = re.fullmatch(rf"(?:[^\n]{{0,60}}\bis:?\s+)?{want}\.?", text)
+    clean = re.fullmatch(rf"(?:[A-Za-z][^\n]{{0,60}}\bis:?\s+)?{want}\.?", text)  # begins with a word
     if clean and not re.search(r"\bnot\b|n't", text):
         return 1.0
     return 0.5 * first_line_number(prompt, answer, record)
