@@ -268,7 +268,7 @@ def test_self_made_pairs_take_a_clean_right_answer_and_a_wrong_one():
     scores = {
         a: score("", a, record)
         for a in ["39", "39.", "The larger number is 39.", "The answer is: 39", "14 is not a multiple of 39.",
-                  "14 is 39.", "To compare 14 and 39, note 39", "39\nand more", "14 is 14.", "14", "Larger numbers are fun"]
+                  "14 is 39.", "To compare 14 and 39, note 39", "39\nand more", "14 is 14.", "14", "Big numbers"]
     }  # fmt: skip
     assert list(scores.values()) == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0]
     lucky, wrong, clean = "14 is not a multiple of 39.", "14 is 14.", "The larger number is 39."
