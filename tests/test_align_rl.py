@@ -122,6 +122,8 @@ def test_a_failing_reward_skips_the_step_and_is_counted(tmp_path, toy):
     assert [(r["step"], r["reward_errors"]) for r in errors] == [(3, 1), (5, 2)]
     assert "ValueError: the checker crashed" in errors[0]["reward_error"] and "nan" in errors[1]["reward_error"]
     assert [r["step"] for r in records if r.get("skipped")] == [3, 5]
+    (held_out,) = [r for r in records if "val_loss" in r]  # minus the mean reward: no perplexity of it
+    assert held_out["step"] == 6 and "val_perplexity" not in held_out
 
 
 def test_self_made_pairs_keep_the_best_and_worst_answer(toy):

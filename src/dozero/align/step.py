@@ -128,6 +128,8 @@ class AlignRecipe(SFTRecipe):
     """The loop's hook: held-out score by `evaluate_fn(model, val) -> (loss, metrics)`, and checkpoints as
     fine-tuning writes them (merged model + LoRA adapter) with this stage's settings in the metadata."""
 
+    cross_entropy = False  # DPO's loss, minus a mean reward, a pair loss: exp() of them means nothing
+
     def __init__(self, method: str, settings, template: str, pad_id: int, evaluate_fn):
         super().__init__(settings, template, pad_id)
         self.verb, self.method, self.evaluate_fn = f"align {method}", method, evaluate_fn

@@ -110,6 +110,7 @@ class SFTRecipe:
     """The loop's hook (train/loop.py `Run.recipe`): masked validation and what a checkpoint holds."""
 
     verb = "finetune"
+    cross_entropy = True  # the held-out score is a loss per token: its exp is a perplexity
 
     def __init__(self, ft: FinetuneConfig, template: str, pad_id: int):
         self.ft, self.template, self.pad_id = ft, template, pad_id

@@ -178,7 +178,10 @@ def _evaluate(run: Run) -> None:
     is_best = result.best_val_loss is None or val_loss < result.best_val_loss
     if is_best:
         result.best_val_loss = val_loss
-    run.observer.log([{"step": run.step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}])
+    record = {"step": run.step, "val_loss": val_loss}
+    if getattr(run.recipe, "cross_entropy", True):  # alignment's held-out scores are not: no perplexity of them
+        record["val_perplexity"] = math.exp(min(val_loss, 50))
+    run.observer.log([record])
     line = f"step {run.step}: train loss {result.losses.get(run.step, math.nan):.4f}, val loss {val_loss:.4f}"
     sharded = parallel.is_sharded(run.raw_model)  # then every rank runs the forward passes (all-gathers)
     if cfg.sample_tokens and (runtime.is_main() or sharded):
