@@ -405,7 +405,7 @@ def test_unsupported_llama_folders_are_refused(tmp_path):
     for change, message in [
         ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "RoPE scaling 'linear'"),
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling 'dynamic'"),
-        ({"head_dim": 16}, "head_dim=16"),
+        ({"head_dim": 16}, "config.json does not match the weights"),  # a head_dim the weights do not have
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ]:
         (tmp_path / "config.json").write_text(json.dumps({**config, **change}))

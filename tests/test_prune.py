@@ -216,18 +216,6 @@ def test_head_importance_is_the_energy_each_head_adds():
     torch.testing.assert_close(head_importance(model, ids)[2], direct, rtol=1e-4, atol=0)
 
 
-def test_pruned_llama_heads_match_transformers(tmp_path):
-    """The pruned shape (head_dim * heads < hidden_size) is a Llama Hugging Face reads: same logits."""
-    transformers = pytest.importorskip("transformers")
-    small = prune(_tiny("llama-char"), PruneConfig(method="heads", sparsity=0.5), _ids())
-    save_model(small, tmp_path / "hf", format="hf")
-    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert theirs.config.head_dim * theirs.config.num_attention_heads == small.cfg.emb_dim // 2
-    x = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        torch.testing.assert_close(small(x), theirs(x).logits, atol=1e-4, rtol=0)
-
-
 @pytest.mark.parametrize(
     "preset, sparsity, message",
     [
@@ -320,23 +308,4 @@ def test_finetune_after_pruning_lowers_the_held_out_loss(trained, method):
     assert sparsity_of(pruned) == zeros  # magnitude's zeros are still exactly zero (neurons: none to keep)
 
 
-def test_pruned_heads_export_where_a_format_has_the_shape(tmp_path, capsys):
-    """Llama GGUF writes llama.cpp's key_length (dozero's GGUF reader then refuses it in one line: its heads
-    are emb_dim / n_heads wide); Hugging Face's GPT-2 has no such shape: one line, nothing written."""
-    gguf = pytest.importorskip("gguf")
-    from dozero.tokenizer.bpe import BPETokenizer
-
-    tok = BPETokenizer({bytes([b]): b for b in range(256)}, {"<|endoftext|>": 256}, name="bytes")
-    torch.manual_seed(0)
-    llama = GPTModel(get_model_config("llama-char", vocab_size=257)).eval()
-    save_model(prune(llama, PruneConfig(method="heads", sparsity=0.5), _ids()), tmp_path / "l", tokenizer=tok)
-    assert main(["model", "convert", str(tmp_path / "l"), str(tmp_path / "l.gguf"), "--to", "gguf"]) == 0
-    fields = gguf.GGUFReader(tmp_path / "l.gguf").fields
-    assert int(fields["llama.attention.key_length"].parts[-1][0]) == 32  # 128 / 4 heads, 2 of them kept
-    assert int(fields["llama.attention.head_count"].parts[-1][0]) == 2
-    with pytest.raises(DozeroError, match="rope.dimension_count = 32"):
-        load_model(tmp_path / "l.gguf")
-    gpt2 = prune(_tiny(), PruneConfig(method="heads", sparsity=0.5), _ids())
-    with pytest.raises(DozeroError, match="GPT-2 has no shape for pruned heads"):
-        save_model(gpt2, tmp_path / "g", format="hf")
-    assert not (tmp_path / "g" / "model.safetensors").exists()
+# Pruned heads in Hugging Face and GGUF files, there and back: tests/test_pruned_roundtrip.py.

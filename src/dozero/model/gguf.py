@@ -125,12 +125,12 @@ def _llama_config(h: GGUFHeader) -> tuple[dict, dict]:
     )
     H = h.get("llama.attention.head_count", int)
     KV, V = h.get("llama.attention.head_count_kv", int, H), _vocab(h)
-    hs = C // H if H and C % H == 0 else 0
-    for key, value in (("rope.dimension_count", hs), ("attention.key_length", hs), ("expert_count", 0)):
+    hs = _llama_head_size(h, C, H)
+    for key, value in (("rope.dimension_count", hs), ("expert_count", 0)):
         if h.metadata.get(f"llama.{key}", value) != value:
             raise DozeroError(
-                f"{h.path}: llama.{key} = {h.metadata[f'llama.{key}']} (dozero's Llama needs {value}: head size "
-                "emb_dim / n_heads, RoPE on the whole head, no experts)"
+                f"{h.path}: llama.{key} = {h.metadata[f'llama.{key}']} (dozero's Llama needs {value}: RoPE on the "
+                "whole head, no experts)"
             )
     factor = h.metadata.get("llama.rope.scaling.factor", 1.0)  # llama.cpp writes 0 or 1 for "no scaling"
     scaled = h.metadata.get("llama.rope.scaling.type", "none") != "none" and factor not in (0.0, 1.0)
@@ -163,6 +163,26 @@ def _llama_config(h: GGUFHeader) -> tuple[dict, dict]:
     block |= {"attn_v.weight": (KV * hs, C), "attn_output.weight": (C, H * hs), "ffn_norm.weight": (C,)}
     block |= {"ffn_gate.weight": (F, C), "ffn_up.weight": (F, C), "ffn_down.weight": (C, F)}
     return config, shapes | _per_block(block, L)
+
+
+def _llama_head_size(h: GGUFHeader, C: int, H: int) -> int:
+    """Each head's width: llama.attention.key_length where the file has it (llama.cpp writes it when heads
+    are not emb_dim / n_heads wide, as after pruning heads), else emb_dim / n_heads. dozero's heads have one
+    width for queries, keys and values, so a value_length that differs is refused."""
+    if "llama.attention.key_length" not in h.metadata and "llama.attention.value_length" not in h.metadata:
+        if H < 1 or C % H:
+            raise DozeroError(f"{h.path}: llama.embedding_length {C} is not divisible by head_count {H}")
+        return C // H
+    key = h.get("llama.attention.key_length", int, h.metadata.get("llama.attention.value_length"))
+    value = h.get("llama.attention.value_length", int, key)
+    if key != value:
+        raise DozeroError(
+            f"{h.path}: llama.attention.key_length = {key} but value_length = {value}; dozero's attention heads "
+            "have one width for keys and values"
+        )
+    if key < 2 or key % 2:
+        raise DozeroError(f"{h.path}: llama.attention.key_length = {key}; RoPE needs an even head width >= 2")
+    return key
 
 
 ARCHITECTURES = {"gpt2": _gpt2_config, "llama": _llama_config}

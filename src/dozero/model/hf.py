@@ -119,7 +119,10 @@ def config_to_hf(cfg: ModelConfig, eos_token_id: int | None = None) -> dict:
     if hf_llama.hf_family(cfg) == "llama":
         return hf_llama.config_to_hf(cfg, eos_token_id)
     if cfg.n_heads * cfg.head_dim != cfg.emb_dim:  # pruned heads (compress/prune.py): Llama has head_dim
-        raise DozeroError("Hugging Face's GPT-2 has no shape for pruned heads; keep this model in dozero's format")
+        raise DozeroError(
+            "GPT-2 has no shape for pruned heads (Hugging Face's GPT2Config and GGUF's gpt2 take the head width "
+            "as n_embd / n_head); keep this model in dozero's format, or prune a Llama-style model"
+        )
     if eos_token_id is None and cfg.vocab_size == 50257:
         eos_token_id = 50256  # GPT-2's <|endoftext|>
     return {

@@ -85,11 +85,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     C, nh = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("hidden_act", "silu") != "silu":
         raise DozeroError(f"{where}: hidden_act '{hf['hidden_act']}' is not supported (Llama's SwiGLU uses 'silu')")
-    if hf.get("head_dim") not in (None, C // nh) or C % nh != 0:
-        raise DozeroError(
-            f"{where}: head_dim={hf.get('head_dim')} with hidden_size {C} and {nh} heads is not supported; "
-            "dozero's head size is hidden_size / num_attention_heads"
-        )
+    head_size = _head_size(hf, C, nh, where)
     rope_theta = _rope_theta(hf, where)
     attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
     return ModelConfig(
@@ -109,7 +105,23 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         rope_theta=rope_theta,
         ff="swiglu",
         ff_hidden_dim=hf["intermediate_size"],
+        head_size=head_size,
     )
+
+
+def _head_size(hf: dict, C: int, nh: int, where: str) -> int:
+    """ModelConfig.head_size for `head_dim`: 0 (the default, hidden_size / heads) when it says nothing
+    else; its value when heads are narrower or wider, as after pruning heads (compress/prune.py)."""
+    head_dim = hf.get("head_dim")
+    if head_dim is None or head_dim * nh == C:
+        if C % nh != 0:
+            raise DozeroError(
+                f"{where}: hidden_size {C} is not divisible by num_attention_heads {nh} and there is no head_dim"
+            )
+        return 0
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 2 or head_dim % 2:
+        raise DozeroError(f"{where}: head_dim must be an even whole number >= 2 (RoPE rotates pairs), got {head_dim!r}")
+    return head_dim
 
 
 def config_to_hf(cfg: ModelConfig, eos_token_id: int | None = None) -> dict:
