@@ -237,6 +237,28 @@ def test_cli_bad_pairs_are_one_line_and_write_nothing(tmp_path, base_and_pairs, 
     assert "--reward 'nope'" in capsys.readouterr().err and not out.exists()
 
 
+def test_cli_second_run_into_the_same_folder_says_where_it_goes(tmp_path, base_and_pairs, capsys):
+    """As with `dozero train`, a run is never overwritten: the second goes to OUT-2, and says so before its
+    first step (it used to say nothing until the last line)."""
+    from dozero.cli import main
+
+    base, data = base_and_pairs
+    out = tmp_path / "run"
+    argv = ["align", "dpo", "--model", str(base), "--data", data, "--out-dir", str(out), "--device", "cpu",
+            "--max-steps", "1", "--eval-interval", "1", "--micro-batch-size", "4", "--tensorboard", "off"]  # fmt: skip
+    assert main(argv) == 0
+    assert "holds a run already" not in capsys.readouterr().out
+    first = (out / "latest" / "model.safetensors").read_bytes()
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    head, step, _ = said.partition("step 1")
+    assert step, said
+    assert f"{out} holds a run already and a run is never overwritten: this run writes to {out}-2" in head
+    assert f"--resume {out})" in head and f"dozero chat --model {out}-2" in said
+    assert (out / "latest" / "model.safetensors").read_bytes() == first  # the first run is as it was
+    assert (tmp_path / "run-2" / "latest" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("method", ["dpo", "reward", "rl"])
 @pytest.mark.parametrize("flag", [["--parallel", "fsdp"], ["--tp-size", "2"], ["--activation-checkpointing"]])
 def test_cli_refuses_sharding_flags_it_would_ignore(method, flag, capsys):

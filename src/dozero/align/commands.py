@@ -60,6 +60,8 @@ def run_align(args) -> int:
         settings, cfg = cls(), defaults
     train_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _NOT_HERE})
     settings, cfg = apply_args(settings, args), apply_args(cfg, train_args)
+    if not args.resume:
+        _say_where_a_new_run_goes(cfg.out_dir)
     result = fn(settings, cfg, resume=args.resume)
     if result.stopped != "done":
         return EXIT_CODES.get(result.stopped, 0)
@@ -70,3 +72,21 @@ def run_align(args) -> int:
     )
     print(f"\ndone: {result.step} steps. Use it: {use}")
     return 0
+
+
+def _say_where_a_new_run_goes(out_dir: str) -> None:
+    """A run is never overwritten: when --out-dir holds one, the new run goes to OUT-2 (-3, ...), as with
+    `dozero train` and `dozero finetune` (train/checkpoint.py's choose_run_dir). Said before the first
+    step, with the way to continue the old run instead, so the new folder is no surprise at the end."""
+    from pathlib import Path
+
+    from dozero.runtime import is_main
+    from dozero.train.checkpoint import choose_run_dir
+
+    run_dir = choose_run_dir(out_dir)
+    if is_main() and run_dir != Path(out_dir):
+        print(
+            f"{out_dir} holds a run already and a run is never overwritten: this run writes to {run_dir} "
+            f"(to continue that one instead: --resume {out_dir})",
+            flush=True,
+        )
