@@ -34,7 +34,7 @@ import torch
 
 from dozero.errors import DozeroError
 from dozero.generate.config import GenerationConfig
-from dozero.generate.layout import is_decoding_layout, transposed_head
+from dozero.generate.layout import is_decoding_layout, one_token_step, transposed_head
 from dozero.generate.sampling import sample_next_token
 
 
@@ -89,6 +89,8 @@ class BatchState:
         self.key_valid = (self.slots[None, :] >= self.pads)[:, None, None, :]  # (B, 1, 1, S)
         self.all_valid = torch.ones(1, 1, 1, cache_len, dtype=torch.bool, device=device)  # (1, 1, 1, S)
         model.setup_kv_cache(len(rows), cache_len)
+        # One row, eager, on a laid-out CPU model: decode through the planned step (layout.py), else the model.
+        self.one_token = None if compiled else one_token_step(model, len(rows), cache_len, self.length)
         self.prompt = torch.tensor([[0] * (self.length - len(r)) + r for r in rows], device=device)  # (B, T)
 
     def prefill(self) -> torch.Tensor:
@@ -112,6 +114,8 @@ class BatchState:
         if self.compiled:
             step = compiled_decode_step(self.slots.device.type)
             return step(self.model, tokens[:, None], input_pos, self.pads, self.key_valid, self.slots)
+        if self.one_token is not None:
+            return self.one_token(tokens, input_pos, s)  # (1, V)
         # Eager: attend to the s + 1 filled slots only (shapes grow by one each step).
         mask = (self.key_valid if self.padded else self.all_valid)[..., : s + 1]  # (B or 1, 1, 1, s + 1)
         position_ids = input_pos[None, :] - self.pads if self.padded else input_pos  # (B, 1) or (1,)

@@ -1,0 +1,126 @@
+"""The one-token decode step of a model laid out for decoding (dozero.generate.layout.OneTokenStep): the
+logits and tokens of the model's own forward (GPT-2 and Llama shapes), a pinned number of tensor calls per
+token, and the model's forward wherever it does not apply (a batch, LoRA, quantized layers)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dozero.config import ModelConfig
+from dozero.generate.engine import BatchState, GenerationConfig, generate_ids
+from dozero.generate.layout import DecodingLinear, OneTokenStep, use_decoding_layout
+from dozero.model.gpt import GPTModel
+
+LLAMA_GQA = {"norm": "rmsnorm", "pos_emb": "rope", "ff": "swiglu", "bias": False, "n_kv_heads": 2, "qkv_bias": False}
+SHAPES = pytest.mark.parametrize("options", [{"qkv_bias": True}, LLAMA_GQA], ids=["gpt2", "llama-gqa"])
+GREEDY = GenerationConfig(temperature=0.0, max_new_tokens=40, stop_at_eot=False)
+
+
+@pytest.fixture(autouse=True)
+def split_like_two_threads(monkeypatch):
+    """Every product split in two, as on the 2-core CPU, however small (these models' matrices are below
+    the threshold), and attention's window widened every 4 tokens; the test itself runs on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(DecodingLinear, "SPLIT_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(OneTokenStep, "WINDOW", 4)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(options: dict, n_layers: int = 2, weight_scale: float = 1.0) -> GPTModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=n_layers, **options)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(weight_scale)
+    return model
+
+
+def laid_out(model: GPTModel) -> GPTModel:
+    model = copy.deepcopy(model)
+    use_decoding_layout(model)
+    return model
+
+
+@SHAPES
+def test_one_token_step_gives_the_models_logits_and_tokens(options):
+    """Prefill, then 12 tokens through the planned step (its window widening 3 times, the last to the cache's
+    end), against the model's own forward: logits to fp32 rounding; greedy tokens equal, past the context
+    (the window slides: a new step over a new cache)."""
+    model = tiny(options)
+    fast = laid_out(model)
+    new = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    with torch.inference_mode():
+        for name, m in (("model", model), ("step", fast)):
+            state = BatchState(m, [[5, 6, 7, 8, 9]], cache_len=5 + 12)
+            assert (state.one_token is not None) == (name == "step")
+            steps = [state.prefill()] + [state.decode_one_token(new[i : i + 1]) for i in range(12)]
+            logits[name] = torch.stack(steps)  # (13, 1, V)
+            m.clear_kv_cache()
+    torch.testing.assert_close(logits["step"], logits["model"], atol=1e-5, rtol=0)
+    # larger weights than the init: peaked distributions, no near-ties between the greedy tokens
+    model = tiny(options, weight_scale=5.0)
+    with pytest.warns(UserWarning, match="context length"):
+        assert generate_ids(laid_out(model), [[3, 1, 4]], GREEDY) == generate_ids(model, [[3, 1, 4]], GREEDY)
+
+
+class CountCalls(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("options", "per_layer", "per_token"),
+    [({"qkv_bias": True}, 16, 9), (LLAMA_GQA, 17, 11)],
+    ids=["gpt2", "llama-gqa"],
+)
+def test_a_decoded_token_costs_few_tensor_calls(options, per_layer, per_token):
+    """The point of the planned step: SmolLM2-135M's decode step made 1,515 tensor calls (~50 a layer),
+    each paying Python and the dispatcher; the step makes 17 a layer plus 11 (Llama; GPT-2: 16 + 9).
+    Llama layer: norm, expand, qkv product, RoPE (mul, roll, fused multiply-add), cache write, scores,
+    softmax, attention product, output product into the stream, norm, expand, fc product, silu, mul, proj
+    product into the stream. Per token: embedding, RoPE's two table rows copied in, the mask, the final
+    norm and the head (4), the engine's slot."""
+    counts = {}
+    for n_layers in (2, 3):
+        model = laid_out(tiny(options, n_layers))
+        token = torch.tensor([4])
+        with torch.inference_mode():
+            state = BatchState(model, [[5, 6]], cache_len=12)
+            state.prefill()
+            state.decode_one_token(token)  # slot 2 widens the window to slots [0, 4), so slot 3 need not
+            mode = CountCalls()
+            mode.calls = []
+            with mode:
+                state.decode_one_token(token)
+        counts[n_layers] = len(mode.calls)
+    assert counts[3] - counts[2] == per_layer, mode.calls
+    assert counts[2] == 2 * per_layer + per_token, mode.calls
+
+
+def test_what_it_does_not_handle_takes_the_models_forward():
+    """A batch, LoRA layers and quantized layers decode through the model's forward (DecodingBlock), with
+    the same tokens as without the layout."""
+    from dozero.compress.quantize import QuantizeConfig, quantize
+    from dozero.finetune.lora import LoRAConfig, apply_lora
+
+    model = tiny(LLAMA_GQA, weight_scale=5.0)
+    config = GenerationConfig(temperature=0.0, max_new_tokens=8, stop_at_eot=False)
+    batch = [[5, 6, 7], [8, 9]]
+    fast = laid_out(model)
+    assert BatchState(fast, batch, 10).one_token is None
+    assert generate_ids(fast, batch, config) == generate_ids(model, batch, config)
+    for change in (lambda m: apply_lora(m, LoRAConfig()), lambda m: quantize(m, QuantizeConfig(bits=8))):
+        changed = change(copy.deepcopy(model))
+        fast = laid_out(changed)
+        assert BatchState(fast, [[5, 6, 7]], 10).one_token is None
+        assert generate_ids(fast, [[5, 6, 7]], config) == generate_ids(changed, [[5, 6, 7]], config)
