@@ -13,16 +13,19 @@ which goes first, and the script prints medians and the ratios ours / theirs:
 
 Targets (issue 6): >= 1.5x Hugging Face tokens/s at the 124M shape, >= 3x at the small shape.
 
-Quantized rows (issue 16; `--quant`, default int8 and int4 in both kernels): the CLI's model after
+Quantized rows (issue 16; `--quant`, default int8 and int4 in the three kernels): the CLI's model after
 `dozero compress quantize` (compress/quantize.py), int8 per output channel and int4 in groups of 32, the
-tied embedding/head included. "reference" dequantizes each matrix per call (weight-only: only the
-weights' rounding changes the output); "fbgemm" is FBGEMM's int8 kernel, which also rounds the inputs
-(fast here, costly in quality: see docs/en/compression.md). Their tokens differ from the float ones by
-design: the script prints how many of them agree with Hugging Face's, not "OUTPUTS DIFFER". Each shape
+tied embedding/head included. The plain rows use the default kernel, "packed": PyTorch's weight-only
+int8/int4 kernels, which read the integers and multiply in bfloat16 (SmolLM2-135M int8: perplexity +0.4%);
+"reference" dequantizes each matrix per call (only the weights' rounding changes the output); "fbgemm" is
+FBGEMM's int8 kernel, which also rounds the inputs to 8 bits (costly in quality: docs/en/compression.md).
+Their tokens differ from the float ones by design: the script prints how many of them agree with Hugging
+Face's, not "OUTPUTS DIFFER". Each shape
 also prints its memory-bandwidth limit: bytes of weights read per token / the bandwidth measured here
 (one `sum()` over 512 MB), the speed a decoder that only reads its weights once per token would reach.
 
     .venv/bin/python benchmarks/generate_speed.py --shapes gpt2 smollm2 --repeats 3
+    .venv/bin/python benchmarks/generate_speed.py --shapes gpt2 smollm2 --quant int8 int4
 "dozero CLI layout" is the model as `dozero generate` uses it: `layout.use_decoding_layout`, done once
 at load (untimed), stores the weights (in, out) and splits each few-row product over the threads
 (`layout.DecodingLinear`). "dozero" is a model used as it is (Python API; only its head is laid out).
@@ -62,8 +65,10 @@ SHAPES = {
 }
 
 QUANT_ROWS = {
-    "int8": QuantizeConfig(bits=8),
+    "int8": QuantizeConfig(bits=8),  # the default kernel, "packed"
     "int4": QuantizeConfig(bits=4, group_size=32),
+    "int8 reference": QuantizeConfig(bits=8, kernel="reference"),
+    "int4 reference": QuantizeConfig(bits=4, group_size=32, kernel="reference"),
     "int8 fbgemm": QuantizeConfig(bits=8, kernel="fbgemm"),
     "int4 fbgemm": QuantizeConfig(bits=4, group_size=32, kernel="fbgemm"),
 }
