@@ -104,12 +104,50 @@ def test_kernel_path_equals_reference_path(bits, group):
     ~1.5): 0.018-0.028 apart, i.e. <= 1.9% of the largest logit. Bound: 4%."""
     x = torch.randint(0, 65, (2, 24), generator=torch.Generator().manual_seed(2))
     model = quantize(_tiny(), QuantizeConfig(bits=bits, group_size=group, kernel="fbgemm"))
-    assert model.trf_blocks[0].ff.fc.uses_kernel(torch.zeros(1, 128))
+    assert model.trf_blocks[0].ff.fc.kernel_for(torch.zeros(1, 128)) == "fbgemm"
     with torch.no_grad():
         fast = model(x)
         slow = _reference(model)(x)
     assert (fast - slow).abs().max() <= 0.04 * slow.abs().max()
     assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (8, 32), (4, 32), (4, 64), (4, 128)])
+def test_packed_kernel_is_the_reference_product_in_bfloat16(bits, group):
+    """PyTorch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) read our
+    integers and scales (nibble order, zero point, the padded rows of a 65-row table): one layer's output
+    is the float product of the bfloat16-rounded input with the dequantized weight, within bfloat16's
+    error bound for a sum of products, 2^-8 * sum_k |x_k w_k| (measured: at most 0.0021 of it; a wrong
+    nibble or scale would be off by the whole term). Grouped int8 is requantized per row (bf16 scales)."""
+    from dozero.model.quantized import dequantize, per_row_int8
+
+    model = quantize(_tiny(), QuantizeConfig(bits=bits, group_size=group, kernel="packed"))
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4))
+    for layer in (model.trf_blocks[0].att.qkv, model.trf_blocks[0].ff.fc, model.out_head):
+        assert layer.kernel_for(x) == "packed"
+        if bits == 8:
+            q8, row = per_row_int8(layer.weight_q, layer.scales, bits)
+            w = q8.float() * row.bfloat16().float()[:, None]
+        else:
+            w = dequantize(layer.weight_q, layer.scales, bits).float()
+        xb = x.bfloat16().float()
+        want = xb @ w.t() + (0 if layer.bias is None else layer.bias)
+        with torch.no_grad():
+            got = layer(x)
+        assert got.shape == want.shape == (3, layer.out_features)
+        assert ((got - want).abs() <= 2**-8 * (xb.abs() @ w.abs().t())).all()
+    with torch.no_grad():  # the whole model: logits near the weight-only reference, same argmax nearly always
+        ids = torch.randint(0, 65, (2, 24), generator=torch.Generator().manual_seed(2))
+        fast, slow = model(ids), _reference(model)(ids)
+    assert (fast - slow).abs().max() <= 0.02 * slow.abs().max()
+    assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() > 0.95
+
+
+def test_packed_kernel_keeps_training_and_other_dtypes_on_the_reference_path():
+    model = quantize(_tiny(), QuantizeConfig(bits=4, kernel="packed"))
+    layer = model.trf_blocks[0].ff.fc
+    assert layer.kernel_for(torch.zeros(1, 128, dtype=torch.bfloat16)) == "reference"
+    assert layer.kernel_for(torch.zeros(1, 128, requires_grad=True)) == "reference"
 
 
 @pytest.mark.parametrize("preset", ["llama-char", "shakespeare-char"])

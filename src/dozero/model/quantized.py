@@ -15,19 +15,25 @@ inputs of a row (a whole row: "per output channel"):
 
 Scales are float16 on disk, as llama.cpp's Q8_0 / Q4_0 blocks keep them.
 
-Two ways to multiply (`kernel`, chosen when quantizing and kept in config.json; one function,
+Three ways to multiply (`kernel`, chosen when quantizing and kept in config.json; one function,
 `QuantizedLinear.forward`, applies it):
   * "reference" (default): dequantize the matrix, then `F.linear`. Weight-only: the only error is the
     weights' rounding (SmolLM2-135M int8: perplexity +0.7%). Readable, any device and dtype, but slower
     than fp32 on a CPU (it writes the float matrix before reading it).
+  * "packed": PyTorch's weight-only kernels, `torch._weight_int8pack_mm` (int8, one scale per row) and
+    `_weight_int4pack_mm_for_cpu` (int4, groups of 32/64/128/256), which read the integers directly and
+    multiply in bfloat16: the input row and the result are rounded to bfloat16 (8 significant bits, a
+    relative 0.4% at most), the weights are not rounded again. Measured on this project's Xeon (AVX-512,
+    AMX; 2 threads): 768 x 3072 one row 0.12 ms int8 / 0.14 ms int4 vs 0.23 ms fp32; GPT-2's head 1.5 /
+    1.2 vs 3.5 ms. With fp32 inputs the same kernels are 7-10x *slower* than fp32 (and on the AVX2 EPYC of
+    MEASURED.md), hence bfloat16. A grouped int8 weight (Q8_0's 32) is requantized to one scale per row
+    for it, as for FBGEMM; an int4 matrix whose rows are not a multiple of 16 gets zero rows to fit.
   * "fbgemm": FBGEMM's dynamic int8 linear (`quantized::linear_dynamic`), which also rounds each input
-    row to 7 bits per call and multiplies integers. Measured on the project's 2-core AVX2 EPYC
-    (MEASURED.md): 2.3x faster than fp32 at 768 x 3072, while `torch._weight_int8pack_mm` was 7x and
-    `_weight_int4pack_mm_for_cpu` 10x slower than fp32: the only fast int8 path on this CPU. The input
-    rounding costs quality where activations have outliers: SmolLM2-135M's perplexity went from 41.4
-    (fp32) to 127 with 7-bit inputs (most of it at the SwiGLU down projection, whose inputs reach 100x their
-    mean); 8-bit inputs where the CPU allows (`reduce_range`) and SmoothQuant's rescaling before quantizing
-    (compress/smooth.py) bring it to +7%. FBGEMM knows
+    row to 7 or 8 bits per call and multiplies integers: about as fast as "packed" for int8 (0.09 ms
+    above), but the input rounding costs quality where activations have outliers: SmolLM2-135M's
+    perplexity went from 41.4 (fp32) to 127 with 7-bit inputs (most of it at the SwiGLU down projection,
+    whose inputs reach 100x their mean); 8-bit inputs where the CPU allows (`reduce_range`) and
+    SmoothQuant's rescaling before quantizing (compress/smooth.py) bring it to +7%. FBGEMM knows
     one scale per row, so a grouped weight (int4, or int8 with groups) is requantized to int8 per row
     for it: one more rounding, at most half of that row's int8 step.
 """
@@ -41,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 QUANT_KEY = "quantization"  # config.json: {"bits": 8|4, "group_size": G or 0 (a row), "head": bool, "kernel": ...}
-KERNELS = ("reference", "fbgemm")
+KERNELS = ("reference", "packed", "fbgemm")
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -87,21 +93,55 @@ def reduce_range() -> bool:
         return True
 
 
-def pack_for_kernel(q: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None):
+def per_row_int8(q: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 (out, in), one fp32 scale per row): the stored integers when they already are that, else the
+    dequantized weight requantized to int8 per row (one more rounding, at most half a row's int8 step)."""
+    if bits == 8 and scales.shape[-1] == 1:
+        return q, scales[:, 0].float()
+    w = dequantize(q, scales, bits)
+    row_scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return torch.round(w / row_scale[:, None]).clamp(-127, 127).to(torch.int8), row_scale
+
+
+def pack_for_fbgemm(q: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None):
     """FBGEMM's packed int8 weight for `quantized::linear_dynamic`: one scale per row."""
     import warnings
 
-    if bits == 8 and scales.shape[-1] == 1:
-        q8, row_scale = q, scales[:, 0].double()  # the stored integers, exactly
-    else:  # one scale per row: requantize the dequantized weight to int8 (one more rounding)
-        w = dequantize(q, scales, bits)
-        row_scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
-        q8 = torch.round(w / row_scale[:, None]).clamp(-127, 127).to(torch.int8)
+    q8, row_scale = per_row_int8(q, scales, bits)
     zeros = torch.zeros(q8.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao (not for x86 yet)
         warnings.simplefilter("ignore")
-        qweight = torch._make_per_channel_quantized_tensor(q8, row_scale, zeros, 0)
+        qweight = torch._make_per_channel_quantized_tensor(q8, row_scale.double(), zeros, 0)
         return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+
+
+INT4_GROUPS = (32, 64, 128, 256)  # what `_weight_int4pack_mm_for_cpu` accepts
+
+
+def pack_for_packed(q: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple:
+    """What the "packed" kernels read: ("int8", integers, bf16 row scales) or ("int4", PyTorch's int4 tile
+    layout, bf16 (groups, out, 2) scales and zero points, group size). int4 stores unsigned nibbles u = q + 8
+    and computes (u - 8) * scale + zero, so our q with zero point 0 is exactly our value."""
+    group = q.shape[1] * (2 if bits == 4 else 1) // scales.shape[-1]
+    if bits == 8 or group not in INT4_GROUPS:
+        q8, row_scale = per_row_int8(q, scales, bits)
+        return "int8", q8, row_scale.to(torch.bfloat16)
+    u = (unpack_int4(q) + 8).to(torch.int32)  # (out, in) in [0, 15]
+    pad = -u.shape[0] % 16  # the kernel wants whole tiles of 16 rows (GPT-2's head has 50,257)
+    u = F.pad(u, (0, 0, 0, pad), value=8)  # value 8 = integer 0: padded rows compute zeros, then are dropped
+    s = F.pad(scales.float(), (0, 0, 0, pad)).t()  # (groups, out + pad)
+    scale_zero = torch.stack([s, torch.zeros_like(s)], dim=-1).to(torch.bfloat16).contiguous()
+    return "int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1), scale_zero, group
+
+
+def packed_mm(rows: torch.Tensor, packed: tuple, out_features: int) -> torch.Tensor:
+    """rows (R, in) fp32 -> (R, out) fp32 through the weight-only bfloat16 kernels (module docstring)."""
+    x = rows.to(torch.bfloat16)
+    if packed[0] == "int8":
+        y = torch._weight_int8pack_mm(x, packed[1], packed[2])
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed[1], packed[3], packed[2])[:, :out_features]
+    return y.to(rows.dtype)
 
 
 class QuantizedLinear(nn.Module):
@@ -115,8 +155,8 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight_q", q)
         self.register_buffer("scales", scales)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
-        self.kernel = "reference"  # or "fbgemm": FBGEMM where it runs (CPU, fp32 input), else the reference
-        self._packed = None  # made on the first kernel call; not saved, not copied
+        self.kernel = "reference"  # or "packed" / "fbgemm" where they run (CPU, fp32 input), else the reference
+        self._packed = None  # (kernel, its weight), made on the first kernel call; not saved, not copied
 
     @property
     def group_size(self) -> int:
@@ -126,19 +166,29 @@ class QuantizedLinear(nn.Module):
         """The weight (out, in) as floats."""
         return dequantize(self.weight_q, self.scales, self.bits)
 
-    def uses_kernel(self, x: torch.Tensor) -> bool:
-        """FBGEMM for fp32 CPU inputs that need no gradient (the kernel has none)."""
-        cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
-        return self.kernel == "fbgemm" and cpu_fp32 and not x.requires_grad and fbgemm_available()
+    def kernel_for(self, x: torch.Tensor) -> str:
+        """The kernel this call takes: "packed" / "fbgemm" for fp32 CPU inputs that need no gradient (the
+        kernels have none), where PyTorch has them; the reference path for everything else."""
+        cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
+        if not cpu_fp32 or self.kernel == "fbgemm" and not fbgemm_available():
+            return "reference"
+        return self.kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.uses_kernel(x):  # reference: dequantize, multiply in x's precision
+        kernel = self.kernel_for(x)
+        if kernel == "reference":  # dequantize, multiply in x's precision
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized().to(x.dtype), bias)
-        if self._packed is None:
-            self._packed = pack_for_kernel(self.weight_q, self.scales, self.bits, self.bias)
+        if self._packed is None or self._packed[0] != kernel:  # made on the first call, then kept
+            packer = pack_for_fbgemm if kernel == "fbgemm" else pack_for_packed
+            args = (self.weight_q, self.scales, self.bits) + ((self.bias,) if kernel == "fbgemm" else ())
+            self._packed = (kernel, packer(*args))
         rows = x.reshape(-1, self.in_features)  # (R, in)
-        y = torch.ops.quantized.linear_dynamic(rows, self._packed, reduce_range())
+        if kernel == "fbgemm":
+            y = torch.ops.quantized.linear_dynamic(rows, self._packed[1], reduce_range())
+        else:
+            y = packed_mm(rows, self._packed[1], self.out_features)
+            y = y if self.bias is None else y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def __deepcopy__(self, memo):
@@ -197,7 +247,7 @@ def empty_quantized(model: nn.Module, spec: dict) -> None:
 
 
 def set_kernel(model: nn.Module, kernel: str) -> None:
-    """How every quantized linear layer of `model` multiplies: "reference" or "fbgemm" (module docstring)."""
+    """How every quantized linear layer of `model` multiplies: one of KERNELS (module docstring)."""
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.kernel = kernel
@@ -237,7 +287,7 @@ def check_spec(spec, where: str) -> dict:
     if not ok or not isinstance(group, int) or group < 0 or (spec["bits"] == 4 and (group == 0 or group % 2)):
         raise DozeroError(
             f'{where}: bad "{QUANT_KEY}" entry {spec!r}; expected {{"bits": 8 or 4, "group_size": G (even; 0 = a '
-            'whole row, int8 only), "head": true/false, "kernel": "reference" or "fbgemm"}'
+            'whole row, int8 only), "head": true/false, "kernel": "reference", "packed" or "fbgemm"}'
         )
     return spec
 
@@ -263,6 +313,9 @@ def quantized_model_from_state_dict(cfg, state: dict[str, torch.Tensor], spec: d
                 f"{where}: '{name}' is {state[name].dtype} {tuple(state[name].shape)} but the config needs "
                 f"{dtype} {shape}; config.json does not match the weights"
             )
+    # safetensors hands out views of the mapped file at the offsets it stored them, which PyTorch's int8
+    # kernel reads with aligned vector loads (it crashed on one 50 bytes past a 64-byte line): own copies.
+    state = {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=False)
     if cfg.tie_weights:
         if isinstance(model.tok_emb, QuantizedEmbedding):
