@@ -25,10 +25,13 @@ examples:
   dozero compress quantize --model runs/shakespeare-char --to int4 --group-size 32 --out out/char-int4
   dozero compress quantize --model gpt2-folder --to int8 --no-head --out out/gpt2-int8   (keep the head fp32)
   dozero compress quantize --model smollm2-135m-instruct --to int8 --kernel fbgemm --smooth 0.7 --out out/smol-fast
+  dozero compress quantize --model smollm2-135m-instruct --to int4 --method gptq --out out/smol-gptq
 
 int8 keeps one scale per row (per output channel) unless --group-size is given; int4 keeps one scale
 per --group-size inputs (default 32, llama.cpp's Q4_0 block). With --group-size 32 the numbers are
-GGUF's Q8_0 / Q4_0, value for value. The folder loads wherever a model does (generate, eval, serve)."""
+GGUF's Q8_0 / Q4_0, value for value. The folder loads wherever a model does (generate, eval, serve).
+--method gptq chooses the same kind of integers by GPTQ (each layer's rounding errors corrected on
+--calibration text's inputs): the same file format, lower error at int4."""
 
 
 def register(subparsers) -> None:
@@ -56,8 +59,15 @@ def register(subparsers) -> None:
         "--calibration",
         default="tinyshakespeare",
         metavar="TEXT",
-        help="text whose activations set --smooth's scaling (a file or a bundled text's name, read from its "
-        "middle; default: tinyshakespeare)",
+        help="text whose activations set --smooth's scaling and weigh --method gptq's errors (a file or a bundled "
+        "text's name, read from its middle; default: tinyshakespeare)",
+    )
+    q.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens of --calibration (default: 2048 for --method gptq, as `compress report`; 512 for --smooth)",
     )
     q.add_argument("--force", action="store_true", help="overwrite a model in DIR, or write into a foreign folder")
     add_dataclass_args(q, QuantizeConfig, skip=("bits",))
@@ -202,10 +212,13 @@ def run_quantize(args) -> int:
     model = load_model(src)
     before = weight_bytes(model)
     calibration = None
-    if config.smooth:
+    if config.smooth or config.method == "gptq":
         from dozero.compress.calibrate import calibration_tokens
 
-        calibration = calibration_tokens(args.calibration, tokenizer, 512)
+        n = args.calibration_tokens or (2048 if config.method == "gptq" else 512)
+        if n < 16:
+            raise DozeroError(f"--calibration-tokens must be at least 16, got {n}")
+        calibration = calibration_tokens(args.calibration, tokenizer, n)
     quantize(model, config, calibration)
     save_quantized(model, dst, tokenizer, metadata={"quantized_from": str(args.model)})
     after = weight_bytes(model)

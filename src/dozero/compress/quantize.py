@@ -62,6 +62,10 @@ class QuantizeConfig:
     """SmoothQuant's alpha (compress/smooth.py): before quantizing, move the activations' outliers into
     the weights (same function), measured on calibration text; 0 = off. For --kernel fbgemm (0.7 measured
     best on SmolLM2-135M); the weight-only reference path does not need it."""
+    method: str = "rtn"
+    """How the integers are chosen: 'rtn' (each weight rounded to its nearest step) or 'gptq' (GPTQ,
+    compress/gptq.py: one input column at a time, its rounding error pushed onto the columns not yet
+    rounded through the inverse Hessian of the layer's inputs on calibration text; same file format)."""
 
     def resolved_group(self, width: int, where: str) -> int:
         """The group size for a row of `width` inputs, or a one-line error."""
@@ -104,10 +108,14 @@ def quantize_weight(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
 def quantize(model, config: QuantizeConfig | None = None, calibration: torch.Tensor | None = None):
     """Replace, in place, the model's linear layers (and the tied embedding/head) by int8/int4 ones.
     Returns the model. Every group size is checked before anything changes. `calibration` (token ids)
-    is needed for `config.smooth` only."""
+    is needed for `config.smooth` and `method="gptq"`."""
     config = config or QuantizeConfig()
     if is_quantized(model):
         raise DozeroError("this model is already quantized; quantize the original (float) model instead")
+    if config.method not in ("rtn", "gptq"):
+        raise DozeroError(f"quantize: method must be 'rtn' or 'gptq', got '{config.method}'")
+    if config.method == "gptq" and calibration is None:
+        raise DozeroError("quantize: --method gptq needs calibration text (--calibration TEXT, token ids)")
     linears = quantizable_linears(model, config.head)
     groups = {name: config.resolved_group(m.in_features, name) for name, m in linears}
     tied_head = config.head and model.cfg.tie_weights
@@ -121,15 +129,22 @@ def quantize(model, config: QuantizeConfig | None = None, calibration: torch.Ten
         smooth_activations(model, calibration, config.smooth)
         linears = quantizable_linears(model, config.head)
     with torch.no_grad():
-        for name, module in linears:
-            q, scales = quantize_weight(module.weight, config.bits, groups[name])
-            bias = None if module.bias is None else module.bias.detach().float()
-            set_module(model, name, QuantizedLinear(q, scales, bias, config.bits))
+        if config.method == "gptq":  # block by block, each fed by the already quantized earlier blocks
+            from dozero.compress.gptq import gptq_linears
+
+            gptq_linears(model, [name for name, _ in linears], groups, config.bits, calibration)
+        else:
+            for name, module in linears:
+                q, scales = quantize_weight(module.weight, config.bits, groups[name])
+                bias = None if module.bias is None else module.bias.detach().float()
+                set_module(model, name, QuantizedLinear(q, scales, bias, config.bits))
         if tied_head:  # one quantized table serves both the lookup and the head
             q, scales = quantize_weight(model.tok_emb.weight, config.bits, emb_group)
             model.tok_emb = QuantizedEmbedding(q, scales, config.bits)
             tie_quantized_head(model)
     model.quantization = spec_of(config, groups, model.cfg.emb_dim)
+    if config.method == "gptq":  # a record of how the integers were chosen; loading does not need it
+        model.quantization["method"] = "gptq"
     set_kernel(model, config.kernel)
     return model
 
