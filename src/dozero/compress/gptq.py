@@ -36,7 +36,7 @@ import functools
 import torch
 
 from dozero.compress.quantize import round_half_away
-from dozero.model.quantized import QuantizedLinear, pack_int4, set_module
+from dozero.model.quantized import QuantizedEmbedding, QuantizedLinear, pack_int4, set_module, tie_quantized_head
 from dozero.runtime import torch_settings
 
 BLOCK = 128  # columns per lazy batch (the paper's B)
@@ -169,9 +169,10 @@ def gptq_module(root, name: str, hessian: torch.Tensor, bits: int, group: int) -
 
 @torch.no_grad()
 def gptq_linears(model, names: list[str], groups: dict[str, int], bits: int, calibration: torch.Tensor,
-                 sequential: bool = True) -> None:  # fmt: skip
+                 tied_group: int | None = None, sequential: bool = True) -> None:  # fmt: skip
     """Replace the linear layers `names` of `model` (blocks' layers, and an untied head) by GPTQ-rounded
-    QuantizedLinear ones, in place, one transformer block at a time. `sequential`: each block's inputs come
+    QuantizedLinear ones, in place, one transformer block at a time; with `tied_group`, also the token table
+    tied to the head (rounded as the head, in groups of `tied_group`). `sequential`: each block's inputs come
     from the already quantized earlier blocks (the paper's way); False: from the float model's blocks."""
     was_training = model.training
     model.eval()
@@ -184,7 +185,13 @@ def gptq_linears(model, names: list[str], groups: dict[str, int], bits: int, cal
             gptq_module(block, name, h, bits, groups[prefix + name])
         outputs = block_outputs(block, inputs) if sequential else outputs
         inputs = [((x, *args[1:]), kwargs) for x, (args, kwargs) in zip(outputs, inputs, strict=True)]
-    if "out_head" in names:  # an untied head reads the final norm of the last block's output
+    if "out_head" in names or tied_group:  # the head reads the final norm of the last block's output
         h = hessians(model, ["out_head"], lambda: [model.out_head(model.final_norm(args[0])) for args, _ in inputs])
-        gptq_module(model, "out_head", h["out_head"], bits, groups["out_head"])
+        if tied_group:  # the lookup reads the same corrected table: measured, the head's gain is worth it
+            with torch_settings(torch.device("cpu"), threads=1):
+                q, scales = gptq_weight(model.tok_emb.weight, h["out_head"], bits, tied_group)
+            model.tok_emb = QuantizedEmbedding(q, scales, bits)
+            tie_quantized_head(model)
+        else:
+            gptq_module(model, "out_head", h["out_head"], bits, groups["out_head"])
     model.train(was_training)

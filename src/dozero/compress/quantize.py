@@ -132,13 +132,14 @@ def quantize(model, config: QuantizeConfig | None = None, calibration: torch.Ten
         if config.method == "gptq":  # block by block, each fed by the already quantized earlier blocks
             from dozero.compress.gptq import gptq_linears
 
-            gptq_linears(model, [name for name, _ in linears], groups, config.bits, calibration)
+            tied_group = emb_group if tied_head else None  # the tied table too, as the head's weight
+            gptq_linears(model, [name for name, _ in linears], groups, config.bits, calibration, tied_group)
         else:
             for name, module in linears:
                 q, scales = quantize_weight(module.weight, config.bits, groups[name])
                 bias = None if module.bias is None else module.bias.detach().float()
                 set_module(model, name, QuantizedLinear(q, scales, bias, config.bits))
-        if tied_head:  # one quantized table serves both the lookup and the head
+        if tied_head and config.method == "rtn":  # one quantized table serves both the lookup and the head
             q, scales = quantize_weight(model.tok_emb.weight, config.bits, emb_group)
             model.tok_emb = QuantizedEmbedding(q, scales, config.bits)
             tie_quantized_head(model)
