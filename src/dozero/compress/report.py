@@ -3,10 +3,10 @@
     dozero compress report --model smollm2-135m-instruct --text tinyshakespeare --out out/report
     rows = compression_report(model, tokenizer, "tinyshakespeare", calibration_ids)
 
-For each setting (fp32, int8, int4 in groups of 32 and 64, int8 through FBGEMM with and without
-SmoothQuant's rescaling, magnitude and Wanda pruning to 50%, 25% of the feed-forward neurons removed, a
-third of the attention heads removed) it applies the method to a fresh copy of the model, saves it to a
-temporary folder, and measures that folder in a fresh process, as `dozero generate` / `dozero eval`
+For each setting (fp32, int8, int4 in groups of 32 and 64 by round-to-nearest and by GPTQ, int8 through
+FBGEMM with and without SmoothQuant's rescaling, magnitude and Wanda pruning to 50%, 25% of the feed-forward
+neurons removed, a third of the attention heads removed) it applies the method to a fresh copy of the model,
+saves it to a temporary folder, and measures that folder in a fresh process, as `dozero generate` / `dozero eval`
 would use it:
   * weights (MB): the bytes of the stored tensors (a tied head once), about what one token reads; and
     the folder's size on disk;
@@ -39,6 +39,8 @@ SETTINGS: dict[str, QuantizeConfig | PruneConfig | None] = {
     "int8": QuantizeConfig(bits=8),
     "int4-g32": QuantizeConfig(bits=4, group_size=32),
     "int4-g64": QuantizeConfig(bits=4, group_size=64),
+    "int4-g32-gptq": QuantizeConfig(bits=4, group_size=32, method="gptq"),
+    "int4-g64-gptq": QuantizeConfig(bits=4, group_size=64, method="gptq"),
     "int8-fbgemm": QuantizeConfig(bits=8, kernel="fbgemm"),
     "int8-fbgemm-smooth": QuantizeConfig(bits=8, kernel="fbgemm", smooth=0.7),
     "magnitude-50%": PruneConfig(method="magnitude", sparsity=0.5),
@@ -198,7 +200,7 @@ def main_report(model, tokenizer, args) -> list[dict]:
     names = args.settings or list(SETTINGS)
     calibration = None
     if any(isinstance(SETTINGS[n], PruneConfig) and SETTINGS[n].method in ("wanda", "heads") for n in names) or any(
-        isinstance(SETTINGS[n], QuantizeConfig) and SETTINGS[n].smooth for n in names
+        isinstance(SETTINGS[n], QuantizeConfig) and (SETTINGS[n].smooth or SETTINGS[n].method == "gptq") for n in names
     ):
         calibration = calibration_tokens(args.calibration, tokenizer, 2048)
     tasks = [t for t in args.tasks.split(",") if t]
