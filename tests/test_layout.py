@@ -1,6 +1,6 @@
 """The one-token decode step of a model laid out for decoding (dozero.generate.layout.OneTokenStep): the
 logits and tokens of the model's own forward (GPT-2 and Llama shapes), a pinned number of tensor calls per
-token, and the model's forward wherever it does not apply (a batch, LoRA, quantized layers)."""
+token, quantized layers' kernels inside it, and the model's forward wherever it does not apply (a batch, LoRA)."""
 
 from __future__ import annotations
 
@@ -107,10 +107,33 @@ def test_a_decoded_token_costs_few_tensor_calls(options, per_layer, per_token):
     assert counts[2] == 2 * per_layer + per_token, mode.calls
 
 
-def test_what_it_does_not_handle_takes_the_models_forward():
-    """A batch, LoRA layers and quantized layers decode through the model's forward (DecodingBlock), with
-    the same tokens as without the layout."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_layers_run_their_kernel_inside_the_step(bits):
+    """A quantized model (int8 per row, int4 in groups of 32; the "packed" bfloat16 kernels) decodes through
+    the planned step, each product through the layer's own kernel: logits within 1e-4 of the model's own
+    forward (the step's norm and RoPE round differently in the last fp32 bit, which can move an input's
+    bfloat16 rounding), and the same greedy tokens."""
     from dozero.compress.quantize import QuantizeConfig, quantize
+
+    model = quantize(tiny(LLAMA_GQA, weight_scale=5.0), QuantizeConfig(bits=bits, group_size=32 if bits == 4 else 0))
+    fast = laid_out(model)
+    new = torch.randint(0, 97, (8,), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    with torch.inference_mode():
+        for name, m in (("model", model), ("step", fast)):
+            state = BatchState(m, [[5, 6, 7]], cache_len=3 + 8)
+            assert (state.one_token is not None) == (name == "step")
+            steps = [state.prefill()] + [state.decode_one_token(new[i : i + 1]) for i in range(8)]
+            logits[name] = torch.stack(steps)
+            m.clear_kv_cache()
+    torch.testing.assert_close(logits["step"], logits["model"], atol=1e-4, rtol=0)
+    config = GenerationConfig(temperature=0.0, max_new_tokens=8, stop_at_eot=False)
+    assert generate_ids(fast, [[3, 1, 4]], config) == generate_ids(model, [[3, 1, 4]], config)
+
+
+def test_what_it_does_not_handle_takes_the_models_forward():
+    """A batch and LoRA layers decode through the model's forward (DecodingBlock), with the same tokens as
+    without the layout."""
     from dozero.finetune.lora import LoRAConfig, apply_lora
 
     model = tiny(LLAMA_GQA, weight_scale=5.0)
@@ -119,8 +142,7 @@ def test_what_it_does_not_handle_takes_the_models_forward():
     fast = laid_out(model)
     assert BatchState(fast, batch, 10).one_token is None
     assert generate_ids(fast, batch, config) == generate_ids(model, batch, config)
-    for change in (lambda m: apply_lora(m, LoRAConfig()), lambda m: quantize(m, QuantizeConfig(bits=8))):
-        changed = change(copy.deepcopy(model))
-        fast = laid_out(changed)
-        assert BatchState(fast, [[5, 6, 7]], 10).one_token is None
-        assert generate_ids(fast, [[5, 6, 7]], config) == generate_ids(changed, [[5, 6, 7]], config)
+    changed = apply_lora(copy.deepcopy(model), LoRAConfig())
+    fast = laid_out(changed)
+    assert BatchState(fast, [[5, 6, 7]], 10).one_token is None
+    assert generate_ids(fast, [[5, 6, 7]], config) == generate_ids(changed, [[5, 6, 7]], config)

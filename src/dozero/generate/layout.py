@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from dozero.model.gpt import LayerNorm, RMSNorm, TransformerBlock, apply_rope
+from dozero.model.quantized import QuantizedEmbedding, QuantizedLinear
 
 
 def is_decoding_layout(weight: torch.Tensor) -> bool:
@@ -223,6 +224,7 @@ class OneTokenStep:
         nh, nkv, hs = att0.n_heads, att0.n_kv_heads, att0.head_dim
         H = nh + 2 * nkv  # heads of one qkv product: queries, keys, values
         self.scale, self.tok_emb = 1.0 / math.sqrt(hs), w
+        self.quantized_emb = model.tok_emb if isinstance(model.tok_emb, QuantizedEmbedding) else None
         self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight
         self.x = x = w.new_zeros(1, model.cfg.emb_dim)  # the residual stream (1, C), written in place
         self.mask = w.new_full((1, 1, cache_len), float("-inf"))  # additive: 0 where a slot holds a token
@@ -236,15 +238,16 @@ class OneTokenStep:
             self.cos_qk, self.sin_qk = self.cos[: nh + nkv], self.sin[: nh + nkv]
         self.layers = [LayerPlan(b, x, threads, cache_len, self.rope) for b in model.trf_blocks]
         self.final_norm = norm_function(model.final_norm)
-        head = model.out_head.weight
-        self.head_splits = splits_for(head, threads)
-        self.head = split_columns(head, self.head_splits)
+        self.head = RowProduct(model.out_head, threads)
         self.window = 0
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
         """tokens (1,) at cache slot `pos` (1,) (`slot` as a Python int) -> logits (1, V)."""
         x = self.x
-        torch.index_select(self.tok_emb, 0, tokens, out=x)  # (1, C)
+        if self.quantized_emb is None:
+            torch.index_select(self.tok_emb, 0, tokens, out=x)  # (1, C)
+        else:
+            x.copy_(self.quantized_emb(tokens))
         if self.pos_emb is not None:
             x.add_(self.pos_emb[pos])
         if self.rope:
@@ -256,7 +259,7 @@ class OneTokenStep:
         for layer in self.layers:
             layer(x, pos, self)
         h = self.final_norm(x)
-        return torch.bmm(h.expand(self.head_splits, 1, -1), self.head).view(1, -1)  # (1, V)
+        return self.head(h)  # (1, V)
 
     def widen(self, needed: int) -> None:
         """Read attention's slots [0, window) from now on: views of each layer's cache and of the mask."""
@@ -270,39 +273,29 @@ class LayerPlan:
     """One block's weights, buffers and views for `OneTokenStep` (legend: model/gpt.py; g = nh / nkv)."""
 
     def __init__(self, block, x: torch.Tensor, threads: int, cache_len: int, rope: bool):
-        att, ff, w = block.att, block.ff, block.att.qkv.weight
+        att, ff, w = block.att, block.ff, block.norm1.scale  # w: the dtype and device of every buffer
         nh, nkv, hs = att.n_heads, att.n_kv_heads, att.head_dim
         self.nkv, H = nkv, nh + 2 * nkv
         self.norm1, self.norm2 = norm_function(block.norm1), norm_function(block.norm2)
-        self.qkv_s = splits_for(w, threads)
-        self.qkv, self.qkv_bias = split_columns(w, self.qkv_s), column_bias(att.qkv, self.qkv_s)
-        self.heads = w.new_empty(self.qkv_s, 1, H * hs // self.qkv_s)  # the product's output ...
+        self.qkv = RowProduct(att.qkv, threads)
+        self.heads = w.new_empty(self.qkv.splits, 1, H * hs // self.qkv.splits)  # the product's output ...
         heads = self.heads.view(H, 1, hs)  # ... as heads: nh queries, nkv keys, nkv values
         self.turned = w.new_empty(H, 1, hs) if rope else heads  # after RoPE
         self.heads_view, self.rolled_half = heads, hs // 2
         self.q = self.turned[:nh].view(nkv, nh // nkv, hs)  # (nkv, g, hs): a group's queries as rows
         self.new_kv = self.turned[nh:]  # (2 nkv, 1, hs): this token's keys and values
-        att.kv_cache.k = att.kv_cache.v = None  # freed first: a long cache is not held twice
         self.cache = w.new_zeros(2 * nkv, cache_len, hs)  # (2 nkv, S, hs): keys, then values
         att.kv_cache.k, att.kv_cache.v = self.cache[None, :nkv], self.cache[None, nkv:]  # what prefill fills
         self.y = w.new_empty(nkv, nh // nkv, hs)  # attention's output, heads in order
-        o = att.out_proj.weight
-        self.out_s = splits_for(o, threads)
-        self.out, self.out_bias = split_columns(o, self.out_s), att.out_proj.bias
-        self.y_in = self.y.view(1, 1, -1).expand(self.out_s, 1, -1)
-        self.x_att = x.view(self.out_s, 1, -1)  # the residual stream as the product's (s, 1, C/s) output
-        f, p = ff.fc.weight, ff.proj.weight
+        self.out = RowProduct(att.out_proj, threads, self.y.view(1, -1), x)  # x += y W_out + b
         self.swiglu, self.gelu_approximation = ff.swiglu, ff.gelu_approximation
-        self.fc_s, self.proj_s = splits_for(f, threads), splits_for(p, threads)
-        self.fc, self.fc_bias = split_columns(f, self.fc_s), column_bias(ff.fc, self.fc_s)
-        self.fc_out = w.new_empty(self.fc_s, 1, f.shape[0] // self.fc_s)
+        self.fc = RowProduct(ff.fc, threads)
+        self.fc_out = w.new_empty(self.fc.splits, 1, ff.fc.out_features // self.fc.splits)
         flat = self.fc_out.view(1, -1)
-        hidden = p.shape[1]
+        hidden = ff.proj.in_features
         self.gate, self.up = flat[:, :hidden], flat[:, hidden:]  # SwiGLU's stacked rows (see FeedForward)
         self.hidden = w.new_empty(1, hidden)
-        self.hidden_in = self.hidden.view(1, 1, -1).expand(self.proj_s, 1, -1)
-        self.proj, self.proj_bias = split_columns(p, self.proj_s), ff.proj.bias
-        self.x_ff = x.view(self.proj_s, 1, -1)
+        self.proj = RowProduct(ff.proj, threads, self.hidden, x)  # x += hidden W_proj + b
 
     def widen(self, window: int) -> None:
         nkv = self.nkv
@@ -311,8 +304,7 @@ class LayerPlan:
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, step: OneTokenStep) -> None:
         """Add this block's attention and feed-forward to the residual stream x (1, C), in place."""
-        h = self.norm1(x).expand(self.qkv_s, 1, -1)  # (s, 1, C): every slice reads the whole row
-        torch.baddbmm(self.qkv_bias, h, self.qkv, out=self.heads)  # (s, 1, (nh + 2 nkv) hs / s)
+        self.qkv.into(self.norm1(x), self.heads)  # (s, 1, (nh + 2 nkv) hs / s)
         if step.rope:
             torch.mul(self.heads_view, step.cos, out=self.turned)
             self.turned.addcmul_(self.heads_view.roll(self.rolled_half, -1), step.sin)
@@ -320,18 +312,53 @@ class LayerPlan:
         # (nkv, g, hs) @ (nkv, hs, W) -> (nkv, g, W), scaled, plus the mask (0 or -inf)
         scores = torch.baddbmm(step.window_mask, self.q, self.keys_t, alpha=step.scale)
         torch.bmm(torch.softmax(scores, dim=-1), self.values, out=self.y)  # (nkv, g, hs)
-        self.x_att.baddbmm_(self.y_in, self.out)  # x += y W_out: the shortcut
-        if self.out_bias is not None:
-            x.add_(self.out_bias)
-        h = self.norm2(x).expand(self.fc_s, 1, -1)
-        torch.baddbmm(self.fc_bias, h, self.fc, out=self.fc_out)  # (s, 1, 2H / s) or (s, 1, H / s)
+        self.out.add()  # x += y W_out + b: the shortcut
+        self.fc.into(self.norm2(x), self.fc_out)  # (s, 1, 2H / s) or (s, 1, H / s)
         if self.swiglu:
             torch.mul(F.silu(self.gate), self.up, out=self.hidden)
         else:
             self.hidden.copy_(F.gelu(self.gate, approximate=self.gelu_approximation))
-        self.x_ff.baddbmm_(self.hidden_in, self.proj)
-        if self.proj_bias is not None:
-            x.add_(self.proj_bias)
+        self.proj.add()
+
+
+class RowProduct:
+    """One layer's product with one row, planned once. A float weight: `split_columns` slices, one per
+    thread, and `baddbmm` writing the result where it goes (the bias or the residual stream as its
+    addend). A quantized layer (model/quantized.py): its own kernel, then one copy or add. Given the
+    buffers `h` (1, K) it reads and `x` (1, N) it adds to, their views are made here, once."""
+
+    def __init__(self, linear, threads: int, h: torch.Tensor | None = None, x: torch.Tensor | None = None):
+        self.quantized = isinstance(linear, QuantizedLinear)
+        self.linear, self.bias, self.h, self.x = linear, linear.bias, h, x
+        self.splits = 1 if self.quantized else splits_for(linear.weight, threads)
+        if not self.quantized:
+            self.slices = split_columns(linear.weight, self.splits)
+            self.column_bias = column_bias(linear, self.splits)
+            if h is not None:
+                self.h_in, self.x_out = h.view(1, 1, -1).expand(self.splits, 1, -1), x.view(self.splits, 1, -1)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """h (1, K) W^T + b, a new (1, N) tensor (the output head's logits)."""
+        if self.quantized:
+            return self.linear(h)
+        y = torch.bmm(h.expand(self.splits, 1, -1), self.slices).view(1, -1)
+        return y if self.bias is None else y + self.bias
+
+    def into(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        """out (s, 1, N/s) = h (1, K) W^T + b."""
+        if self.quantized:
+            out.view(1, -1).copy_(self.linear(h))
+        else:
+            torch.baddbmm(self.column_bias, h.expand(self.splits, 1, -1), self.slices, out=out)
+
+    def add(self) -> None:
+        """x += h W^T + b, in place, for the planned h and x."""
+        if self.quantized:
+            self.x.add_(self.linear(self.h))
+            return
+        self.x_out.baddbmm_(self.h_in, self.slices)
+        if self.bias is not None:
+            self.x.add_(self.bias)
 
 
 def splits_for(weight: torch.Tensor, threads: int) -> int:
@@ -361,9 +388,12 @@ PLAIN_LINEAR = (torch.nn.Linear, DecodingLinear)
 def one_token_step(model, batch_size: int, cache_len: int, filled: int) -> OneTokenStep | None:
     """The planned step for a model laid out for decoding (`use_decoding_layout`), after `setup_kv_cache`
     and before the prompt fills `filled` slots; None where it does not apply: a batch, a model in
-    training or off the CPU, layers it does not know (quantized, LoRA, sharded), blocks of several shapes."""
+    training or off the CPU, layers it does not know (LoRA, sharded), blocks of several shapes. Quantized
+    layers (model/quantized.py) run their own kernel inside the plan."""
     blocks = list(model.trf_blocks)
     linears = [m for b in blocks for m in (b.att.qkv, b.att.out_proj, b.ff.fc, b.ff.proj)] + [model.out_head]
+    linears = [m for m in linears if type(m) is not QuantizedLinear]
+    embeddings = [e for e in (model.tok_emb, model.pos_emb) if e is not None and type(e) is not QuantizedEmbedding]
     shapes = {(b.att.n_heads, b.att.n_kv_heads, b.att.head_dim) for b in blocks}
     norms = [n for b in blocks for n in (b.norm1, b.norm2)] + [model.final_norm]
     applies = (
@@ -371,7 +401,7 @@ def one_token_step(model, batch_size: int, cache_len: int, filled: int) -> OneTo
         and not model.training
         and not torch.is_grad_enabled()  # the products write into buffers (`out=`), which autograd refuses
         and model.tok_emb.weight.device.type == "cpu"
-        and all(type(e) is torch.nn.Embedding for e in (model.tok_emb, model.pos_emb) if e is not None)
+        and all(type(e) is torch.nn.Embedding for e in embeddings)
         and all(type(b) is DecodingBlock and b.att.kv_cache is not None for b in blocks)
         and all(type(m) in PLAIN_LINEAR and type(m.weight.data) is torch.Tensor for m in linears)
         and all(m.weight.is_contiguous() or is_decoding_layout(m.weight) for m in linears)
