@@ -284,6 +284,7 @@ class LayerPlan:
         self.heads_view, self.rolled_half = heads, hs // 2
         self.q = self.turned[:nh].view(nkv, nh // nkv, hs)  # (nkv, g, hs): a group's queries as rows
         self.new_kv = self.turned[nh:]  # (2 nkv, 1, hs): this token's keys and values
+        att.kv_cache.k = att.kv_cache.v = None  # freed first: a long cache is not held twice
         self.cache = w.new_zeros(2 * nkv, cache_len, hs)  # (2 nkv, S, hs): keys, then values
         att.kv_cache.k, att.kv_cache.v = self.cache[None, :nkv], self.cache[None, nkv:]  # what prefill fills
         self.y = w.new_empty(nkv, nh // nkv, hs)  # attention's output, heads in order
