@@ -173,6 +173,7 @@ def test_cli_gptq(tmp_path, capsys):
     save_model(_tiny(), tmp_path / "fp32", tokenizer=tok)
     (tmp_path / "cal.txt").write_text(text)
     args = ["compress", "quantize", "--model", str(tmp_path / "fp32"), "--to", "int4", "--method", "gptq"]
+    args += ["--calibration-tokens", "128"]
     assert main([*args, "--calibration", str(tmp_path / "cal.txt"), "--out", str(tmp_path / "q")]) == 0
     assert "x smaller" in capsys.readouterr().out
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["method"] == "gptq"
