@@ -61,6 +61,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults=None, skip
         flag = "--" + f.name.replace("_", "-")
         shown = getattr(defaults, f.name) if defaults is not None else f.default
         help_text = f"{docs.get(f.name, '')} (default: {shown})".strip()
+        help_text = help_text.replace("%", "%%")  # argparse formats help text with %: "+0.4%" would break --help
         if tp is bool:
             target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif tp in (int, float, str):

@@ -52,9 +52,9 @@ class QuantizeConfig:
     """Also quantize the output head (and the token embedding tied to it): the largest matrix of
     GPT-2 124M (38.6M of 124M parameters) and SmolLM2-135M (28.3M of 134.5M)."""
     kernel: str = "packed"
-    """How the quantized layers multiply on a CPU (model/quantized.py): 'packed' (PyTorch's weight-only int8/
-    int4 kernels, inputs and results rounded to bfloat16: SmolLM2-135M int8 perplexity +0.4%, the fast
-    one on AVX-512 CPUs), 'reference' (dequantize, then a float product: only the weights' rounding costs
+    """How the quantized layers multiply on a CPU (model/quantized.py): 'packed' (PyTorch's weight-only
+    int8 and int4 kernels, inputs and results rounded to bfloat16: SmolLM2-135M int8 perplexity +0.4%, the
+    fast one on AVX-512 CPUs), 'reference' (dequantize, then a float product: only the weights' rounding costs
     quality; slow) or 'fbgemm' (FBGEMM's int8 kernel, which also rounds each input row to 8 bits, 7
     without AVX-512 VNNI: SmolLM2-135M's perplexity 1.4x / 3x fp32's, 1.07x with --smooth 0.7). Training,
     GPUs and other dtypes take the reference path whatever is chosen."""
