@@ -104,8 +104,8 @@ def test_kernel_path_equals_reference_path(bits, group):
     ~1.5): 0.018-0.028 apart, i.e. <= 1.9% of the largest logit. Bound: 4%."""
     x = torch.randint(0, 65, (2, 24), generator=torch.Generator().manual_seed(2))
     model = quantize(_tiny(), QuantizeConfig(bits=bits, group_size=group, kernel="fbgemm"))
-    assert model.trf_blocks[0].ff.fc.kernel_for(torch.zeros(1, 128)) == "fbgemm"
     with torch.no_grad():
+        assert model.trf_blocks[0].ff.fc.kernel_for(torch.zeros(1, 128)) == "fbgemm"
         fast = model(x)
         slow = _reference(model)(x)
     assert (fast - slow).abs().max() <= 0.04 * slow.abs().max()
@@ -124,7 +124,8 @@ def test_packed_kernel_is_the_reference_product_in_bfloat16(bits, group):
     model = quantize(_tiny(), QuantizeConfig(bits=bits, group_size=group, kernel="packed"))
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4))
     for layer in (model.trf_blocks[0].att.qkv, model.trf_blocks[0].ff.fc, model.out_head):
-        assert layer.kernel_for(x) == "packed"
+        with torch.no_grad():
+            assert layer.kernel_for(x) == "packed"
         if bits == 8:
             q8, row = per_row_int8(layer.weight_q, layer.scales, bits)
             w = q8.float() * row.bfloat16().float()[:, None]
@@ -148,6 +149,10 @@ def test_packed_kernel_keeps_training_and_other_dtypes_on_the_reference_path():
     layer = model.trf_blocks[0].ff.fc
     assert layer.kernel_for(torch.zeros(1, 128, dtype=torch.bfloat16)) == "reference"
     assert layer.kernel_for(torch.zeros(1, 128, requires_grad=True)) == "reference"
+    with torch.enable_grad():  # training through frozen quantized layers (QLoRA): the float product
+        assert layer.kernel_for(torch.zeros(1, 128)) == "reference"
+    with torch.no_grad():
+        assert layer.kernel_for(torch.zeros(1, 128)) == "packed"
 
 
 @pytest.mark.parametrize("preset", ["llama-char", "shakespeare-char"])

@@ -185,10 +185,12 @@ def load_base(spec: str):
 def quantize_base(model, kind: str):
     """QLoRA's base (Dettmers et al. 2023): every block's linear layer as int8 (a scale per row) or int4
     (groups of 32, llama.cpp's Q4_0 rule), in place. The embedding and the tied head stay float, as
-    QLoRA keeps them in 16 bits: a lookup, and the one layer every token's loss reads."""
+    QLoRA keeps them in 16 bits: a lookup, and the one layer every token's loss reads. The reference
+    kernel: LoRA's backward recomputes the product in float, so the forward must be that same product
+    (the bfloat16 "packed" kernel would make the two disagree)."""
     from dozero.compress.quantize import QuantizeConfig, quantize
 
-    return quantize(model, QuantizeConfig(bits=8 if kind == "int8" else 4, head=False))
+    return quantize(model, QuantizeConfig(bits=8 if kind == "int8" else 4, head=False, kernel="reference"))
 
 
 def _setup(ft: FinetuneConfig, cfg: TrainConfig, resume, device, quiet: bool):

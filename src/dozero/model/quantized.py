@@ -167,9 +167,11 @@ class QuantizedLinear(nn.Module):
         return dequantize(self.weight_q, self.scales, self.bits)
 
     def kernel_for(self, x: torch.Tensor) -> str:
-        """The kernel this call takes: "packed" / "fbgemm" for fp32 CPU inputs that need no gradient (the
-        kernels have none), where PyTorch has them; the reference path for everything else."""
-        cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
+        """The kernel this call takes: "packed" / "fbgemm" for fp32 CPU inputs with gradients off (the kernels
+        have none: QLoRA trains through frozen quantized layers, and its first one's input needs no gradient
+        but its result must equal the float twin's), where PyTorch has them; the reference path otherwise."""
+        no_grad = not (x.requires_grad or torch.is_grad_enabled())
+        cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and no_grad
         if not cpu_fp32 or self.kernel == "fbgemm" and not fbgemm_available():
             return "reference"
         return self.kernel
