@@ -65,7 +65,8 @@ class QuantizeConfig:
     method: str = "rtn"
     """How the integers are chosen: 'rtn' (each weight rounded to its nearest step) or 'gptq' (GPTQ,
     compress/gptq.py: one input column at a time, its rounding error pushed onto the columns not yet
-    rounded through the inverse Hessian of the layer's inputs on calibration text; same file format)."""
+    rounded through the inverse Hessian of the layer's inputs on calibration text; same file format).
+    SmolLM2-135M int4 perplexity (fp32 41.4): groups of 32 52.9 -> 50.6, groups of 64 60.2 -> 51.3."""
 
     def resolved_group(self, width: int, where: str) -> int:
         """The group size for a row of `width` inputs, or a one-line error."""
