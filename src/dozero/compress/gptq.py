@@ -24,9 +24,14 @@ so the update is err' = (w_q - round(w_q)) / U[q, q], w_F -= err' U[q, F]. Then:
   * dampening: 1% of H's mean diagonal is added to its diagonal (H from a few thousand tokens can be
     singular); an input that was always zero (diagonal 0) gets H_ii = 1 and its weights 0.
 Layer by layer, block by block (as the paper): each transformer block's inputs are computed by the
-model whose earlier blocks are already quantized, so later blocks also correct what earlier ones lost.
+model whose earlier blocks are already quantized, so later blocks also correct what earlier ones lost;
+then the head (an untied one, or the token table tied to it, whose lookup then reads the corrected table)
+against the final norm's outputs.
 
-Measured on SmolLM2-135M-Instruct: see docs/en/compression.md ("GPTQ").
+Measured on SmolLM2-135M-Instruct (docs/en/compression.md, "--method gptq"), perplexity on 1,024 tokens of
+tinyshakespeare (fp32 41.4), 2,048 calibration tokens: int4 groups of 32 52.9 -> 50.6, groups of 64
+60.2 -> 51.3. Feeding each block the float model's inputs instead (`sequential=False`): 50.0, but KL to
+fp32 0.260 against the sequential 0.253: a wash, so the paper's way stays.
 """
 
 from __future__ import annotations
