@@ -24,10 +24,12 @@ Three ways to multiply (`kernel`, chosen when quantizing and kept in config.json
     `_weight_int4pack_mm_for_cpu` (int4, groups of 32/64/128/256), which read the integers directly and
     multiply in bfloat16: the input row and the result are rounded to bfloat16 (8 significant bits, a
     relative 0.4% at most), the weights are not rounded again. Measured on this project's Xeon (AVX-512,
-    AMX; 2 threads): 768 x 3072 one row 0.12 ms int8 / 0.14 ms int4 vs 0.23 ms fp32; GPT-2's head 1.5 /
-    1.2 vs 3.5 ms. With fp32 inputs the same kernels are 7-10x *slower* than fp32 (and on the AVX2 EPYC of
-    MEASURED.md), hence bfloat16. A grouped int8 weight (Q8_0's 32) is requantized to one scale per row
-    for it, as for FBGEMM; an int4 matrix whose rows are not a multiple of 16 gets zero rows to fit.
+    AMX; 2 threads; a cache-hot loop): 768 x 3072 one row 0.12 ms int8 / 0.14 ms int4 vs 0.23 ms fp32;
+    GPT-2's head 1.5 / 1.2 vs 3.5 ms. Out of cache, in a decoding model, GPT-2's block products average
+    0.24 ms in int8 (~7 GB/s; a 64 MB matrix reaches 20). With fp32 inputs the same kernels are 7-10x
+    *slower* than fp32 (and on the AVX2 EPYC of MEASURED.md), hence bfloat16. A grouped int8 weight (Q8_0's
+    32) is requantized to one scale per row for it, as for FBGEMM; an int4 matrix whose rows are not a
+    multiple of 16 gets zero rows to fit.
   * "fbgemm": FBGEMM's dynamic int8 linear (`quantized::linear_dynamic`), which also rounds each input
     row to 7 or 8 bits per call and multiplies integers: about as fast as "packed" for int8 (0.09 ms
     above), but the input rounding costs quality where activations have outliers: SmolLM2-135M's
