@@ -259,6 +259,28 @@ def test_cli_second_run_into_the_same_folder_says_where_it_goes(tmp_path, base_a
     assert (tmp_path / "run-2" / "latest" / "model.safetensors").is_file()
 
 
+def test_a_folder_that_is_not_a_run_is_refused_without_force(tmp_path, base_and_pairs, capsys):
+    """As `dozero train`: --out-dir holding someone's files is refused, from the command line before the
+    model is looked for (it does not exist here) and from Python, unless --force writes the run beside them."""
+    from dozero.cli import main
+
+    base, data = base_and_pairs
+    docs = tmp_path / "documents"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("mine")
+    argv = ["align", "dpo", "--data", data, "--out-dir", str(docs), "--device", "cpu", "--max-steps", "1",
+            "--eval-interval", "1", "--micro-batch-size", "4", "--tensorboard", "off"]  # fmt: skip
+    assert main([*argv, "--model", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {docs} is not empty and is not a dozero run folder") and err.count("\n") == 1
+    assert "pass --force" in err
+    with pytest.raises(DozeroError, match="is not empty and is not a dozero run folder"):
+        dpo(DPOConfig(model=str(base), data=data), settings(tmp_path, out_dir=str(docs), max_steps=1), quiet=True)
+    assert [p.name for p in docs.iterdir()] == ["notes.txt"]
+    assert main([*argv, "--model", str(base), "--force"]) == 0
+    assert (docs / "notes.txt").read_text() == "mine" and (docs / "latest" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("method", ["dpo", "reward", "rl"])
 @pytest.mark.parametrize("flag", [["--parallel", "fsdp"], ["--tp-size", "2"], ["--activation-checkpointing"]])
 def test_cli_refuses_sharding_flags_it_would_ignore(method, flag, capsys):

@@ -175,3 +175,22 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path, base_and_data, c
         assert main(common + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_that_is_not_a_run_is_refused_before_the_model_loads(tmp_path, base_and_data, capsys):
+    """As `dozero train`: --out-dir holding someone's files is refused (before the model is even looked
+    for: the model named here does not exist) unless --force, which writes the run beside them."""
+    from dozero.cli import main
+
+    base, data = base_and_data
+    docs = tmp_path / "documents"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("mine")
+    argv = ["finetune", "--data", data, "--out-dir", str(docs), "--device", "cpu", "--max-steps", "1",
+            "--eval-interval", "1", "--micro-batch-size", "4", "--tensorboard", "off"]  # fmt: skip
+    assert main([*argv, "--model", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {docs} is not empty and is not a dozero run folder") and err.count("\n") == 1
+    assert "pass --force" in err and [p.name for p in docs.iterdir()] == ["notes.txt"]
+    assert main([*argv, "--model", str(base), "--force"]) == 0
+    assert (docs / "notes.txt").read_text() == "mine" and (docs / "latest" / "model.safetensors").is_file()

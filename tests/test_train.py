@@ -251,6 +251,39 @@ def test_cli_train_then_generate(tmp_path, capsys):
     assert (tmp_path / "cli-run-2" / "latest" / "model.safetensors").is_file()
 
 
+def test_a_folder_that_is_not_a_run_is_refused_without_force(tmp_path, capsys):
+    """--out-dir naming someone's documents was written into; now it is refused (one line, nothing
+    touched) unless --force, which writes the run beside the files. An empty folder is fine."""
+    docs = tmp_path / "documents"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("three years of work")
+    argv = ["train", "--max-steps", "1", "--eval-interval", "1", "--eval-iters", "1", "--sample-tokens", "0"]
+    argv += ["--n-layers", "1", "--emb-dim", "16", "--n-heads", "2", "--context-length", "8", "--threads", "1"]
+    argv += ["--micro-batch-size", "2", "--warmup-steps", "0", "--tensorboard", "off"]
+    assert main([*argv, "--out-dir", str(docs)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {docs} is not empty and is not a dozero run folder") and err.count("\n") == 1
+    assert "choose another output folder, or pass --force" in err
+    assert [p.name for p in docs.iterdir()] == ["thesis.txt"] and not (tmp_path / "documents-2").exists()
+
+    assert main([*argv, "--out-dir", str(docs), "--force"]) == 0
+    capsys.readouterr()
+    assert (docs / "thesis.txt").read_text() == "three years of work"
+    assert (docs / "train_config.json").is_file() and (docs / "latest" / "model.safetensors").is_file()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*argv, "--out-dir", str(empty)]) == 0
+    assert (empty / "train_config.json").is_file() and not (tmp_path / "empty-2").exists()
+
+    # A run in OUT sends the next run to OUT-2; an OUT-2 holding other files is refused the same way.
+    (tmp_path / "empty-2").mkdir()
+    (tmp_path / "empty-2" / "photo.jpg").write_bytes(b"\xff\xd8")
+    assert main([*argv, "--out-dir", str(empty)]) == 2
+    assert f"{tmp_path / 'empty-2'} is not empty and is not a dozero run folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "empty-2").iterdir()) == ["photo.jpg"]
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -61,7 +61,7 @@ def run_align(args) -> int:
     train_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _NOT_HERE})
     settings, cfg = apply_args(settings, args), apply_args(cfg, train_args)
     if not args.resume:
-        _say_where_a_new_run_goes(cfg.out_dir)
+        _say_where_a_new_run_goes(cfg.out_dir, cfg.force)
     result = fn(settings, cfg, resume=args.resume)
     if result.stopped != "done":
         return EXIT_CODES.get(result.stopped, 0)
@@ -74,17 +74,20 @@ def run_align(args) -> int:
     return 0
 
 
-def _say_where_a_new_run_goes(out_dir: str) -> None:
+def _say_where_a_new_run_goes(out_dir: str, force: bool) -> None:
     """A run is never overwritten: when --out-dir holds one, the new run goes to OUT-2 (-3, ...), as with
     `dozero train` and `dozero finetune` (train/checkpoint.py's choose_run_dir). Said before the first
-    step, with the way to continue the old run instead, so the new folder is no surprise at the end."""
+    step, with the way to continue the old run instead, so the new folder is no surprise at the end.
+    A folder holding other files is refused here (without --force), before the models are loaded."""
     from pathlib import Path
 
     from dozero.runtime import is_main
     from dozero.train.checkpoint import choose_run_dir
 
-    run_dir = choose_run_dir(out_dir)
-    if is_main() and run_dir != Path(out_dir):
+    if not is_main():
+        return
+    run_dir = choose_run_dir(out_dir, force)
+    if run_dir != Path(out_dir):
         print(
             f"{out_dir} holds a run already and a run is never overwritten: this run writes to {run_dir} "
             f"(to continue that one instead: --resume {out_dir})",

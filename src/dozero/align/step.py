@@ -172,7 +172,7 @@ def start_run(settings, cfg, model, tokenizer, loss_fn, recipe, data, resume, de
     optimizer = make_optimizer(model, cfg, device)
     dtype = runtime.resolve_dtype(cfg.dtype, device)
     scaler = runtime.grad_scaler(device, dtype)
-    run_dir = ckpt.run_dir_of(resume) if resume else ckpt.choose_run_dir(cfg.out_dir) if main else Path(cfg.out_dir)
+    run_dir = ckpt.session_run_dir(cfg, resume, main)
     result = TrainResult(run_dir=run_dir, step=0)
     if resume:
         state = _restore(resume, run_dir, restore_model or model, optimizer, loader, scaler)

@@ -194,7 +194,6 @@ def quantize_base(model, kind: str):
 
 
 def _setup(ft: FinetuneConfig, cfg: TrainConfig, resume, device, quiet: bool):
-    from pathlib import Path
 
     from dozero.files import write_json
     from dozero.train.corpus import Corpus
@@ -205,6 +204,7 @@ def _setup(ft: FinetuneConfig, cfg: TrainConfig, resume, device, quiet: bool):
 
     main = runtime.is_main()
     torch.manual_seed(cfg.seed)
+    run_dir = ckpt.session_run_dir(cfg, resume, main)  # first: a foreign folder is refused before any work
     model, tokenizer, template = load_base(ft.model)
     T = model.cfg.context_length
     if ft.max_length > T:
@@ -222,7 +222,6 @@ def _setup(ft: FinetuneConfig, cfg: TrainConfig, resume, device, quiet: bool):
     optimizer = make_optimizer(model, cfg, device)
     dtype = runtime.resolve_dtype(cfg.dtype, device)
     scaler = runtime.grad_scaler(device, dtype)
-    run_dir = ckpt.run_dir_of(resume) if resume else ckpt.choose_run_dir(cfg.out_dir) if main else Path(cfg.out_dir)
     result = TrainResult(run_dir=run_dir, step=0)
     if resume:
         state = _restore(resume, run_dir, model, optimizer, loader, scaler)

@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from dozero import runtime
 from dozero.config import ModelConfig
 from dozero.errors import DozeroError
-from dozero.files import replace_folder, write_json
+from dozero.files import check_output_folder, replace_folder, write_json
 from dozero.model.checkpoint import (
     CHECKSUMS_FILE,
     model_config_from_dict,
@@ -66,14 +66,24 @@ OPTIMIZER_STATE = "optimizer.safetensors"
 # ----------------------------------------------------------------------------- the run folder
 
 
-def choose_run_dir(out_dir: str) -> Path:
-    """`out_dir`, or `out_dir-2`, `-3`... if a run already lives there (never overwrite a run)."""
+def choose_run_dir(out_dir: str, force: bool = False) -> Path:
+    """`out_dir`, or `out_dir-2`, `-3`... if a run already lives there (never overwrite a run). A folder that
+    holds other files (someone's documents, a model folder) is refused unless `force` (--force)."""
     base = Path(out_dir)
     candidate, n = base, 1
     while (candidate / RUN_CONFIG_FILE).exists():
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
+    check_output_folder(candidate, "dozero run folder", lambda folder: (folder / RUN_CONFIG_FILE).exists(), force)
     return candidate
+
+
+def session_run_dir(cfg: TrainConfig, resume: str | Path | None, main: bool) -> Path:
+    """The folder this session writes: the resumed run's, or for a new run the one `choose_run_dir` picks on
+    the main process (which alone writes run files; the others take --out-dir as given)."""
+    if resume:
+        return run_dir_of(resume)
+    return choose_run_dir(cfg.out_dir, cfg.force) if main else Path(cfg.out_dir)
 
 
 def run_dir_of(resume: str | Path) -> Path:

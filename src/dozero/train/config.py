@@ -42,6 +42,10 @@ class TrainConfig:
     """For text input: the last fraction of the tokens is the validation split (nanoGPT: 0.1)."""
     out_dir: str = "runs/shakespeare-char"
     """Run folder: checkpoints, metrics.jsonl, loss.png, report.md."""
+    force: bool = False
+    """Start the run in --out-dir even if that folder holds files that are not a dozero run's (they stay;
+    the run's files are written beside them). Without it such a folder is refused. A folder holding a run
+    is never overwritten either way: the new run goes to OUT-2."""
     micro_batch_size: int = 12
     """Sequences per forward/backward pass on each process; lower it if memory runs out."""
     global_batch_tokens: int = 0

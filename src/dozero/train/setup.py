@@ -79,8 +79,9 @@ def setup(cfg: TrainConfig, overrides: dict, resume, device: torch.device, quiet
     """Data, model, optimizer, loader and observer; on resume, their state from the checkpoint."""
     main = runtime.is_main()
     torch.manual_seed(cfg.seed)
+    run_dir = ckpt.session_run_dir(cfg, resume, main)  # first: a foreign folder is refused before any work
     corpus = load_corpus(cfg)
-    run_dir, model_cfg = _run_folder_and_model(cfg, overrides, resume, corpus.tokenizer.vocab_size, main)
+    model_cfg = _model_config(cfg, overrides, resume, corpus.tokenizer.vocab_size)
     accum, tokens_per_step = _accumulation(cfg, model_cfg.context_length)
     raw_model = GPTModel(model_cfg).to(device)
     optimizer = make_optimizer(raw_model, cfg, device)
@@ -137,16 +138,14 @@ def setup(cfg: TrainConfig, overrides: dict, resume, device: torch.device, quiet
     return run
 
 
-def _run_folder_and_model(cfg, overrides: dict, resume, vocab_size: int, main: bool) -> tuple[Path, ModelConfig]:
+def _model_config(cfg, overrides: dict, resume, vocab_size: int) -> ModelConfig:
     if resume:
-        run_dir = ckpt.run_dir_of(resume)
         _, model_cfg = ckpt.read_run_config(resume)
     else:
-        run_dir = ckpt.choose_run_dir(cfg.out_dir) if main else Path(cfg.out_dir)
         model_cfg = dataclasses.replace(get_model_config(cfg.model), **{**overrides, "vocab_size": vocab_size})
     if model_cfg.vocab_size < vocab_size:
         raise DozeroError(f"the model's vocabulary ({model_cfg.vocab_size}) is smaller than the tokenizer's")
-    return run_dir, model_cfg
+    return model_cfg
 
 
 def _accumulation(cfg: TrainConfig, T: int) -> tuple[int, int]:
