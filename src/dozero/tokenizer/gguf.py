@@ -244,10 +244,13 @@ def tokenizer_from_gguf(header: GGUFHeader) -> GGUFTokenizer:
         )
     tokens = header.get("tokenizer.ggml.tokens", list)
     types = header.metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    merges = header.get("tokenizer.ggml.merges", list)
     if len(types) != len(tokens):
         raise DozeroError(f"{where}: {len(tokens)} tokens but {len(types)} token types (corrupt metadata)")
+    # No merges: a vocabulary of single bytes and special tokens (gguf-py's writer even drops the empty array).
+    merges = header.get("tokenizer.ggml.merges", list, default=[])
     ranks, specials = _ranks_and_specials(tokens, types, merges, where)
+    if not merges and any(len(token) > 1 for token in ranks):  # llama.cpp would never make those tokens
+        raise DozeroError(f"{where}: tokens longer than one byte but no tokenizer.ggml.merges; the file is incomplete")
 
     def token_id(key: str) -> int | None:
         value = header.metadata.get(key)
@@ -306,7 +309,10 @@ def tokenizer_metadata(tok: BPETokenizer) -> dict:
     from dozero.tokenizer.formats import ranks_to_merges
 
     if not isinstance(tok, BPETokenizer):
-        raise DozeroError(f"GGUF stores byte-level BPE vocabularies; this tokenizer is {tok.kind!r}")
+        raise DozeroError(
+            f"GGUF (llama.cpp) stores byte-level BPE vocabularies and this tokenizer is {tok.kind!r}, which "
+            "llama.cpp cannot read: convert --to hf instead, or train with a BPE tokenizer (e.g. --tokenizer gpt2)"
+        )
     if tok.pattern not in PATTERN_NAMES:
         raise DozeroError("this tokenizer's pre-tokenization regex has no llama.cpp name (gpt-2, smollm)")
     encoder = bytes_to_unicode()
@@ -335,9 +341,35 @@ def tokenizer_metadata(tok: BPETokenizer) -> dict:
     return meta
 
 
+def gguf_writer(path: str | os.PathLike, arch: str):
+    """gguf-py's `GGUFWriter`, except that an empty metadata array is written (count 0), not dropped. GGUF
+    allows one and llama.cpp needs it: a vocabulary without merges (single bytes and special tokens) must
+    still carry tokenizer.ggml.merges, or llama.cpp refuses the file ("cannot find tokenizer merges")."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    class Writer(GGUFWriter):
+        writes_empty_arrays = True
+
+        def add_array(self, key: str, val) -> None:
+            self.add_key_value(key, val, GGUFValueType.ARRAY, None if len(val) else GGUFValueType.STRING)
+
+        def _pack_val(self, val, vtype, add_vtype: bool, sub_type=None) -> bytes:
+            if vtype != GGUFValueType.ARRAY or len(val):
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            kind = self._pack("I", vtype) if add_vtype else b""  # then item type, count 0, no items
+            return kind + self._pack("I", sub_type or GGUFValueType.STRING) + self._pack("Q", 0)
+
+    return Writer(str(path), arch=arch)
+
+
 def add_metadata(writer, meta: dict) -> None:
-    """Write a metadata dict with a GGUFWriter: the value types llama.cpp expects for each key."""
+    """Write a metadata dict with a GGUFWriter (one from `gguf_writer`): the value types llama.cpp expects."""
     for key, value in meta.items():
+        if isinstance(value, list) and not value and not getattr(writer, "writes_empty_arrays", False):
+            raise DozeroError(  # gguf-py's own writer would drop the key silently: a file llama.cpp refuses
+                f"GGUF metadata '{key}' is an empty list, which gguf.GGUFWriter drops; "
+                "write the file with dozero.tokenizer.gguf.gguf_writer"
+            )
         if isinstance(value, bool):
             writer.add_bool(key, value)
         elif isinstance(value, int):
@@ -353,12 +385,10 @@ def add_metadata(writer, meta: dict) -> None:
 def write_gguf_tokenizer(tok: BPETokenizer, path: Path) -> None:
     """A vocabulary-only GGUF (metadata, no tensors), as llama.cpp's ggml-vocab-*.gguf files: how a model
     folder converted from GGUF keeps the tokenizer exactly (pre-tokenizer, chat template, end id)."""
-    from gguf import GGUFWriter
-
     from dozero.files import atomic_path
 
     with atomic_path(path) as tmp:
-        writer = GGUFWriter(str(tmp), arch="vocab")
+        writer = gguf_writer(tmp, arch="vocab")
         writer.add_type("vocab")
         add_metadata(writer, tokenizer_metadata(tok))
         writer.write_header_to_file()
