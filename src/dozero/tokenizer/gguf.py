@@ -348,8 +348,6 @@ def gguf_writer(path: str | os.PathLike, arch: str):
     from gguf import GGUFValueType, GGUFWriter
 
     class Writer(GGUFWriter):
-        writes_empty_arrays = True
-
         def add_array(self, key: str, val) -> None:
             self.add_key_value(key, val, GGUFValueType.ARRAY, None if len(val) else GGUFValueType.STRING)
 
@@ -363,13 +361,9 @@ def gguf_writer(path: str | os.PathLike, arch: str):
 
 
 def add_metadata(writer, meta: dict) -> None:
-    """Write a metadata dict with a GGUFWriter (one from `gguf_writer`): the value types llama.cpp expects."""
+    """Write a metadata dict with a GGUFWriter: the value types llama.cpp expects. An empty list is written
+    by a `gguf_writer` and dropped by gguf-py's own (which llama.cpp refuses for the merges; dozero reads it)."""
     for key, value in meta.items():
-        if isinstance(value, list) and not value and not getattr(writer, "writes_empty_arrays", False):
-            raise DozeroError(  # gguf-py's own writer would drop the key silently: a file llama.cpp refuses
-                f"GGUF metadata '{key}' is an empty list, which gguf.GGUFWriter drops; "
-                "write the file with dozero.tokenizer.gguf.gguf_writer"
-            )
         if isinstance(value, bool):
             writer.add_bool(key, value)
         elif isinstance(value, int):
