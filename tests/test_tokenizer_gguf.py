@@ -100,3 +100,16 @@ def test_a_character_tokenizer_is_refused_saying_what_to_do():
     """A character tokenizer has no byte-level BPE to store in GGUF: one line, with the way out."""
     with pytest.raises(DozeroError, match=r"this tokenizer is 'char', .* convert --to hf instead"):
         tokenizer_metadata(CharTokenizer("abc"))
+
+
+def test_a_model_export_with_a_byte_vocabulary_reads_back_with_the_same_ids(tmp_path):
+    """`model convert --to gguf` of a model whose tokenizer has no merges: the tokenizer in the file reads back."""
+    from dozero.config import ModelConfig
+    from dozero.model.gguf import save_gguf
+    from dozero.model.gpt import GPTModel
+
+    tok = bytes_only()
+    model = GPTModel(ModelConfig(vocab_size=258, context_length=16, emb_dim=32, n_heads=2, n_layers=1))
+    back = read_gguf_tokenizer(save_gguf(model, tmp_path / "m.gguf", tok, "f32"))
+    for text in TEXTS:
+        assert back.encode(text, special="allow") == tok.encode(text, special="allow"), text
