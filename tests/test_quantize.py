@@ -261,6 +261,24 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
     assert "already holds a model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "verb", [["quantize", "--to", "int8"], ["prune", "--method", "magnitude"], ["report", "--tasks", ""]]
+)
+def test_cli_refuses_a_tokenizer_larger_than_the_model(tmp_path, capsys, verb):
+    """A folder whose tokenizer has more ids than the model's embedding (replaced by hand, or by `tokenizer
+    train --out --force`): quantize used to save it as if nothing were wrong (a model that then writes
+    garbage or fails in generate), and calibration crashed with an IndexError. One line now, nothing written."""
+    from dozero.tokenizer.char import CharTokenizer
+
+    tok = CharTokenizer([chr(c) for c in range(32, 32 + 80)])  # 80 ids for a model of 65 rows
+    save_model(_tiny(n_layers=1, emb_dim=32, n_heads=2), tmp_path / "m", tokenizer=tok)
+    out = tmp_path / "out"
+    assert main(["compress", *verb, "--model", str(tmp_path / "m"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the char tokenizer has 80 tokens but the model in") and err.count("\n") == 1
+    assert "has only 65 (its vocab_size)" in err and not out.exists()
+
+
 @pytest.mark.parametrize("bits,kind", [(8, "q8_0"), (4, "q4_0")])
 def test_group_32_exports_to_gguf_without_another_rounding(tmp_path, bits, kind):
     """A model quantized with groups of 32 is a Q8_0 / Q4_0 GGUF file, value for value: the file's

@@ -200,16 +200,27 @@ def prepare_out(out: str, src: Path, force: bool) -> Path:
     return dst
 
 
+def load_checked(src: Path):
+    """The model in `src` and its tokenizer, which must fit it: a tokenizer with more ids than the model's
+    embedding (replaced in the folder, or not trained with it) is one line here, not an IndexError in the
+    calibration or a compressed model saved with a tokenizer that makes it write garbage."""
+    from dozero.model.checkpoint import load_model
+    from dozero.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(src)  # first: a missing tokenizer fails before the weights load
+    model = load_model(src)
+    tokenizer.check_fits_model(model.cfg.vocab_size, f"the model in {src}")
+    return model, tokenizer
+
+
 def run_quantize(args) -> int:
     from dozero.compress.quantize import quantize, save_quantized, weight_bytes
-    from dozero.model.checkpoint import load_model, resolve_model_dir
-    from dozero.tokenizer import load_tokenizer
+    from dozero.model.checkpoint import resolve_model_dir
 
     config = apply_args(QuantizeConfig(bits=8 if args.to == "int8" else 4), args)
     src = resolve_model_dir(args.model)
     dst = prepare_out(args.out, src, args.force)
-    tokenizer = load_tokenizer(src)
-    model = load_model(src)
+    model, tokenizer = load_checked(src)
     before = weight_bytes(model)
     calibration = None
     if config.smooth or config.method == "gptq":
@@ -234,8 +245,7 @@ def run_prune(args) -> int:
     from dozero.compress.calibrate import calibration_tokens
     from dozero.compress.prune import finetune, prune, sparsity_of
     from dozero.compress.quantize import weight_bytes
-    from dozero.model.checkpoint import load_model, resolve_model_dir, save_model
-    from dozero.tokenizer import load_tokenizer
+    from dozero.model.checkpoint import resolve_model_dir, save_model
 
     config = apply_args(PruneConfig(), args)
     config.check()
@@ -243,8 +253,7 @@ def run_prune(args) -> int:
         raise DozeroError("prune: --finetune-steps needs --data TEXT (the text to fine-tune on)")
     src = resolve_model_dir(args.model)
     dst = prepare_out(args.out, src, args.force)
-    tokenizer = load_tokenizer(src)
-    model = load_model(src)
+    model, tokenizer = load_checked(src)
     calibration = None
     if config.method in ("wanda", "heads"):
         calibration = calibration_tokens(args.calibration, tokenizer, config.calibration_tokens)
@@ -287,8 +296,7 @@ def run_distill(args) -> int:
     config.check()
     teacher_dir = resolve_model_dir(args.teacher)
     dst = prepare_out(args.out, teacher_dir, args.force)
-    tokenizer = load_tokenizer(teacher_dir)
-    teacher = load_model(teacher_dir)
+    teacher, tokenizer = load_checked(teacher_dir)
     if args.student in MODEL_PRESETS:
         torch.manual_seed(config.seed)
         student = GPTModel(get_model_config(args.student, vocab_size=teacher.cfg.vocab_size))
@@ -330,8 +338,7 @@ def _progress(name: str, steps: int):
 
 def run_report(args) -> int:
     from dozero.compress.report import SETTINGS, main_report
-    from dozero.model.checkpoint import load_model, resolve_model_dir
-    from dozero.tokenizer import load_tokenizer
+    from dozero.model.checkpoint import resolve_model_dir
 
     unknown = [n for n in args.settings or [] if n not in SETTINGS]
     if unknown:
@@ -340,5 +347,5 @@ def run_report(args) -> int:
 
     src = resolve_model_dir(args.model)
     check_output_folder(args.out, "compression report", lambda folder: (folder / "report.md").exists(), False)
-    main_report(load_model(src), load_tokenizer(src), args)
+    main_report(*load_checked(src), args)
     return 0
