@@ -207,3 +207,37 @@ def test_smollm2_int4_gptq_perplexity_below_round_to_nearest():
     print(f"SmolLM2-135M int4 g64 perplexity: round-to-nearest {rtn:.3f}, GPTQ {gptq:.3f}")
     assert abs(rtn - 60.20) < 0.1
     assert gptq < 0.9 * rtn and abs(gptq - 51.27) < 0.5
+
+
+def test_gguf_export_writes_gptqs_own_q4_0_blocks(tmp_path):
+    """`save_gguf(..., "q4_0")` of a GPTQ model writes each matrix's stored integers and scales as they are
+    (model/gguf_blocks.py): the file's bytes are those blocks, and some differ from what llama.cpp's quantizer
+    (the `gguf` package's) makes of the same values, which the export wrote before."""
+    from dataclasses import replace
+
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    from dozero.model.gguf import _check_data, read_gguf_header, save_gguf
+    from test_gguf import small_tokenizer  # a byte-level BPE of 261 ids: what GGUF stores
+
+    torch.manual_seed(0)
+    model = GPTModel(replace(get_model_config("llama-char"), vocab_size=261)).eval()
+    gptq = quantize(model, QuantizeConfig(bits=4, group_size=32, method="gptq"), _calibration())
+    tok = small_tokenizer()
+    path = save_gguf(gptq, tmp_path / "g.gguf", tok, "q4_0")
+    header, data = read_gguf_header(path), np.fromfile(path, dtype=np.uint8)
+    requantized = 0
+    for i, block in enumerate(gptq.trf_blocks):
+        fc = block.ff.fc  # Llama's [gate; up]: the file's ffn_gate and ffn_up, in that order
+        stored = _q4_0_blocks(unpack_int4(fc.weight_q), fc.scales)
+        for name, rows in (
+            (f"blk.{i}.ffn_gate.weight", slice(0, fc.out_features // 2)),
+            (f"blk.{i}.ffn_up.weight", slice(fc.out_features // 2, None)),
+        ):
+            info = header.tensors[name]
+            written = data[info.offset : info.offset + _check_data(header, name)].reshape(stored[rows].shape)
+            assert info.ggml_type == GGMLQuantizationType.Q4_0 and np.array_equal(written, stored[rows]), name
+            again = gguf_quantize(fc.dequantized()[rows].numpy(), GGMLQuantizationType.Q4_0)
+            requantized += not np.array_equal(again, stored[rows])
+    assert requantized > 0  # GPTQ's grid is not llama.cpp's max / -8 everywhere: re-rounding would change it
