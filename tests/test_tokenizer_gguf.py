@@ -110,6 +110,16 @@ def test_a_model_export_with_a_byte_vocabulary_reads_back_with_the_same_ids(tmp_
 
     tok = bytes_only()
     model = GPTModel(ModelConfig(vocab_size=258, context_length=16, emb_dim=32, n_heads=2, n_layers=1))
-    back = read_gguf_tokenizer(save_gguf(model, tmp_path / "m.gguf", tok, "f32"))
+    path = save_gguf(model, tmp_path / "m.gguf", tok, "f32")
+    back = read_gguf_tokenizer(path)
     for text in TEXTS:
         assert back.encode(text, special="allow") == tok.encode(text, special="allow"), text
+    if importlib.util.find_spec("llama_cpp") is not None:  # llama.cpp loads the model file's vocabulary too
+        import llama_cpp
+
+        vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        try:
+            for text in TEXTS[:-1]:
+                assert vocab.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, special="allow")
+        finally:
+            vocab.close()

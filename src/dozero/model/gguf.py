@@ -31,7 +31,14 @@ import numpy as np
 import torch
 
 from dozero.errors import DozeroError
-from dozero.tokenizer.gguf import GGUFHeader, add_metadata, read_gguf_header, tokenizer_from_gguf, tokenizer_metadata
+from dozero.tokenizer.gguf import (
+    GGUFHeader,
+    add_metadata,
+    gguf_writer,
+    read_gguf_header,
+    tokenizer_from_gguf,
+    tokenizer_metadata,
+)
 
 # GGML type ids (ggml.h) that dozero reads; the quantized ones via gguf.quants.dequantize.
 TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
@@ -450,7 +457,7 @@ def save_gguf(model, path: str | os.PathLike, tokenizer, dtype: str = "f16", nam
     kept Q4_1) is written as it is, bit for bit (model/gguf_blocks.py); other layers are quantized here.
     GGUF's gpt2 has one GELU, the tanh one: a model with the exact GELU is written (and read back) with it.
     """
-    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+    from gguf import GGMLQuantizationType, LlamaFileType
     from gguf.quants import quantize
 
     from dozero.files import atomic_path
@@ -467,7 +474,7 @@ def save_gguf(model, path: str | os.PathLike, tokenizer, dtype: str = "f16", nam
     file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16"}.get(dtype, "MOSTLY_" + dtype.upper())
     path = Path(path)
     with atomic_path(path) as tmp:
-        writer = GGUFWriter(str(tmp), arch=arch)
+        writer = gguf_writer(tmp, arch)  # keeps an empty merges list, which llama.cpp needs
         writer.add_name(name or path.stem)
         writer.add_file_type(LlamaFileType[file_type].value)
         writer.add_quantization_version(2)
