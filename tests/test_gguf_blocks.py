@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import threading
 
 import numpy as np
 import pytest
@@ -152,3 +153,35 @@ def test_a_bad_stored_type_is_not_written_as_another(tmp_path):
     assert np.array_equal(data[info.offset : info.offset + _check_data(header, info.name)], want.reshape(-1))
     with pytest.raises(DozeroError, match="GGUF type 'q5_0' unknown"):
         save_gguf(kept, tmp_path / "x.gguf", tok, "q5_0")
+
+
+def test_the_serving_engine_runs_a_kept_model_as_generate_does(tmp_path):
+    """`dozero serve --keep-quantized`: the engine (paged KV cache, batched rows through the int4 kernel) gives
+    the kept model's greedy text of `generate`, for requests running together."""
+    from dozero.generate import GenerationConfig, generate
+    from dozero.serve.config import ServeConfig
+    from dozero.serve.engine import Engine
+
+    model, tok = perturbed(ModelConfig(**LLAMA_SHAPE)), small_tokenizer()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)  # no near-ties between greedy choices
+    kept = load_gguf_model(save_gguf(model, tmp_path / "m.gguf", tok, "q4_1"), keep_quantized=True)
+    greedy = GenerationConfig(temperature=0, max_new_tokens=12, stop_at_eot=False)
+    prompts = [" the cat", " that thing", " a"]
+    expected = [generate(kept, tok, p, config=greedy) for p in prompts]
+    engine = Engine(kept, tok, ServeConfig(kv_cache_mb=1, block_size=8))
+    try:
+        got = [None] * len(prompts)
+
+        def one(i):
+            got[i] = engine.generate_text(prompts[i], greedy)[0]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert got == expected
+    finally:
+        engine.close()

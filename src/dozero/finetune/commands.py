@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from dozero.cli_args import add_dataclass_args, apply_args
+from dozero.generate.commands import add_keep_quantized_flag
 from dozero.generate.config import GenerationConfig
 
 CHAT_DESCRIPTION = """\
@@ -38,6 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", default=None, metavar="FOLDER", help="a LoRA adapter (dozero's or PEFT's) to merge in")
     p.add_argument("--system", default="", metavar="TEXT", help="system prompt (default: none, or the template's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto)")
+    add_keep_quantized_flag(p)
     add_dataclass_args(
         p,
         GenerationConfig,
@@ -53,7 +55,8 @@ def run_chat(args) -> int:
     from dozero.runtime import pick_device
 
     config = apply_args(GenerationConfig(temperature=0.0, max_new_tokens=256), args)
-    model, tokenizer, template = load_chat_model(args.model, args.adapter, pick_device(args.device))
+    device = pick_device(args.device)
+    model, tokenizer, template = load_chat_model(args.model, args.adapter, device, args.keep_quantized)
     return repl(ChatSession(model, tokenizer, template, args.system, config))
 
 

@@ -27,16 +27,16 @@ from dozero.errors import DozeroError
 from dozero.finetune.chat import end_of_turn, render_text
 
 
-def load_chat_model(spec: str, adapter: str | None = None, device=None):
+def load_chat_model(spec: str, adapter: str | None = None, device=None, keep_quantized: bool = False):
     """(model, tokenizer, chat template) of a model folder, run folder, GGUF file or short name;
-    `adapter`: a LoRA adapter folder (dozero's or PEFT's) merged in."""
+    `adapter`: a LoRA adapter folder (dozero's or PEFT's) merged in; `keep_quantized`: see `load_model`."""
     from dozero.finetune.chat import chat_template
     from dozero.model.checkpoint import load_model, resolve_model_dir
     from dozero.tokenizer import load_tokenizer
 
     folder = resolve_model_dir(spec)
     tokenizer = load_tokenizer(folder)
-    model = load_model(folder, device=device)
+    model = load_model(folder, device=device, keep_quantized=keep_quantized)
     tokenizer.check_fits_model(model.cfg.vocab_size, f"the model in {folder}")
     if adapter:
         from dozero.finetune.lora import load_adapter, merge_lora

@@ -87,15 +87,20 @@ def register(subparsers) -> None:
         "--system", default=None, metavar="TEXT", help="with --chat: a system message before the user's (default: none)"
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
+    add_keep_quantized_flag(p)
+    add_dataclass_args(p, GenerationConfig, skip=("stop",), group_title="sampling")
+    p.set_defaults(func=run_generate)
+
+
+def add_keep_quantized_flag(p) -> None:
+    """--keep-quantized, for the commands that run a model (generate, chat, serve)."""
     p.add_argument(
         "--keep-quantized",
         action="store_true",
         help="a GGUF model: run its Q8_0/Q4_0/Q4_1 matrices as they are, with int8/int4 kernels (as llama.cpp "
-        "does: about 1/5 of the memory, twice as fast on a CPU; inputs rounded to bfloat16) instead of "
+        "does: a third of the memory, twice as fast on a CPU; inputs rounded to bfloat16) instead of "
         "dequantized to fp32 (the default, equal to Hugging Face's)",
     )
-    add_dataclass_args(p, GenerationConfig, skip=("stop",), group_title="sampling")
-    p.set_defaults(func=run_generate)
 
 
 def run_generate(args) -> int:
@@ -105,7 +110,6 @@ def run_generate(args) -> int:
     from dozero.generate.layout import use_decoding_layout
     from dozero.generate.stream import stream_batch
     from dozero.model.checkpoint import load_model, resolve_model_dir
-    from dozero.model.gguf import is_gguf
     from dozero.runtime import pick_device
     from dozero.tokenizer import load_tokenizer
 
@@ -118,8 +122,6 @@ def run_generate(args) -> int:
     device = pick_device(args.device)
     folder = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(args.tokenizer or folder)  # first: a missing tokenizer fails before the weights load
-    if args.keep_quantized and not is_gguf(folder):
-        raise DozeroError(f"--keep-quantized runs a GGUF file's own 4- and 8-bit matrices; {folder} is not a GGUF file")
     model = load_model(folder, device=device, keep_quantized=args.keep_quantized)
     tokenizer.check_fits_model(model.cfg.vocab_size, f"the model in {folder}")
     prompt, shown = args.prompt, args.prompt

@@ -201,6 +201,8 @@ def load_model(path: str | Path, device=None, dtype=None, keep_quantized: bool =
         from dozero.model.gguf import load_gguf_model
 
         return load_gguf_model(folder, keep_quantized).to(device=device, dtype=dtype).eval()
+    if keep_quantized:
+        raise DozeroError(f"--keep-quantized runs a GGUF file's own 4- and 8-bit matrices; {folder} is not a GGUF file")
     verify_checksums(folder, only=(MODEL_CONFIG_FILE, WEIGHTS_FILE))  # a damaged file is an error, not NaN logits
     raw, cfg = _read_config(folder)
     if raw.get("format") == FORMAT and SHARDED_KEY in raw:  # saved by every rank of a sharded run

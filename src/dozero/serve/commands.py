@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from dozero.cli_args import add_dataclass_args, apply_args
+from dozero.generate.commands import add_keep_quantized_flag
 from dozero.serve.config import ServeConfig
 
 DESCRIPTION = """\
@@ -44,6 +45,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model-name", default=None, help="the name clients use (default: the folder's name)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
+    add_keep_quantized_flag(p)
     add_dataclass_args(p, ServeConfig, group_title="server")
     p.set_defaults(func=run_serve)
 
@@ -95,7 +97,7 @@ def run_serve(args) -> int:
     device = pick_device(args.device)
     folder = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(args.tokenizer or folder)
-    model = load_model(folder, device=device)
+    model = load_model(folder, device=device, keep_quantized=args.keep_quantized)
     tokenizer.check_fits_model(model.cfg.vocab_size, f"the model in {folder}")
     if device.type == "cuda":
         model = model.to(torch.bfloat16) if torch.cuda.is_bf16_supported() else model.half()
