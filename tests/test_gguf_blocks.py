@@ -41,17 +41,21 @@ def test_blocks_decode_to_the_gguf_values_and_encode_back_to_the_same_bytes(kind
     assert np.array_equal(encode(blocks), raw)
 
 
-@pytest.mark.parametrize("shape", [GPT2_SHAPE, LLAMA_SHAPE], ids=["gpt2", "llama"])
+UNTIED = LLAMA_SHAPE | {"tie_weights": False}  # the head a tensor of its own (output.weight)
+
+
+@pytest.mark.parametrize("shape", [GPT2_SHAPE, LLAMA_SHAPE, UNTIED], ids=["gpt2", "llama", "llama-untied"])
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
 def test_kept_model_holds_the_files_values_and_writes_them_back_unchanged(tmp_path, shape, kind):
-    """Every matrix of a tiny model exported as `kind` is kept (4 per block, the tied embedding and head);
+    """Every matrix of a tiny model exported as `kind` is kept (4 per block, the embedding and the head);
     its values equal the fp32 import's bit for bit (Llama's query/key rows permuted back); the kernels'
     logits stay near the fp32 model's; exported again, every quantized tensor has the same bytes."""
     model, tok = perturbed(ModelConfig(**shape)), small_tokenizer()
     path = save_gguf(model, tmp_path / "m.gguf", tok, kind)
     floats, kept = load_gguf_model(path), load_gguf_model(path, keep_quantized=True)
     layers, float_layers = quantized_layers(kept), dict(floats.named_modules())
-    assert len({id(m.weight_q) for m in layers.values()}) == 4 * shape["n_layers"] + 1  # the head shares tok_emb's
+    tied = shape.get("tie_weights", True)  # a tied head shares tok_emb's tables
+    assert len({id(m.weight_q) for m in layers.values()}) == 4 * shape["n_layers"] + 1 + (not tied)
     for name, layer in layers.items():
         assert layer.bits == BITS[kind.upper()] and (layer.mins is not None) == (kind == "q4_1")
         assert torch.equal(layer.dequantized(), float_layers[name].weight), name

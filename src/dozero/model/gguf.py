@@ -272,13 +272,15 @@ def _llama_rows(w: torch.Tensor, n_heads: int, to_gguf: bool) -> torch.Tensor:
     return w.reshape(n_heads, *pairs, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def hf_state_from_gguf(h: GGUFHeader, config: dict) -> dict[str, torch.Tensor]:
-    """Every tensor under its transformers name, fp32, in transformers' layout."""
+def hf_state_from_gguf(h: GGUFHeader, config: dict, unread: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """Every tensor under its transformers name, fp32, in transformers' layout; those named in `unread` are
+    placeholders on the meta device, no memory (`load_gguf_model(keep_quantized=True)` replaces their layers)."""
     data = np.memmap(h.path, dtype=np.uint8, mode="r")
     state = {}
     for name in h.tensors:
         hf_name, transform = _to_hf(name, config)
-        state[hf_name] = transform(read_tensor(h, name, data))
+        tensor = torch.empty(h.tensors[name].shape, device="meta") if name in unread else read_tensor(h, name, data)
+        state[hf_name] = transform(tensor)
     del data
     return state
 
@@ -315,15 +317,17 @@ def load_gguf(path: str | os.PathLike):
 
 def load_gguf_model(path: str | os.PathLike, keep_quantized: bool = False):
     """The GPTModel of a GGUF file (`load_model` calls this for *.gguf). keep_quantized: run the file's Q8_0,
-    Q4_0 and Q4_1 matrices as they are (`keep_blocks`) instead of dequantized to fp32."""
-    path = resolve_gguf(path)
-    config, state, header = read_gguf(path)
-    model = model_from_hf_dicts(config, state, str(path))
-    del state
-    if keep_quantized:
-        from dozero.model.gguf_blocks import keep_blocks
+    Q4_0 and Q4_1 matrices as they are (model/gguf_blocks.py) instead of dequantized to fp32."""
+    from dozero.model.gguf_blocks import keep_blocks, kept_plan
 
-        keep_blocks(model, header, config)
+    path = resolve_gguf(path)
+    header = read_gguf_header(path)
+    config = hf_config_from_gguf(header)
+    plan = kept_plan(header, config) if keep_quantized else {}
+    unread = frozenset(name for _, names in plan.values() for name in names)
+    model = model_from_hf_dicts(config, hf_state_from_gguf(header, config, unread), str(path))
+    if plan:
+        keep_blocks(model, header, config, plan)
     return model
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from dozero.model.gguf import GPT2_BLOCK, GPT2_TOP, LLAMA_BLOCK, LLAMA_TOP, _check_data, _llama_rows
 from dozero.tokenizer.gguf import GGUFHeader
@@ -105,14 +106,26 @@ def _gguf_sources(config: dict, n_layers: int) -> dict[str, tuple[str, ...]]:
     return sources
 
 
-def keep_blocks(model, h: GGUFHeader, config: dict) -> None:
-    """Give `model` (just read from `h`) the file's own 8- and 4-bit matrices: each linear layer (and the token
-    embedding, and so a tied head) whose GGUF tensors are all Q8_0, all Q4_0 or all Q4_1 becomes a
-    `QuantizedLinear` (`QuantizedEmbedding`) holding those blocks bit for bit (model/gguf_blocks.py), run by
-    the "packed" kernels; the rest (norms, other types, GPT-2's positions) stays fp32. llama.cpp runs a file
-    this way; the values are the fp32 model's, the products round inputs and scales to bfloat16."""
+def kept_plan(h: GGUFHeader, config: dict) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """dozero module name -> (GGUF type, the GGUF tensors it stacks) for every linear layer and the token
+    embedding whose tensors are all Q8_0, all Q4_0 or all Q4_1: what `keep_blocks` keeps. GPT-2's position
+    table stays float (a few rows read per token); a tied head is the embedding's."""
+    n_layers = config.get("n_layer") or config["num_hidden_layers"]
+    plan = {}
+    for weight, names in _gguf_sources(config, n_layers).items():
+        kinds = {GGMLQuantizationType(h.tensors[n].ggml_type).name if n in h.tensors else None for n in names}
+        if weight != "pos_emb.weight" and len(kinds) == 1 and kinds <= set(BITS):
+            plan[weight.removesuffix(".weight")] = (kinds.pop(), names)
+    return plan
+
+
+def keep_blocks(model, h: GGUFHeader, config: dict, plan: dict) -> None:
+    """Give `model` (just read from `h`, the layers of `plan` as meta placeholders: `load_gguf_model`) the file's
+    own 8- and 4-bit matrices: each layer of `plan` becomes a `QuantizedLinear` (the token embedding a
+    `QuantizedEmbedding`, and so a tied head) holding those blocks bit for bit, run by the "packed" kernels;
+    the rest (norms, other types) stays fp32. llama.cpp runs a file this way; the values are the fp32
+    model's, the products round inputs and scales to bfloat16 (model/quantized.py)."""
     import torch.nn as nn
-    from gguf import GGMLQuantizationType
 
     from dozero.model.quantized import (
         QuantizedEmbedding,
@@ -124,21 +137,10 @@ def keep_blocks(model, h: GGUFHeader, config: dict) -> None:
     )
 
     data = np.memmap(h.path, dtype=np.uint8, mode="r")
-    sources = _gguf_sources(config, model.cfg.n_layers)
-    for name, module in list(model.named_modules()):
-        names = sources.get(f"{name}.weight", ())
-        kinds = {GGMLQuantizationType(h.tensors[n].ggml_type).name for n in names if n in h.tensors}
-        keep = name != "pos_emb" and not (name == "out_head" and model.cfg.tie_weights)
-        present = all(n in h.tensors for n in names)
-        if not (
-            keep and present and isinstance(module, nn.Linear | nn.Embedding) and len(kinds) == 1 and kinds <= set(BITS)
-        ):
-            continue
-        kind = kinds.pop()
+    for name, (kind, names) in plan.items():
         planes = [_kept_planes(h, data, n, kind, config) for n in names]  # per tensor: q, scales, mins
         q, scales, mins = (None if p[0] is None else torch.cat(p) for p in zip(*planes, strict=True))
-        bits = BITS[kind]
-        q = pack_int4(q) if bits == 4 else q
+        q, bits, module = pack_int4(q) if BITS[kind] == 4 else q, BITS[kind], model.get_submodule(name)
         if isinstance(module, nn.Embedding):
             set_module(model, name, QuantizedEmbedding(q, scales, bits, mins))
         else:
@@ -147,6 +149,7 @@ def keep_blocks(model, h: GGUFHeader, config: dict) -> None:
     if model.cfg.tie_weights and isinstance(model.tok_emb, QuantizedEmbedding):
         tie_quantized_head(model)
     set_kernel(model, "packed")
+    model.reset_buffers()  # RoPE's tables where the embedding now is (it was a meta placeholder)
 
 
 def _kept_planes(h: GGUFHeader, data: np.ndarray, name: str, kind: str, config: dict) -> list:

@@ -105,9 +105,14 @@ def per_row_int8(q: torch.Tensor, scales: torch.Tensor, bits: int, mins=None) ->
     dequantized weight requantized to int8 per row (one more rounding, at most half a row's int8 step)."""
     if bits == 8 and scales.shape[-1] == 1:
         return q, scales[:, 0].float()
-    w = dequantize(q, scales, bits, mins)
-    row_scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    return torch.round(w / row_scale[:, None]).clamp(-127, 127).to(torch.int8), row_scale
+    width = q.shape[1] * (2 if bits == 4 else 1)
+    q8, row_scale = torch.empty(q.shape[0], width, dtype=torch.int8), torch.empty(q.shape[0])
+    for start in range(0, q.shape[0], 4096):  # a few MB of floats at a time, not a head's 100+ MB
+        rows = slice(start, start + 4096)
+        w = dequantize(q[rows], scales[rows], bits, None if mins is None else mins[rows]).float()
+        row_scale[rows] = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q8[rows] = torch.round(w / row_scale[rows, None]).clamp(-127, 127)
+    return q8, row_scale
 
 
 def pack_for_fbgemm(q: torch.Tensor, scales: torch.Tensor, bits: int, mins, bias: torch.Tensor | None):
