@@ -151,12 +151,16 @@ def pack_for_packed(q: torch.Tensor, scales: torch.Tensor, bits: int, mins=None)
 
 def packed_mm(rows: torch.Tensor, packed: tuple, out_features: int) -> torch.Tensor:
     """rows (R, in) fp32 -> (R, out) fp32 through the weight-only bfloat16 kernels (module docstring)."""
-    x = rows.to(torch.bfloat16)
+    return packed_mm_bf16(rows.to(torch.bfloat16), packed, out_features).to(rows.dtype)
+
+
+def packed_mm_bf16(x: torch.Tensor, packed: tuple, out_features: int) -> torch.Tensor:
+    """x (R, in) bfloat16 -> (R, out) bfloat16: the kernel call alone (a planned decode step converts the
+    input into a buffer of its own and the output where it goes: generate/layout.py)."""
     if packed[0] == "int8":
-        y = torch._weight_int8pack_mm(x, packed[1], packed[2])
-    else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed[1], packed[3], packed[2])[:, :out_features]
-    return y.to(rows.dtype)
+        return torch._weight_int8pack_mm(x, packed[1], packed[2])
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed[1], packed[3], packed[2])
+    return y if y.shape[1] == out_features else y[:, :out_features]  # rows padded to whole tiles of 16
 
 
 class QuantizedLinear(nn.Module):
@@ -198,17 +202,22 @@ class QuantizedLinear(nn.Module):
         if kernel == "reference":  # dequantize, multiply in x's precision
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized().to(x.dtype), bias)
-        if self._packed is None or self._packed[0] != kernel:  # made on the first call, then kept
+        rows = x.reshape(-1, self.in_features)  # (R, in)
+        if kernel == "fbgemm":
+            y = torch.ops.quantized.linear_dynamic(rows, self.packed_weight(kernel), reduce_range())
+        else:
+            y = packed_mm(rows, self.packed_weight(kernel), self.out_features)
+            y = y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def packed_weight(self, kernel: str = "packed"):
+        """What `kernel` reads ("packed": `pack_for_packed`'s tuple, "fbgemm": its packed weight): made on the
+        first call, then kept (not saved, not copied)."""
+        if self._packed is None or self._packed[0] != kernel:
             packer = pack_for_fbgemm if kernel == "fbgemm" else pack_for_packed
             args = (self.weight_q, self.scales, self.bits, self.mins) + ((self.bias,) if kernel == "fbgemm" else ())
             self._packed = (kernel, packer(*args))
-        rows = x.reshape(-1, self.in_features)  # (R, in)
-        if kernel == "fbgemm":
-            y = torch.ops.quantized.linear_dynamic(rows, self._packed[1], reduce_range())
-        else:
-            y = packed_mm(rows, self._packed[1], self.out_features)
-            y = y if self.bias is None else y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return self._packed[1]
 
     def __deepcopy__(self, memo):
         mins = None if self.mins is None else self.mins.clone()
