@@ -155,13 +155,17 @@ def keep_blocks(model, h: GGUFHeader, config: dict, plan: dict) -> None:
 def _kept_planes(h: GGUFHeader, data: np.ndarray, name: str, kind: str, config: dict) -> list:
     """[q, scales, mins or None] of GGUF tensor `name`, rows in dozero's order: Llama's query and key rows
     permuted back as the float import does (`_to_hf`); GGUF's (out, in) is already dozero's layout."""
-    info = h.tensors[name]
+    info, heads = h.tensors[name], _permuted_heads(name, config)
     blocks = decode(np.asarray(data[info.offset : info.offset + _check_data(h, name)]), kind, info.shape)
     planes = [blocks.q, blocks.scales, blocks.mins]
-    if config["model_type"] == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-        heads = config["num_attention_heads" if name.endswith("attn_q.weight") else "num_key_value_heads"]
-        planes = [None if p is None else _llama_rows(p, heads, False) for p in planes]
-    return planes
+    return planes if heads is None else [None if p is None else _llama_rows(p, heads, False) for p in planes]
+
+
+def _permuted_heads(name: str, config: dict) -> int | None:
+    """The head count of a Llama query or key matrix, whose rows llama.cpp stores permuted; else None."""
+    if config["model_type"] != "llama" or not name.endswith(("attn_q.weight", "attn_k.weight")):
+        return None
+    return config["num_attention_heads" if name.endswith("attn_q.weight") else "num_key_value_heads"]
 
 
 def stored_blocks(model, config: dict, shapes: dict[str, tuple]) -> dict[str, Blocks]:
@@ -174,21 +178,18 @@ def stored_blocks(model, config: dict, shapes: dict[str, tuple]) -> dict[str, Bl
     sources, found = _gguf_sources(config, model.cfg.n_layers), {}
     for name, module in model.named_modules():
         names = [n for n in sources.get(f"{name}.weight", ()) if n in shapes]  # a tied head: none
-        width = module.weight_q.shape[1] * (2 if module.bits == 4 else 1) if hasattr(module, "weight_q") else 0
-        if (
-            not (isinstance(module, QuantizedLinear | QuantizedEmbedding) and names)
-            or module.scales.shape[1] * BLOCK != width
-        ):
+        if not (isinstance(module, QuantizedLinear | QuantizedEmbedding) and names):
             continue
+        q = unpack_int4(module.weight_q) if module.bits == 4 else module.weight_q
+        if module.scales.shape[1] * BLOCK != q.shape[1]:
+            continue  # groups other than 32: no llama.cpp block holds them
         kind = "Q8_0" if module.bits == 8 else "Q4_0" if module.mins is None else "Q4_1"
-        planes = [unpack_int4(module.weight_q) if module.bits == 4 else module.weight_q, module.scales, module.mins]
         start = 0
         for n in names:
-            rows = shapes[n][0]
-            part = [None if p is None else p[start : start + rows] for p in planes]
-            start += rows
-            if config["model_type"] == "llama" and n.endswith(("attn_q.weight", "attn_k.weight")):
-                heads = config["num_attention_heads" if n.endswith("attn_q.weight") else "num_key_value_heads"]
+            rows, heads = slice(start, start + shapes[n][0]), _permuted_heads(n, config)
+            start = rows.stop
+            part = [None if p is None else p[rows] for p in (q, module.scales, module.mins)]
+            if heads is not None:
                 part = [None if p is None else _llama_rows(p, heads, True) for p in part]
             found[n] = Blocks(kind, *(None if p is None else p.contiguous() for p in part))
     return found
