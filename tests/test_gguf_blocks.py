@@ -214,3 +214,25 @@ def test_a_kept_model_decodes_through_the_planned_step(tmp_path):
     torch.testing.assert_close(logits["step"], logits["model"], atol=1e-4, rtol=0)
     config = GenerationConfig(temperature=0.0, max_new_tokens=8, stop_at_eot=False)
     assert generate_ids(fast, [[3, 1, 4]], config) == generate_ids(kept, [[3, 1, 4]], config)
+
+
+def test_eval_keep_quantized_scores_the_kept_model(tmp_path):
+    """`dozero eval --keep-quantized`: the perplexity of the file as llama.cpp runs it (the kept model's,
+    computed the same way), not the fp32 import's."""
+    import json
+
+    from dozero.cli import main
+    from dozero.evaluate.perplexity import evaluate_text
+
+    model, tok = perturbed(ModelConfig(**LLAMA_SHAPE)), small_tokenizer()
+    path = save_gguf(model, tmp_path / "m.gguf", tok, "q4_1")
+    flags = ["--text", "tinyshakespeare", "--max-text-tokens", "256"]
+    assert main(["eval", "--model", str(path), "--keep-quantized", *flags, "--out", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    got = next(m["score"] for r in report["results"] for k, m in r["metrics"].items() if k == "perplexity")
+
+    def perplexity(m):
+        return evaluate_text(m, tok, "tinyshakespeare", max_tokens=256)["metrics"]["perplexity"]["score"]
+
+    assert got == pytest.approx(perplexity(load_gguf_model(path, keep_quantized=True)), rel=1e-6)
+    assert got != pytest.approx(perplexity(load_gguf_model(path)), rel=1e-6)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from dozero.cli_args import add_dataclass_args, apply_args
+from dozero.generate.commands import add_keep_quantized_flag
 
 DESCRIPTION = """\
 Score a model on benchmarks (multiple choice by log-likelihood, as lm-evaluation-harness does),
@@ -59,6 +60,7 @@ def register(subparsers) -> None:
         "--out", metavar="FILE.json", help="where to write the report (default: RUN/eval/NAME.json, else ./eval/)"
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
+    add_keep_quantized_flag(p)
     p.add_argument(
         "--compare", nargs="+", metavar="REPORT.json", help="print reports side by side instead of evaluating"
     )
@@ -111,7 +113,7 @@ def run_eval(args) -> int:
         task_list(config.tasks)  # an unknown task or a bad .jsonl fails before the model loads
     folder = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(args.tokenizer or folder)
-    model = load_model(folder, device=pick_device(args.device))
+    model = load_model(folder, device=pick_device(args.device), keep_quantized=args.keep_quantized)
     tokenizer.check_fits_model(model.cfg.vocab_size, f"the model in {folder}")
     report = evaluate_model(model, tokenizer, config, text=args.text, max_text_tokens=args.max_text_tokens)
     report["model"] = str(folder)

@@ -93,7 +93,7 @@ def register(subparsers) -> None:
 
 
 def add_keep_quantized_flag(p) -> None:
-    """--keep-quantized, for the commands that run a model (generate, chat, serve)."""
+    """--keep-quantized, for the commands that run a model (generate, chat, serve, eval)."""
     p.add_argument(
         "--keep-quantized",
         action="store_true",
