@@ -476,3 +476,24 @@ def test_the_fast_preset_trains_the_course_model_with_muon():
     assert make_optimizer(GPTModel(get_model_config(fast.model)), fast, torch.device("cpu")).__class__.__name__ == (
         "MuonAdamW"
     )
+
+
+def test_a_resume_takes_its_own_betas_and_weight_decay(tmp_path):
+    """`dozero train --resume RUN --beta2 0.5 --weight-decay 0.3`: the optimizer continues from the saved
+    moments with the new settings (train_config.json records them); the checkpoint's own groups used to
+    put back the old ones (0.99 and 0.1) silently."""
+    from dozero.model.checkpoint import load_model
+    from dozero.train.checkpoint import load_trainer_state
+    from dozero.train.optimizer_files import optimizer_to_files
+
+    cfg = tiny_config(tmp_path, stop_after=3)
+    train(cfg, TINY_SHAPE, quiet=True)
+    latest = tmp_path / "run" / "latest"
+    model = load_model(latest).train()
+    changed = dataclasses.replace(cfg, beta2=0.5, weight_decay=0.3)
+    optimizer = make_optimizer(model, changed, torch.device("cpu"))
+    load_trainer_state(latest, optimizer, model)
+    assert [tuple(g["betas"]) for g in optimizer.param_groups] == [(cfg.beta1, 0.5)] * 2
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.3, 0.0]
+    moments, _ = optimizer_to_files(optimizer)  # the saved moments (a fresh optimizer has none)
+    assert moments and all(v.abs().sum() > 0 for k, v in moments.items() if k.endswith("exp_avg"))

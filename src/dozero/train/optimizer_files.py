@@ -53,9 +53,13 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict, groups
     names = {frozenset(s) for s in state.values()}
     if state and (len(state) != len(params) or len(names) != 1):
         raise DozeroError(f"{where}: the optimizer state covers {len(state)} of {len(params)} parameters unevenly")
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
+    # The settings are this run's (its train_config.json), not the checkpoint's: load_state_dict would put
+    # back the saved betas and weight decay, silently undoing a resume's --beta2 or --weight-decay. (Unchanged
+    # flags give the same values: an exact resume stays exact. The schedule sets lr every step.)
+    groups = [
+        {**saved, **{k: v for k, v in own.items() if k != "params"}}
+        for saved, own in zip(groups, optimizer.param_groups, strict=True)
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
