@@ -194,7 +194,6 @@ def quantize_base(model, kind: str):
 
 
 def _setup(ft: FinetuneConfig, cfg: TrainConfig, resume, device, quiet: bool):
-
     from dozero.files import write_json
     from dozero.train.corpus import Corpus
     from dozero.train.loop import Run, TrainResult
