@@ -167,19 +167,20 @@ def decode_benchmark(new_tokens: int, repeats: int, threads: int, compile_step: 
         )
 
 
-def breakdown(steps: int = 32) -> None:
-    """Where one decoded token's time goes, in dozero as `dozero generate` runs it: the decode step, the
-    30 layers' matrix products alone, the output head alone, and the rest (norms, RoPE, attention, and
-    the Python and dispatcher time of its tensor calls: 1,515 before the planned step `OneTokenStep`,
-    672 with it; what a compiled step can remove). The matrices are read out of cache as in decoding;
-    the memory-bandwidth floor is the fp32 weights' bytes at the speed of `sum()` over 512 MB."""
+def breakdown(keep: bool, steps: int = 32) -> None:
+    """Where one decoded token's time goes, in dozero as `dozero generate` runs it (keep: with
+    --keep-quantized): the decode step, the 30 layers' matrix products alone (each a module call), the
+    output head alone, and the rest (norms, RoPE, attention, and the Python and dispatcher time of its
+    tensor calls: fp32 1,515 before the planned step `OneTokenStep`, 672 with it; what a compiled step
+    can remove). The matrices are read out of cache as in decoding; the memory-bandwidth floor is the
+    weights' bytes (each stored table once) at the speed of `sum()` over 512 MB."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from dozero.generate.engine import BatchState
     from dozero.generate.layout import use_decoding_layout
     from dozero.model.checkpoint import load_model
 
-    model = load_model(NAME).eval()
+    model = load_model(NAME, keep_quantized=keep).eval()
     use_decoding_layout(model)
     ids, _ = prompt_ids()
     linears = [m for b in model.trf_blocks for m in (b.att.qkv, b.att.out_proj, b.ff.fc, b.ff.proj)]
@@ -212,8 +213,10 @@ def breakdown(steps: int = 32) -> None:
         blocks = median_ms(lambda: [m(x) for m, x in zip(linears, inputs, strict=True)])
         head = median_ms(lambda: model.out_head(head_input))
         bandwidth = big.numel() * 4 / median_ms(big.sum, 5) / 1e6  # GB/s
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9  # GB, the tied head once
+    tables = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}  # tied: once
+    weights = sum(tables.values()) / 1e9  # GB
     print(
+        f"{'--keep-quantized' if keep else 'fp32'}: "
         f"one decode step {step:.1f} ms ({1e3 / step:.1f} tokens/s, {len(calls)} tensor calls): the layers' 120 "
         f"matrix products {blocks:.1f} ms, the head {head:.1f} ms, the rest {step - blocks - head:.1f} ms; memory "
         f"{bandwidth:.1f} GB/s, so reading the {weights * 1e3:.0f} MB of weights takes at least "
@@ -251,7 +254,8 @@ def main() -> None:
                 flush=True,
             )
     if args.breakdown:
-        breakdown()
+        breakdown(keep=False)
+        breakdown(keep=True)
     decode_benchmark(args.new_tokens, args.repeats, threads, args.compile)
 
 
