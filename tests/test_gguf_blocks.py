@@ -194,26 +194,14 @@ def test_the_serving_engine_runs_a_kept_model_as_generate_does(tmp_path):
 def test_a_kept_model_decodes_through_the_planned_step(tmp_path):
     """`dozero generate --keep-quantized` on a CPU: the planned one-token step (generate/layout.py) calls the
     int4 kernel on its own bfloat16 row; logits within 1e-4 of the model's own forward, same greedy tokens."""
-    from dozero.generate import GenerationConfig
-    from dozero.generate.engine import BatchState, generate_ids
     from dozero.generate.layout import use_decoding_layout
+    from test_layout import assert_step_equals_forward
 
     model, tok = perturbed(ModelConfig(**LLAMA_SHAPE)), small_tokenizer()
     path = save_gguf(model, tmp_path / "m.gguf", tok, "q4_1")
     kept, fast = load_gguf_model(path, keep_quantized=True), load_gguf_model(path, keep_quantized=True)
     use_decoding_layout(fast)
-    new = torch.randint(0, 261, (8,), generator=torch.Generator().manual_seed(1))
-    logits = {}
-    with torch.inference_mode():
-        for name, m in (("model", kept), ("step", fast)):
-            state = BatchState(m, [[5, 6, 7]], cache_len=3 + 8)
-            assert (state.one_token is not None) == (name == "step")
-            steps = [state.prefill()] + [state.decode_one_token(new[i : i + 1]) for i in range(8)]
-            logits[name] = torch.stack(steps)
-            m.clear_kv_cache()
-    torch.testing.assert_close(logits["step"], logits["model"], atol=1e-4, rtol=0)
-    config = GenerationConfig(temperature=0.0, max_new_tokens=8, stop_at_eot=False)
-    assert generate_ids(fast, [[3, 1, 4]], config) == generate_ids(kept, [[3, 1, 4]], config)
+    assert_step_equals_forward(kept, fast)
 
 
 def test_eval_keep_quantized_scores_the_kept_model(tmp_path):
