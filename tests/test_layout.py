@@ -109,10 +109,11 @@ def test_a_decoded_token_costs_few_tensor_calls(options, per_layer, per_token):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_layers_run_their_kernel_inside_the_step(bits):
-    """A quantized model (int8 per row, int4 in groups of 32; the "packed" bfloat16 kernels) decodes through
-    the planned step, each product through the layer's own kernel: logits within 1e-4 of the model's own
-    forward (the step's norm and RoPE round differently in the last fp32 bit, which can move an input's
-    bfloat16 rounding), and the same greedy tokens."""
+    """A quantized model (int8 per row, int4 in groups of 32; the "packed" kernels) decodes through the
+    planned step, each product through the layer's own kernel: logits within 1e-4 of the largest one of the
+    model's own forward (the step's norm and RoPE round differently in the last fp32 bit, which can move an
+    input's rounding by a step: bfloat16's, or the 16-bit integers of dozero's int8 kernel), and the same
+    greedy tokens."""
     from dozero.compress.quantize import QuantizeConfig, quantize
 
     model = quantize(tiny(LLAMA_GQA, weight_scale=5.0), QuantizeConfig(bits=bits, group_size=32 if bits == 4 else 0))
@@ -121,7 +122,7 @@ def test_quantized_layers_run_their_kernel_inside_the_step(bits):
 
 def assert_step_equals_forward(model, fast) -> None:
     """`fast` (laid out for decoding) decodes 8 tokens through the planned step, `model` through its forward:
-    logits within 1e-4, and the same greedy tokens."""
+    logits within 1e-4 of the largest (at least 1e-4), and the same greedy tokens."""
     new = torch.randint(0, min(97, model.cfg.vocab_size), (8,), generator=torch.Generator().manual_seed(1))
     logits = {}
     with torch.inference_mode():
@@ -131,7 +132,8 @@ def assert_step_equals_forward(model, fast) -> None:
             steps = [state.prefill()] + [state.decode_one_token(new[i : i + 1]) for i in range(8)]
             logits[name] = torch.stack(steps)
             m.clear_kv_cache()
-    torch.testing.assert_close(logits["step"], logits["model"], atol=1e-4, rtol=0)
+    scale = max(1.0, logits["model"].abs().max().item())
+    torch.testing.assert_close(logits["step"], logits["model"], atol=1e-4 * scale, rtol=0)
     config = GenerationConfig(temperature=0.0, max_new_tokens=8, stop_at_eot=False)
     assert generate_ids(fast, [[3, 1, 4]], config) == generate_ids(model, [[3, 1, 4]], config)
 

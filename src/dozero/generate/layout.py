@@ -338,6 +338,8 @@ class RowProduct:
         if self.packed:
             self.h_bf16 = torch.empty(1, linear.in_features, dtype=torch.bfloat16)
             self.weights = linear.packed_weight()
+            self.int8_row = self.weights[3] if self.weights[0] == "int8" else None  # dozero's kernel, or None
+            self.y = torch.empty(1, linear.out_features)  # where it writes
         if not self.quantized:
             self.slices = split_columns(linear.weight, self.splits)
             self.column_bias = column_bias(linear, self.splits)
@@ -345,17 +347,20 @@ class RowProduct:
                 self.h_in, self.x_out = h.view(1, 1, -1).expand(self.splits, 1, -1), x.view(self.splits, 1, -1)
 
     def product(self, h: torch.Tensor) -> torch.Tensor:
-        """h (1, K) W^T + b: the quantized layer's (1, N), bfloat16 from the packed kernel."""
+        """h (1, K) W^T + b: the quantized layer's (1, N), bfloat16 from PyTorch's packed kernels."""
         if not self.packed:
             return self.linear(h)
-        self.h_bf16.copy_(h)
-        y = packed_mm_bf16(self.h_bf16, self.weights, self.linear.out_features)
+        if self.int8_row is not None:  # reads the float row itself (model/native.py)
+            y = self.int8_row(h, self.y)
+        else:
+            self.h_bf16.copy_(h)
+            y = packed_mm_bf16(self.h_bf16, self.weights, self.linear.out_features)
         return y if self.bias is None else y + self.bias
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """h (1, K) W^T + b, a new (1, N) tensor (the output head's logits)."""
         if self.quantized:
-            return self.product(h).to(h.dtype)
+            return self.product(h).to(h.dtype, copy=True)  # not `self.y`, which the next call overwrites
         y = torch.bmm(h.expand(self.splits, 1, -1), self.slices).view(1, -1)
         return y if self.bias is None else y + self.bias
 
