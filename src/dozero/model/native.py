@@ -72,7 +72,9 @@ def library():
         lib = ctypes.CDLL(str(build(compiler)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
-        warnings.warn(f"dozero's int8 kernel did not build ({detail[-1] if detail else e}); using PyTorch's", stacklevel=2)
+        warnings.warn(
+            f"dozero's int8 kernel did not build ({detail[-1] if detail else e}); using PyTorch's", stacklevel=2
+        )
         return None
     fn = lib.int8_gemv
     fn.restype = None
@@ -97,7 +99,13 @@ class Int8RowProduct:
         self.scratch = torch.empty(2, self.K, dtype=torch.uint8)
         self.row = torch.empty(self.K)  # a copy of an input row that is not float32 and contiguous
         self.tensors = q, rowsum, scale = q.contiguous(), rowsum, scale.float().contiguous()
-        self.fixed = (self.scratch[0].data_ptr(), self.scratch[1].data_ptr(), q.data_ptr(), rowsum.data_ptr(), scale.data_ptr())
+        self.fixed = (
+            self.scratch[0].data_ptr(),
+            self.scratch[1].data_ptr(),
+            q.data_ptr(),
+            rowsum.data_ptr(),
+            scale.data_ptr(),
+        )
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x (1, K) -> (1, N) float32, in `out` (float32, contiguous, N values) when given."""
@@ -106,6 +114,8 @@ class Int8RowProduct:
         if out is None:
             out = torch.empty(1, self.N)
         elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != self.N:
-            raise ValueError(f"int8_gemv: out must be {self.N} contiguous float32 values, got {tuple(out.shape)} {out.dtype}")
+            raise ValueError(
+                f"int8_gemv: out must be {self.N} contiguous float32 values, got {tuple(out.shape)} {out.dtype}"
+            )
         library()(x.data_ptr(), self.K, *self.fixed, out.data_ptr(), self.N, torch.get_num_threads())
         return out
