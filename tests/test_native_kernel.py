@@ -1,5 +1,5 @@
-"""dozero's own int8 kernel (model/int8_gemv.c, built and loaded by model/native.py): one input row times an
-int8 matrix, checked against float64 arithmetic, inside the quantized layers, and its build's fallbacks."""
+"""dozero's own kernels (model/gemv.c, built and loaded by model/native.py): one input row times an int8 or
+int4 matrix, checked against float64 arithmetic, inside the quantized layers, and their build's fallbacks."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 
 from dozero.compress.quantize import quantize_weight
 from dozero.model import native
-from dozero.model.native import Int8RowProduct, int8_gemv_available
-from dozero.model.quantized import QuantizedLinear
+from dozero.model.native import Int4RowProduct, Int8RowProduct, native_available
+from dozero.model.quantized import QuantizedLinear, dequantize
 
-needs_kernel = pytest.mark.skipif(not int8_gemv_available(), reason="needs AVX-512 VNNI and a C compiler")
+needs_kernel = pytest.mark.skipif(not native_available(), reason="needs AVX-512 VNNI and a C compiler")
 
 
 def exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -55,6 +55,56 @@ def test_one_row_matches_float64_within_the_input_rounding(n, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    "n, k, group, mins",
+    [
+        (2304, 768, 32, False),
+        (7, 128, 32, True),
+        (5, 576, 64, False),
+        (9, 3072, 128, True),
+        (3, 64, 32, False),
+        (6, 512, 256, False),
+    ],
+    ids=lambda v: str(v),
+)
+def test_int4_one_row_matches_float64_within_the_input_rounding(n, k, group, mins):
+    """int4 in groups (32: two groups per 64 columns; 64 and more), GGUF Q4_1's mins or none, rows ending in
+    half a 128-column chunk (K = 576, SmolLM2's width), N not a multiple of 4. The kernel rounds x to 15-bit
+    integers (rows ending in a quarter chunk too: K = 96, 160); the sums it multiplies the zero points by
+    are of the rounded x, so the error is bounded by
+    |W| (not by the unsigned nibbles' larger scale * u)."""
+    from dozero.compress.quantize import quantize_weight
+
+    g = torch.Generator().manual_seed(n + k + group)
+    q, scales = quantize_weight(torch.randn(n, k, generator=g) * 0.05, 4, group)
+    m = (torch.randn(n, k // group, generator=g) * 0.01).half() if mins else None
+    w = dequantize(q, scales, 4, m).double()
+    assert Int4RowProduct.fits(k, group, scales, m)
+    product = Int4RowProduct(q, scales, m, group)
+    for outlier in (None, 20.0):
+        x = torch.randn(1, k, generator=g)
+        if outlier is not None:
+            x[0, 3] = outlier
+        y = product(x)
+        exact_y = x.double() @ w.t()
+        err = (y.double() - exact_y).abs()[0]
+        bound = w.abs().sum(1) * (x.abs().max().double() / 16383) / 2 + 1e-5 * exact_y.abs()[0]
+        assert (err <= bound).all(), (err / bound).max()
+        if outlier is None:
+            bf16_err = (x.bfloat16().double() @ w.t() - exact_y).abs().max()
+            assert err.max() < bf16_err / 5
+
+
+def test_int4_takes_only_what_the_kernel_reads():
+    fp16, fp32 = torch.ones(2, 2, dtype=torch.float16), torch.ones(2, 2)
+    takes = native_available()
+    assert Int4RowProduct.fits(576, 32, fp16, None) == takes and Int4RowProduct.fits(512, 128, fp16, fp16) == takes
+    assert not Int4RowProduct.fits(80, 16, fp16, None)  # not whole 32-column blocks
+    assert not Int4RowProduct.fits(576, 48, fp16, None)  # a group neither 32 nor 64k
+    assert not Int4RowProduct.fits(576, 32, fp32, None) and not Int4RowProduct.fits(576, 32, fp16, fp32)
+
+
+@needs_kernel
 def test_zero_rows_inputs_in_other_layouts_and_a_given_output():
     q = torch.randint(-128, 128, (6, 70), dtype=torch.int8)
     product = Int8RowProduct(q, torch.ones(6))
@@ -66,29 +116,35 @@ def test_zero_rows_inputs_in_other_layouts_and_a_given_output():
     assert product(x[None], out) is out and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="6 contiguous float32"):
         product(x[None], torch.empty(1, 5))
-    with pytest.raises(RuntimeError):  # a row of another width is refused, never read past
+    with pytest.raises(ValueError, match="1 to 8 rows of 70"):  # another width, or too many rows: never read past
         product(torch.randn(1, 71))
+    with pytest.raises(ValueError, match="1 to 8 rows of 70"):
+        product(torch.randn(9, 70))
+    rows = torch.randn(8, 70)  # each row as if it were alone, bit for bit
+    assert torch.equal(product(rows), torch.cat([product(r[None]) for r in rows]))
 
 
 @needs_kernel
-def test_quantized_layer_one_row_takes_it_and_equals_the_reference_path():
-    """An int8 "packed" layer's one-row call goes through dozero's kernel; several rows through PyTorch's
-    bfloat16 kernel. Against the reference path (dequantize, then F.linear in fp32): the kernel is within
-    its input rounding, PyTorch's kernel within bfloat16's, and farther."""
+@pytest.mark.parametrize("bits, mins", [(8, False), (4, False), (4, True)])
+def test_quantized_layer_one_row_takes_it_and_equals_the_reference_path(bits, mins):
+    """A "packed" layer's call with up to 8 rows (int8 per row; int4 in groups of 32, with GGUF Q4_1's mins or
+    none) goes through dozero's kernel, each row as if alone; 9 rows through PyTorch's bfloat16 kernel.
+    Against the reference path (dequantize, then F.linear in fp32), dozero's is the closer."""
     torch.manual_seed(0)
-    q, scales = quantize_weight(torch.randn(96, 256) * 0.05, bits=8, group=256)
-    layer = QuantizedLinear(q, scales, torch.randn(96), bits=8)
+    q, scales = quantize_weight(torch.randn(96, 256) * 0.05, bits=bits, group=256 if bits == 8 else 32)
+    m = (torch.randn(96, 8) * 0.01).half() if mins else None
+    layer = QuantizedLinear(q, scales, torch.randn(96), bits=bits, mins=m)
     layer.kernel = "packed"
-    x = torch.randn(3, 256)
+    x = torch.randn(9, 256)
     with torch.no_grad():
         reference = torch.nn.functional.linear(x, layer.dequantized(), layer.bias)
         one, several = layer(x[:1]), layer(x)
-    one_row = layer.packed_weight()[3]
-    assert isinstance(one_row, Int8RowProduct)
-    bound = rounding_bound(x[:1], one_row.tensors[0], one_row.tensors[2])[0].float()
+        assert torch.equal(layer(x[:8]), torch.cat([layer(r[None]) for r in x[:8]]))
+    assert isinstance(layer.packed_weight()[-1], Int8RowProduct if bits == 8 else Int4RowProduct)
+    bound = layer.dequantized().abs().sum(1) * x[:1].abs().max() / (16383 if bits == 4 else 32767)
     assert ((one - reference[:1]).abs()[0] <= bound + 1e-5).all()
     torch.testing.assert_close(several, reference, atol=0.05, rtol=0.02)
-    assert (several[:1] - reference[:1]).abs().max() > 10 * (one - reference[:1]).abs().max()
+    assert (several[:1] - reference[:1]).abs().max() > 5 * (one - reference[:1]).abs().max()
 
 
 def test_unavailable_without_the_cpu_a_compiler_or_when_asked(monkeypatch, tmp_path):
@@ -103,7 +159,7 @@ def test_unavailable_without_the_cpu_a_compiler_or_when_asked(monkeypatch, tmp_p
         native.library.cache_clear()
         monkeypatch.setattr(native, "cpu_flags", lambda: {"avx2", "fma"})
         assert native.library() is None
-        monkeypatch.setattr(native, "cpu_flags", lambda: {"avx512_vnni", "avx512bw"})
+        monkeypatch.setattr(native, "cpu_flags", lambda: {"avx512_vnni", "avx512bw", "f16c"})
         native.library.cache_clear()
         monkeypatch.setenv("CC", "no-such-compiler-here")
         assert native.library() is None
@@ -123,7 +179,7 @@ def test_built_once_into_the_cache_and_reused(monkeypatch, tmp_path):
         native.library.cache_clear()
         assert native.library() is not None
         built = list((tmp_path / "dozero").iterdir())
-        assert len(built) == 1 and built[0].name.startswith("int8_gemv-") and built[0].suffix == ".so"
+        assert len(built) == 1 and built[0].name.startswith("gemv-") and built[0].suffix == ".so"
         stamp = built[0].stat().st_mtime_ns
         native.library.cache_clear()
         with warnings.catch_warnings():

@@ -338,7 +338,7 @@ class RowProduct:
         if self.packed:
             self.h_bf16 = torch.empty(1, linear.in_features, dtype=torch.bfloat16)
             self.weights = linear.packed_weight()
-            self.int8_row = self.weights[3] if self.weights[0] == "int8" else None  # dozero's kernel, or None
+            self.one_row = self.weights[-1]  # dozero's own kernel (model/native.py), or None
             self.y = torch.empty(1, linear.out_features)  # where it writes
         if not self.quantized:
             self.slices = split_columns(linear.weight, self.splits)
@@ -350,8 +350,8 @@ class RowProduct:
         """h (1, K) W^T + b: the quantized layer's (1, N), bfloat16 from PyTorch's packed kernels."""
         if not self.packed:
             return self.linear(h)
-        if self.int8_row is not None:  # reads the float row itself (model/native.py)
-            y = self.int8_row(h, self.y)
+        if self.one_row is not None:  # reads the float row itself
+            y = self.one_row(h, self.y)
         else:
             self.h_bf16.copy_(h)
             y = packed_mm_bf16(self.h_bf16, self.weights, self.linear.out_features)

@@ -1,14 +1,16 @@
-"""dozero's one native kernel, `int8_gemv.c`: an int8 matrix times one input row at the memory's speed.
+"""dozero's native kernels, `gemv.c`: an int8 or int4 matrix times a few input rows at the memory's speed.
 
-It is compiled on first use with the system's C compiler (`$CC`, else `cc`), into
+The source is compiled on first use with the system's C compiler (`$CC`, else `cc`), into
 `$XDG_CACHE_HOME/dozero/` (default `~/.cache/dozero/`) under a name that changes with the source, the
 compiler and its flags, and loaded with ctypes. It needs a CPU with AVX-512 VNNI (the source says why);
-anywhere else, when no compiler works, or with `DOZERO_NATIVE=0`, `int8_gemv_available()` is False and
-quantized layers use PyTorch's kernel (model/quantized.py). A failed build warns once, with the
-compiler's message, and decoding goes on with PyTorch's kernel.
+anywhere else, when no compiler works, or with `DOZERO_NATIVE=0`, `native_available()` is False and
+quantized layers use PyTorch's kernels (model/quantized.py). A failed build warns once, with the
+compiler's message, and decoding goes on with PyTorch's kernels.
 
 The library's OpenMP calls resolve to the libgomp that PyTorch has already loaded (same soname), so its
-threads are PyTorch's and `torch.set_num_threads` applies.
+threads are PyTorch's and `torch.set_num_threads` applies. A product object keeps its scratch memory
+(made once: building a call's arguments cost ~19 us, more than the kernel takes on SmolLM2's smallest
+matrix, and SmolLM2 makes 121 products a token), so one object serves one thread at a time.
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("int8_gemv.c")
+SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+P, LONG, INT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+SIGNATURES = {  # (x, M, K, ...) as in gemv.c
+    "int8_gemv": [P, LONG, LONG, P, P, P, P, P, P, LONG, INT],
+    "int4_gemv": [P, LONG, LONG, LONG, P, P, P, P, P, P, LONG, INT],
+}
 
 
 def cpu_flags() -> set[str]:
@@ -50,7 +57,7 @@ def build(compiler: str) -> Path:
     Written beside its final name and renamed, so a killed build never leaves a half library."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"int8_gemv-{key}.so"
+    target = cache_dir() / f"gemv-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -62,8 +69,8 @@ def build(compiler: str) -> Path:
 
 @functools.cache
 def library():
-    """The loaded kernel, or None where it cannot run (module docstring)."""
-    if os.environ.get("DOZERO_NATIVE", "1") == "0" or not {"avx512_vnni", "avx512bw"} <= cpu_flags():
+    """The loaded library (its functions typed), or None where it cannot run (module docstring)."""
+    if os.environ.get("DOZERO_NATIVE", "1") == "0" or not {"avx512_vnni", "avx512bw", "f16c"} <= cpu_flags():
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
@@ -72,50 +79,80 @@ def library():
         lib = ctypes.CDLL(str(build(compiler)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
-        warnings.warn(
-            f"dozero's int8 kernel did not build ({detail[-1] if detail else e}); using PyTorch's", stacklevel=2
-        )
+        reason = detail[-1] if detail else e
+        warnings.warn(f"dozero's int8/int4 kernels did not build ({reason}); using PyTorch's", stacklevel=2)
         return None
-    fn = lib.int8_gemv
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_long, *[ctypes.c_void_p] * 6, ctypes.c_long, ctypes.c_int]
-    return fn
+    for name, argtypes in SIGNATURES.items():
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = argtypes
+    return lib
 
 
-def int8_gemv_available() -> bool:
+def native_available() -> bool:
     return library() is not None
 
 
-class Int8RowProduct:
-    """One int8 layer's product with one input row through `int8_gemv.c`: x (1, K) W^T with
-    W[n] = scale[n] * q[n]. Its arguments are made once: building them per call cost ~19 us, more than the
-    kernel takes on SmolLM2's smallest matrix (~13 us), and SmolLM2 makes 121 such products a token.
-    `int8_gemv_available()` first."""
+class NativeRowProduct:
+    """x (M, K) W^T for one quantized layer and a few input rows (M <= MAX_ROWS: decoding), through a function
+    of `gemv.c` whose arguments are made once: `fixed` holds what comes between the input (x, M, K) and the
+    output (y, N). Each row is computed as it would be alone, so a row's result never depends on the batch."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
-        """q (N, K) int8, scale (N,) float32, on the CPU; kept alive here (the kernel reads their memory)."""
-        self.N, self.K = q.shape
-        rowsum = q.sum(1, dtype=torch.int32)
-        self.scratch = torch.empty(2, self.K, dtype=torch.uint8)
-        self.row = torch.empty(self.K)  # a copy of an input row that is not float32 and contiguous
-        self.tensors = q, rowsum, scale = q.contiguous(), rowsum, scale.float().contiguous()
-        self.fixed = (
-            self.scratch[0].data_ptr(),
-            self.scratch[1].data_ptr(),
-            q.data_ptr(),
-            rowsum.data_ptr(),
-            scale.data_ptr(),
-        )
+    function = ""
+    MAX_ROWS = 8  # more rows (a prompt) go to PyTorch's kernels, which share each weight between them
+
+    def __init__(self, N: int, K: int, fixed: tuple, tensors: tuple):
+        self.N, self.K, self.fixed = N, K, fixed
+        self.tensors = tensors  # kept alive: the kernel reads their memory
+        self.rows = torch.empty(self.MAX_ROWS, K)  # a copy of input rows that are not float32 and contiguous
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x (1, K) -> (1, N) float32, in `out` (float32, contiguous, N values) when given."""
-        if x.dtype != torch.float32 or not x.is_contiguous() or x.numel() != self.K:
-            x = self.row.copy_(x.reshape(self.K))
+        """x (M, K) -> (M, N) float32, in `out` (float32, contiguous, M N values) when given."""
+        M = x.numel() // self.K
+        if not 0 < M <= self.MAX_ROWS or x.numel() != M * self.K:
+            raise ValueError(f"expected 1 to {self.MAX_ROWS} rows of {self.K} values, got {tuple(x.shape)}")
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = self.rows[:M].copy_(x.reshape(M, self.K))
         if out is None:
-            out = torch.empty(1, self.N)
-        elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != self.N:
-            raise ValueError(
-                f"int8_gemv: out must be {self.N} contiguous float32 values, got {tuple(out.shape)} {out.dtype}"
-            )
-        library()(x.data_ptr(), self.K, *self.fixed, out.data_ptr(), self.N, torch.get_num_threads())
+            out = torch.empty(M, self.N)
+        elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != M * self.N:
+            raise ValueError(f"out must be {M * self.N} contiguous float32 values, got {tuple(out.shape)} {out.dtype}")
+        kernel = getattr(library(), self.function)
+        kernel(x.data_ptr(), M, self.K, *self.fixed, out.data_ptr(), self.N, torch.get_num_threads())
         return out
+
+
+class Int8RowProduct(NativeRowProduct):
+    """W[n] = scale[n] * q[n]: q (N, K) int8, scale (N,) float32, on the CPU. `native_available()` first."""
+
+    function = "int8_gemv"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        N, K = q.shape
+        q, scale = q.contiguous(), scale.float().contiguous()
+        rowsum, scratch = q.sum(1, dtype=torch.int32), torch.empty(2, self.MAX_ROWS * K, dtype=torch.uint8)
+        fixed = (scratch[0].data_ptr(), scratch[1].data_ptr(), q.data_ptr(), rowsum.data_ptr(), scale.data_ptr())
+        super().__init__(N, K, fixed, (q, rowsum, scale, scratch))
+
+
+class Int4RowProduct(NativeRowProduct):
+    """W[n, k] = scale[n, g] * u + zero[n, g] with g = k // group, u = q[n, k] + 8 the stored nibble (low
+    nibble first, model/quantized.py), zero = mins or -8 scale: packed (N, K / 2) uint8, scales and mins
+    (N, K / group) float16, on the CPU. `fits` first."""
+
+    function = "int4_gemv"
+
+    @staticmethod
+    def fits(K: int, group: int, scales: torch.Tensor, mins: torch.Tensor | None) -> bool:
+        """What gemv.c's int4 kernel takes: rows of whole 32-column blocks, groups of 32 or 64k, fp16."""
+        fp16 = scales.dtype == torch.float16 and (mins is None or mins.dtype == torch.float16)
+        return native_available() and K % 32 == 0 and (group == 32 or group % 64 == 0) and fp16
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group: int):
+        N, K = packed.shape[0], packed.shape[1] * 2
+        packed, scales = packed.contiguous(), scales.contiguous()
+        mins = None if mins is None else mins.contiguous()
+        xs = torch.empty(self.MAX_ROWS, 256 * -(-K // 128), dtype=torch.int8)  # gemv.c's int4 scratch
+        xsum = torch.empty(self.MAX_ROWS, K // group)
+        fixed = (group, xs.data_ptr(), xsum.data_ptr(), packed.data_ptr(), scales.data_ptr())
+        fixed += (None if mins is None else mins.data_ptr(),)
+        super().__init__(N, K, fixed, (packed, scales, mins, xs, xsum))

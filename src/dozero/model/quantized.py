@@ -30,10 +30,11 @@ Three ways to multiply (`kernel`, chosen when quantizing and kept in config.json
     0.24 ms in int8 (~7 GB/s; a 64 MB matrix reaches 20). With fp32 inputs the same kernels are 7-10x
     *slower* than fp32 (and on the AVX2 EPYC of MEASURED.md), hence bfloat16. A grouped int8 weight (Q8_0's
     32) is requantized to one scale per row for it, as for FBGEMM; an int4 matrix whose rows are not a
-    multiple of 16 gets zero rows to fit. One input row (decoding) of an int8 layer goes instead through
-    dozero's own kernel (model/int8_gemv.c) where the CPU has AVX-512 VNNI: it rounds the row to 16-bit
-    integers (1/65534 of its largest value) and sums int8 products exactly, at ~2x the speed of
-    `_weight_int8pack_mm` on weights out of cache (the memory's speed, not the conversions').
+    multiple of 16 gets zero rows to fit. Up to 8 input rows (decoding) go instead through dozero's own
+    kernels (model/gemv.c, model/native.py) where the CPU has AVX-512 VNNI: they round each row to 16-bit
+    (int4: 15-bit) integers, 1/65534 of its largest value, sum the integer products exactly, read the fp16
+    scales as they are, and compute each row as if it were alone. On weights out of cache they run at
+    ~1.5-2x PyTorch's kernels, near the memory's speed for int8.
   * "fbgemm": FBGEMM's dynamic int8 linear (`quantized::linear_dynamic`), which also rounds each input
     row to 7 or 8 bits per call and multiplies integers: about as fast as "packed" for int8 (0.09 ms
     above), but the input rounding costs quality where activations have outliers: SmolLM2-135M's
@@ -52,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dozero.model.native import Int8RowProduct, int8_gemv_available
+from dozero.model.native import Int4RowProduct, Int8RowProduct, NativeRowProduct, native_available
 
 QUANT_KEY = "quantization"  # config.json: {"bits": 8|4, "group_size": G or 0 (a row), "head": bool, "kernel": ...}
 KERNELS = ("reference", "packed", "fbgemm")
@@ -136,16 +137,17 @@ INT4_GROUPS = (32, 64, 128, 256)  # what `_weight_int4pack_mm_for_cpu` accepts
 
 
 def pack_for_packed(q: torch.Tensor, scales: torch.Tensor, bits: int, mins=None) -> tuple:
-    """What the "packed" kernels read: ("int8", integers, bf16 row scales, the one-row `Int8RowProduct` or
-    None) or ("int4", PyTorch's int4 tile
-    layout, bf16 (groups, out, 2) scales and zero points, group size). int4 stores unsigned nibbles u = q + 8
-    and computes (u - 8) * scale + zero, so our q with zero point 0 is exactly our value, and Q4_1's
-    scale * u + min is zero point min + 8 * scale. The kernel keeps scales and zero points in bfloat16: Q4_1's
-    fp16 scale and min each lose 3 bits there (a relative 2^-9 at most)."""
+    """What the "packed" kernels read: ("int8", integers, bf16 row scales, one-row product) or ("int4",
+    PyTorch's int4 tile layout, bf16 (groups, out, 2) scales and zero points, group size, one-row product).
+    The one-row product is dozero's own kernel (model/native.py), or None where it cannot run. int4 stores
+    unsigned nibbles u = q + 8 and computes (u - 8) * scale + zero, so our q with zero point 0 is exactly our
+    value, and Q4_1's scale * u + min is zero point min + 8 * scale. PyTorch's kernel keeps scales and zero
+    points in bfloat16: Q4_1's fp16 scale and min each lose 3 bits there (a relative 2^-9 at most); dozero's
+    reads the fp16 ones."""
     group = q.shape[1] * (2 if bits == 4 else 1) // scales.shape[-1]
     if bits == 8 or group not in INT4_GROUPS:
         q8, row_scale = per_row_int8(q, scales, bits, mins)
-        one_row = Int8RowProduct(q8, row_scale) if int8_gemv_available() else None  # dozero's own kernel
+        one_row = Int8RowProduct(q8, row_scale) if native_available() else None  # dozero's own kernel
         return "int8", q8, row_scale.to(torch.bfloat16), one_row
     u = (unpack_int4(q) + 8).to(torch.int32)  # (out, in) in [0, 15]
     pad = -u.shape[0] % 16  # the kernel wants whole tiles of 16 rows (GPT-2's head has 50,257)
@@ -153,15 +155,16 @@ def pack_for_packed(q: torch.Tensor, scales: torch.Tensor, bits: int, mins=None)
     s = F.pad(scales.float(), (0, 0, 0, pad)).t()  # (groups, out + pad)
     zero = torch.zeros_like(s) if mins is None else F.pad(mins.float(), (0, 0, 0, pad)).t() + 8 * s
     scale_zero = torch.stack([s, zero], dim=-1).to(torch.bfloat16).contiguous()
-    return "int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1), scale_zero, group
+    one_row = Int4RowProduct(q, scales, mins, group) if Int4RowProduct.fits(u.shape[1], group, scales, mins) else None
+    return "int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1), scale_zero, group, one_row
 
 
 def packed_mm(rows: torch.Tensor, packed: tuple, out_features: int) -> torch.Tensor:
-    """rows (R, in) fp32 -> (R, out) fp32 through the weight-only kernels (module docstring): one row of an
-    int8 layer through dozero's own kernel where it runs (not under torch.compile, which cannot trace a C
-    call), else PyTorch's in bfloat16."""
-    if packed[0] == "int8" and rows.shape[0] == 1 and packed[3] is not None and not torch.compiler.is_compiling():
-        return packed[3](rows)
+    """rows (R, in) fp32 -> (R, out) fp32 through the weight-only kernels (module docstring): a few rows
+    through dozero's own kernels where they run (not under torch.compile, which cannot trace a C call),
+    else PyTorch's in bfloat16."""
+    if rows.shape[0] <= NativeRowProduct.MAX_ROWS and packed[-1] is not None and not torch.compiler.is_compiling():
+        return packed[-1](rows)
     return packed_mm_bf16(rows.to(torch.bfloat16), packed, out_features).to(rows.dtype)
 
 
