@@ -12,6 +12,7 @@ from dozero.config import get_model_config
 from dozero.course import attention, doctor
 from dozero.errors import DozeroError
 from dozero.model.gpt import GPTModel
+from dozero.model.native import native_available
 from dozero.tokenizer.char import CharTokenizer
 
 SENTENCE = "The dog ran after the ball, but she was too fast."
@@ -153,6 +154,7 @@ def test_doctor_runs_on_cpu_and_reports_no_gpu(monkeypatch, capsys):
     assert lines["flash attention"].startswith("not available: FlashAttention kernels need a CUDA GPU")
     assert lines["torch.compile"] == "not checked (--skip-compile)"
     assert lines["bf16"].startswith(("works", "not available"))
+    assert lines["int8/int4 decoding"].startswith("dozero's own" if native_available() else "PyTorch's")
     assert lines["shakespeare-char inference (batch 1 x 64)"].startswith("fits")
     assert lines["shakespeare-char training"] == "fits"
     assert lines["suggested micro-batch"].startswith("256 sequences x 64 tokens")

@@ -125,6 +125,15 @@ def check_compile(device: str, timeout_s: float = COMPILE_TIMEOUT_S) -> str:
     return f"not available: {last[-1][:200] if last else f'exit code {done.returncode}'}"
 
 
+def check_quantized_kernels() -> str:
+    """Which kernels decode an int8/int4 model here, one row at a time (model/native.py)."""
+    from dozero.model.native import native_available
+
+    if native_available():
+        return "dozero's own (model/gemv.c, AVX-512 VNNI: int8 near the memory's speed)"
+    return "PyTorch's (dozero's own need AVX-512 VNNI and a C compiler, and DOZERO_NATIVE not 0)"
+
+
 def environment_checks(device: str, skip_compile: bool = False) -> list[Check]:
     checks = [
         Check("Python", f"{platform.python_version()} ({sys.executable})"),
@@ -151,6 +160,8 @@ def environment_checks(device: str, skip_compile: bool = False) -> list[Check]:
     checks.append(Check("device dozero will use", device))
     checks.append(Check("bf16", check_bf16(device)))
     checks.append(Check("flash attention", check_flash_attention(device)))
+    if device == "cpu":
+        checks.append(Check("int8/int4 decoding", check_quantized_kernels()))
     if skip_compile:
         checks.append(Check("torch.compile", "not checked (--skip-compile)"))
     else:
