@@ -91,10 +91,11 @@ static float split_int8(const float *x, long K, uint8_t *hu, uint8_t *lo) {
     return top / 32767.0f;
 }
 
-/* x (M, K) float, q (N, K) int8, rowsum (N), scale (N) -> y (M, N); hu, lo: M K bytes of scratch each.
+/* x (M, K) float, q (N, K) int8, rowsum (N), scale (N) -> y (M, N); scratch: 2 M K bytes (hu, then lo).
  * Each row of x is computed as it would be alone; a step's 4 rows of q stay in cache for all M. */
-void int8_gemv(const float *x, long M, long K, uint8_t *hu, uint8_t *lo, const int8_t *q, const int32_t *rowsum,
+void int8_gemv(const float *x, long M, long K, uint8_t *scratch, const int8_t *q, const int32_t *rowsum,
                const float *scale, float *y, long N, int threads) {
+    uint8_t *hu = scratch, *lo = scratch + M * K;
     float sx[M];
     for (long j = 0; j < M; j++) sx[j] = split_int8(x + j * K, K, hu + j * K, lo + j * K);
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -190,11 +191,13 @@ static float split_int4(const float *x, long K, long G, int8_t *xs, float *xsum)
 
 /* x (M, K) float, q (N, K / 2) packed nibbles (u = q + 8, even column low), scale and zero (N, K / G) float16
  * (zero NULL: -8 scale) -> y (M, N). K a multiple of 32; G 32 or a multiple of 64. Scratch per row of x:
- * xs 256 bytes per 128 columns (the last 128 counted whole), xsum K / G floats. Each row of x is computed
- * as it would be alone. */
-void int4_gemv(const float *x, long M, long K, long G, int8_t *xs, float *xsum, const uint8_t *q,
-               const uint16_t *scale, const uint16_t *zero, float *y, long N, int threads) {
+ * 256 bytes per 128 columns (the last 128 counted whole: xs), then M K / G floats (xsum). Each row of x is
+ * computed as it would be alone. */
+void int4_gemv(const float *x, long M, long K, int8_t *scratch, long G, const uint8_t *q, const uint16_t *scale,
+               const uint16_t *zero, float *y, long N, int threads) {
     long stride = 4 * 64 * ((K + CHUNK - 1) / CHUNK), groups = K / G;
+    int8_t *xs = scratch;
+    float *xsum = (float *)(scratch + M * stride);
     float sx[M];
     for (long j = 0; j < M; j++) sx[j] = split_int4(x + j * K, K, G, xs + j * stride, xsum + j * groups);
 #pragma omp parallel for num_threads(threads) schedule(static)

@@ -8,9 +8,9 @@ quantized layers use PyTorch's kernels (model/quantized.py). A failed build warn
 compiler's message, and decoding goes on with PyTorch's kernels.
 
 The library's OpenMP calls resolve to the libgomp that PyTorch has already loaded (same soname), so its
-threads are PyTorch's and `torch.set_num_threads` applies. A product object keeps its scratch memory
-(made once: building a call's arguments cost ~19 us, more than the kernel takes on SmolLM2's smallest
-matrix, and SmolLM2 makes 121 products a token), so one object serves one thread at a time.
+threads are PyTorch's and `torch.set_num_threads` applies. A product object makes its call's arguments
+once (building them per call cost ~19 us, more than the kernel takes on SmolLM2's smallest matrix, and
+SmolLM2 makes 121 products a token); the memory the kernel writes is one buffer per thread.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -31,8 +32,8 @@ SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 P, LONG, INT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 SIGNATURES = {  # (x, M, K, ...) as in gemv.c
-    "int8_gemv": [P, LONG, LONG, P, P, P, P, P, P, LONG, INT],
-    "int4_gemv": [P, LONG, LONG, LONG, P, P, P, P, P, P, LONG, INT],
+    "int8_gemv": [P, LONG, LONG, P, P, P, P, P, LONG, INT],
+    "int4_gemv": [P, LONG, LONG, P, LONG, P, P, P, P, LONG, INT],
 }
 
 
@@ -92,10 +93,24 @@ def native_available() -> bool:
     return library() is not None
 
 
+def scratch(nbytes: int) -> int:
+    """The address of at least `nbytes` bytes the calling thread's kernels may write: one buffer per thread,
+    shared by every layer (a buffer per layer, allocated between the packing's large temporaries, kept
+    ~100 MB of freed heap resident for SmolLM2)."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = _scratch.buffer = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+    return buffer.data_ptr()
+
+
+_scratch = threading.local()
+
+
 class NativeRowProduct:
     """x (M, K) W^T for one quantized layer and a few input rows (M <= MAX_ROWS: decoding), through a function
-    of `gemv.c` whose arguments are made once: `fixed` holds what comes between the input (x, M, K) and the
-    output (y, N). Each row is computed as it would be alone, so a row's result never depends on the batch."""
+    of `gemv.c` whose arguments are made once: `fixed` holds what comes after the scratch memory and before
+    the output (y, N). Each row is computed as it would be alone, so a row's result never depends on the
+    batch."""
 
     function = ""
     MAX_ROWS = 8  # more rows (a prompt) go to PyTorch's kernels, which share each weight between them
@@ -103,7 +118,9 @@ class NativeRowProduct:
     def __init__(self, N: int, K: int, fixed: tuple, tensors: tuple):
         self.N, self.K, self.fixed = N, K, fixed
         self.tensors = tensors  # kept alive: the kernel reads their memory
-        self.rows = torch.empty(self.MAX_ROWS, K)  # a copy of input rows that are not float32 and contiguous
+
+    def scratch_bytes(self, M: int) -> int:
+        raise NotImplementedError
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x (M, K) -> (M, N) float32, in `out` (float32, contiguous, M N values) when given."""
@@ -111,13 +128,14 @@ class NativeRowProduct:
         if not 0 < M <= self.MAX_ROWS or x.numel() != M * self.K:
             raise ValueError(f"expected 1 to {self.MAX_ROWS} rows of {self.K} values, got {tuple(x.shape)}")
         if x.dtype != torch.float32 or not x.is_contiguous():
-            x = self.rows[:M].copy_(x.reshape(M, self.K))
+            x = x.reshape(M, self.K).float().contiguous()
         if out is None:
             out = torch.empty(M, self.N)
         elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != M * self.N:
             raise ValueError(f"out must be {M * self.N} contiguous float32 values, got {tuple(out.shape)} {out.dtype}")
         kernel = getattr(library(), self.function)
-        kernel(x.data_ptr(), M, self.K, *self.fixed, out.data_ptr(), self.N, torch.get_num_threads())
+        work = scratch(self.scratch_bytes(M))
+        kernel(x.data_ptr(), M, self.K, work, *self.fixed, out.data_ptr(), self.N, torch.get_num_threads())
         return out
 
 
@@ -129,9 +147,12 @@ class Int8RowProduct(NativeRowProduct):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         N, K = q.shape
         q, scale = q.contiguous(), scale.float().contiguous()
-        rowsum, scratch = q.sum(1, dtype=torch.int32), torch.empty(2, self.MAX_ROWS * K, dtype=torch.uint8)
-        fixed = (scratch[0].data_ptr(), scratch[1].data_ptr(), q.data_ptr(), rowsum.data_ptr(), scale.data_ptr())
-        super().__init__(N, K, fixed, (q, rowsum, scale, scratch))
+        # row sums 4,096 rows at a time: sum(dtype=int32) copies its input to int32 first (113 MB for SmolLM2's head)
+        rowsum = torch.cat([q[i : i + 4096].sum(1, dtype=torch.int32) for i in range(0, N, 4096)])
+        super().__init__(N, K, (q.data_ptr(), rowsum.data_ptr(), scale.data_ptr()), (q, rowsum, scale))
+
+    def scratch_bytes(self, M: int) -> int:
+        return 2 * M * self.K  # the rows' two bytes per value
 
 
 class Int4RowProduct(NativeRowProduct):
@@ -151,8 +172,9 @@ class Int4RowProduct(NativeRowProduct):
         N, K = packed.shape[0], packed.shape[1] * 2
         packed, scales = packed.contiguous(), scales.contiguous()
         mins = None if mins is None else mins.contiguous()
-        xs = torch.empty(self.MAX_ROWS, 256 * -(-K // 128), dtype=torch.int8)  # gemv.c's int4 scratch
-        xsum = torch.empty(self.MAX_ROWS, K // group)
-        fixed = (group, xs.data_ptr(), xsum.data_ptr(), packed.data_ptr(), scales.data_ptr())
-        fixed += (None if mins is None else mins.data_ptr(),)
-        super().__init__(N, K, fixed, (packed, scales, mins, xs, xsum))
+        fixed = (group, packed.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr())
+        super().__init__(N, K, fixed, (packed, scales, mins))
+        self.group = group
+
+    def scratch_bytes(self, M: int) -> int:
+        return M * (256 * -(-self.K // 128) + 4 * (self.K // self.group))  # gemv.c's xs, then xsum
