@@ -140,7 +140,7 @@ def test_quantized_layer_one_row_takes_it_and_equals_the_reference_path(bits, mi
         reference = torch.nn.functional.linear(x, layer.dequantized(), layer.bias)
         one, several = layer(x[:1]), layer(x)
         assert torch.equal(layer(x[:8]), torch.cat([layer(r[None]) for r in x[:8]]))
-    assert isinstance(layer.packed_weight()[-1], Int8RowProduct if bits == 8 else Int4RowProduct)
+    assert isinstance(layer.few_rows(), Int8RowProduct if bits == 8 else Int4RowProduct)
     bound = layer.dequantized().abs().sum(1) * x[:1].abs().max() / (16383 if bits == 4 else 32767)
     assert ((one - reference[:1]).abs()[0] <= bound + 1e-5).all()
     torch.testing.assert_close(several, reference, atol=0.05, rtol=0.02)

@@ -336,9 +336,10 @@ class RowProduct:
         self.splits = 1 if self.quantized else splits_for(linear.weight, threads)
         self.packed = self.quantized and linear.kernel_for(linear.scales.new_empty(1, dtype=torch.float32)) == "packed"
         if self.packed:
-            self.h_bf16 = torch.empty(1, linear.in_features, dtype=torch.bfloat16)
-            self.weights = linear.packed_weight()
-            self.one_row = self.weights[-1]  # dozero's own kernel (model/native.py), or None
+            self.one_row = linear.few_rows()  # dozero's own kernel (model/native.py), or None: PyTorch's
+            if self.one_row is None:
+                self.h_bf16 = torch.empty(1, linear.in_features, dtype=torch.bfloat16)
+                self.weights = linear.packed_weight()
             self.y = torch.empty(1, linear.out_features)  # where it writes
         if not self.quantized:
             self.slices = split_columns(linear.weight, self.splits)

@@ -76,6 +76,19 @@ static void int8_rows(const uint8_t *hu, const uint8_t *lo, float sx, const int8
     }
 }
 
+/* rowsum[n] = sum_k q[n][k], once per matrix (in PyTorch, sum(dtype=int32) first copies q to int32) */
+void int8_row_sums(const int8_t *q, long N, long K, int32_t *rowsum) {
+    __m512i ones = _mm512_set1_epi8(1);
+    for (long n = 0; n < N; n++) {
+        __m512i acc = _mm512_setzero_si512();
+        for (long k = 0; k < K; k += 64) {
+            __mmask64 m = K - k >= 64 ? ~0ULL : (1ULL << (K - k)) - 1;
+            acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(m, q + n * K + k));
+        }
+        rowsum[n] = _mm512_reduce_add_epi32(acc);
+    }
+}
+
 /* one row x -> hu, lo; returns sx */
 static float split_int8(const float *x, long K, uint8_t *hu, uint8_t *lo) {
     float top = max_abs(x, K);

@@ -34,6 +34,7 @@ P, LONG, INT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 SIGNATURES = {  # (x, M, K, ...) as in gemv.c
     "int8_gemv": [P, LONG, LONG, P, P, P, P, P, LONG, INT],
     "int4_gemv": [P, LONG, LONG, P, LONG, P, P, P, P, LONG, INT],
+    "int8_row_sums": [P, LONG, LONG, P],
 }
 
 
@@ -147,8 +148,8 @@ class Int8RowProduct(NativeRowProduct):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         N, K = q.shape
         q, scale = q.contiguous(), scale.float().contiguous()
-        # row sums 4,096 rows at a time: sum(dtype=int32) copies its input to int32 first (113 MB for SmolLM2's head)
-        rowsum = torch.cat([q[i : i + 4096].sum(1, dtype=torch.int32) for i in range(0, N, 4096)])
+        rowsum = torch.empty(N, dtype=torch.int32)
+        library().int8_row_sums(q.data_ptr(), N, K, rowsum.data_ptr())  # no int32 copy of q, as PyTorch's sum makes
         super().__init__(N, K, (q.data_ptr(), rowsum.data_ptr(), scale.data_ptr()), (q, rowsum, scale))
 
     def scratch_bytes(self, M: int) -> int:

@@ -137,34 +137,27 @@ INT4_GROUPS = (32, 64, 128, 256)  # what `_weight_int4pack_mm_for_cpu` accepts
 
 
 def pack_for_packed(q: torch.Tensor, scales: torch.Tensor, bits: int, mins=None) -> tuple:
-    """What the "packed" kernels read: ("int8", integers, bf16 row scales, one-row product) or ("int4",
-    PyTorch's int4 tile layout, bf16 (groups, out, 2) scales and zero points, group size, one-row product).
-    The one-row product is dozero's own kernel (model/native.py), or None where it cannot run. int4 stores
+    """What PyTorch's "packed" kernels read: ("int8", integers, bf16 row scales, fp32 row scales) or ("int4",
+    PyTorch's int4 tile layout, bf16 (groups, out, 2) scales and zero points, group size). int4 stores
     unsigned nibbles u = q + 8 and computes (u - 8) * scale + zero, so our q with zero point 0 is exactly our
     value, and Q4_1's scale * u + min is zero point min + 8 * scale. PyTorch's kernel keeps scales and zero
     points in bfloat16: Q4_1's fp16 scale and min each lose 3 bits there (a relative 2^-9 at most); dozero's
-    reads the fp16 ones."""
+    own kernels read the fp16 ones (`QuantizedLinear.few_rows`)."""
     group = q.shape[1] * (2 if bits == 4 else 1) // scales.shape[-1]
     if bits == 8 or group not in INT4_GROUPS:
         q8, row_scale = per_row_int8(q, scales, bits, mins)
-        one_row = Int8RowProduct(q8, row_scale) if native_available() else None  # dozero's own kernel
-        return "int8", q8, row_scale.to(torch.bfloat16), one_row
+        return "int8", q8, row_scale.to(torch.bfloat16), row_scale
     u = (unpack_int4(q) + 8).to(torch.int32)  # (out, in) in [0, 15]
     pad = -u.shape[0] % 16  # the kernel wants whole tiles of 16 rows (GPT-2's head has 50,257)
     u = F.pad(u, (0, 0, 0, pad), value=8)  # value 8 = integer 0: padded rows compute zeros, then are dropped
     s = F.pad(scales.float(), (0, 0, 0, pad)).t()  # (groups, out + pad)
     zero = torch.zeros_like(s) if mins is None else F.pad(mins.float(), (0, 0, 0, pad)).t() + 8 * s
     scale_zero = torch.stack([s, zero], dim=-1).to(torch.bfloat16).contiguous()
-    one_row = Int4RowProduct(q, scales, mins, group) if Int4RowProduct.fits(u.shape[1], group, scales, mins) else None
-    return "int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1), scale_zero, group, one_row
+    return "int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1), scale_zero, group
 
 
 def packed_mm(rows: torch.Tensor, packed: tuple, out_features: int) -> torch.Tensor:
-    """rows (R, in) fp32 -> (R, out) fp32 through the weight-only kernels (module docstring): a few rows
-    through dozero's own kernels where they run (not under torch.compile, which cannot trace a C call),
-    else PyTorch's in bfloat16."""
-    if rows.shape[0] <= NativeRowProduct.MAX_ROWS and packed[-1] is not None and not torch.compiler.is_compiling():
-        return packed[-1](rows)
+    """rows (R, in) fp32 -> (R, out) fp32 through PyTorch's weight-only kernels, in bfloat16 (module docstring)."""
     return packed_mm_bf16(rows.to(torch.bfloat16), packed, out_features).to(rows.dtype)
 
 
@@ -192,6 +185,7 @@ class QuantizedLinear(nn.Module):
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
         self.kernel = "reference"  # or "packed" / "fbgemm" where they run (CPU, fp32 input), else the reference
         self._packed = None  # (kernel, its weight), made on the first kernel call; not saved, not copied
+        self._few_rows = None  # dozero's own kernel (`few_rows`): None not made yet, False cannot run
 
     @property
     def group_size(self) -> int:
@@ -220,7 +214,9 @@ class QuantizedLinear(nn.Module):
         if kernel == "fbgemm":
             y = torch.ops.quantized.linear_dynamic(rows, self.packed_weight(kernel), reduce_range())
         else:
-            y = packed_mm(rows, self.packed_weight(kernel), self.out_features)
+            few = rows.shape[0] <= NativeRowProduct.MAX_ROWS and not torch.compiler.is_compiling()
+            native = self.few_rows() if few else None  # torch.compile cannot trace its C call
+            y = native(rows) if native is not None else packed_mm(rows, self.packed_weight(kernel), self.out_features)
             y = y if self.bias is None else y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -232,6 +228,17 @@ class QuantizedLinear(nn.Module):
             args = (self.weight_q, self.scales, self.bits, self.mins) + ((self.bias,) if kernel == "fbgemm" else ())
             self._packed = (kernel, packer(*args))
         return self._packed[1]
+
+    def few_rows(self):
+        """dozero's own kernel for calls of up to 8 rows (model/native.py), made on the first such call (a
+        decoding step: not in a process that only scores prompts), or None where it cannot run."""
+        if self._few_rows is None:
+            self._few_rows = False
+            if self.bits == 4 and Int4RowProduct.fits(self.in_features, self.group_size, self.scales, self.mins):
+                self._few_rows = Int4RowProduct(self.weight_q, self.scales, self.mins, self.group_size)
+            elif native_available() and (packed := self.packed_weight("packed"))[0] == "int8":
+                self._few_rows = Int8RowProduct(packed[1], packed[3])  # the integers PyTorch's kernel reads
+        return self._few_rows or None
 
     def __deepcopy__(self, memo):
         mins = None if self.mins is None else self.mins.clone()
