@@ -326,8 +326,9 @@ class RowProduct:
     """One layer's product with one row, planned once. A float weight: `split_columns` slices, one per
     thread, and `baddbmm` writing the result where it goes (the bias or the residual stream as its
     addend). A quantized layer (model/quantized.py): its own kernel, then one copy or add; with the
-    "packed" kernel, called directly on a bfloat16 copy of the row kept for it (3 tensor calls where the
-    module makes ~10: SmolLM2 makes 121 products a token). Given the buffers `h` (1, K) it reads and
+    "packed" kernel, called directly: dozero's own on the float row, PyTorch's on a bfloat16 copy of the row
+    kept for it (2-3 tensor calls where the module makes ~10: SmolLM2 makes 121 products a token). Given the
+    buffers `h` (1, K) it reads and
     `x` (1, N) it adds to, their views are made here, once."""
 
     def __init__(self, linear, threads: int, h: torch.Tensor | None = None, x: torch.Tensor | None = None):
@@ -348,7 +349,8 @@ class RowProduct:
                 self.h_in, self.x_out = h.view(1, 1, -1).expand(self.splits, 1, -1), x.view(self.splits, 1, -1)
 
     def product(self, h: torch.Tensor) -> torch.Tensor:
-        """h (1, K) W^T + b: the quantized layer's (1, N), bfloat16 from PyTorch's packed kernels."""
+        """h (1, K) W^T + b: the quantized layer's (1, N), float32 from dozero's kernel (in `self.y`, which
+        the next call overwrites), bfloat16 from PyTorch's."""
         if not self.packed:
             return self.linear(h)
         if self.one_row is not None:  # reads the float row itself
