@@ -55,10 +55,12 @@ def cache_dir() -> Path:
 
 
 def build(compiler: str) -> Path:
-    """The compiled library's path, compiling it unless this source, compiler and flags were built before.
-    Written beside its final name and renamed, so a killed build never leaves a half library."""
+    """The compiled library's path, compiling it unless this source, compiler, flags and CPU (`-march=native`:
+    a home folder shared by two machines) were built before. Written beside its final name and renamed, so a
+    killed build never leaves a half library."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, *FLAGS]).encode()).hexdigest()[:16]
+    cpu = " ".join(sorted(cpu_flags()))
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, *FLAGS, cpu]).encode()).hexdigest()[:16]
     target = cache_dir() / f"gemv-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
