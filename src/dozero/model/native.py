@@ -2,7 +2,7 @@
 
 The source is compiled on first use with the system's C compiler (`$CC`, else `cc`), into
 `$XDG_CACHE_HOME/dozero/` (default `~/.cache/dozero/`) under a name that changes with the source, the
-compiler and its flags, and loaded with ctypes. It needs a CPU with AVX-512 VNNI (the source says why);
+compiler, its flags and the CPU, and loaded with ctypes. It needs a CPU with AVX-512 VNNI (the source says why);
 anywhere else, when no compiler works, or with `DOZERO_NATIVE=0`, `native_available()` is False and
 quantized layers use PyTorch's kernels (model/quantized.py). A failed build warns once, with the
 compiler's message, and decoding goes on with PyTorch's kernels.
