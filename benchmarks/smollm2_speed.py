@@ -169,10 +169,11 @@ def decode_benchmark(new_tokens: int, repeats: int, threads: int, compile_step: 
 
 def breakdown(keep: bool, steps: int = 32) -> None:
     """Where one decoded token's time goes, in dozero as `dozero generate` runs it (keep: with
-    --keep-quantized): the decode step, the 30 layers' matrix products alone (each a module call), the
-    output head alone, and the rest (norms, RoPE, attention, and the Python and dispatcher time of its
-    tensor calls: fp32 1,515 before the planned step `OneTokenStep`, 672 with it; what a compiled step
-    can remove). The matrices are read out of cache as in decoding; the memory-bandwidth floor is the
+    --keep-quantized): the decode step, the 30 layers' matrix products alone (each a module call; kept
+    quantized, the 30 blocks whole, in decode.c's one call), the output head alone, and the rest (fp32:
+    norms, RoPE, attention, and the Python and dispatcher time of its tensor calls: 1,515 before the planned
+    step `OneTokenStep`, 672 with it; what a compiled step can remove; kept: the embedding, final norm and
+    the engine). The matrices are read out of cache as in decoding; the memory-bandwidth floor is the
     weights' bytes (each stored table once) at the speed of `sum()` over 512 MB."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -210,15 +211,24 @@ def breakdown(keep: bool, steps: int = 32) -> None:
         with CountCalls():
             state.decode_one_token(tokens)
         step = median_ms(lambda: state.decode_one_token(tokens))
-        blocks = median_ms(lambda: [m(x) for m, x in zip(linears, inputs, strict=True)])
+        native = getattr(state.one_token, "native", None)
+        if native is None:
+            blocks = median_ms(lambda: [m(x) for m, x in zip(linears, inputs, strict=True)])
+        else:  # decode.c: every block in one call; timed with the arguments of a step (its cache slot rewritten)
+            seen = []
+            state.one_token.native = lambda *args: (seen.append(args), native(*args))
+            state.decode_one_token(tokens)
+            state.one_token.native = native
+            blocks = median_ms(lambda: native(*seen[-1]))
         head = median_ms(lambda: model.out_head(head_input))
         bandwidth = big.numel() * 4 / median_ms(big.sum, 5) / 1e6  # GB/s
+    what = "the layers' 120 matrix products" if native is None else "the 30 blocks in decode.c's one call"
     tables = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}  # tied: once
     weights = sum(tables.values()) / 1e9  # GB
     print(
         f"{'--keep-quantized' if keep else 'fp32'}: "
-        f"one decode step {step:.1f} ms ({1e3 / step:.1f} tokens/s, {len(calls)} tensor calls): the layers' 120 "
-        f"matrix products {blocks:.1f} ms, the head {head:.1f} ms, the rest {step - blocks - head:.1f} ms; memory "
+        f"one decode step {step:.1f} ms ({1e3 / step:.1f} tokens/s, {len(calls)} tensor calls): {what} "
+        f"{blocks:.1f} ms, the head {head:.1f} ms, the rest {step - blocks - head:.1f} ms; memory "
         f"{bandwidth:.1f} GB/s, so reading the {weights * 1e3:.0f} MB of weights takes at least "
         f"{weights / bandwidth * 1e3:.1f} ms ({bandwidth / weights:.0f} tokens/s)",
         flush=True,

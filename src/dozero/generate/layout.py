@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from dozero.model.gpt import LayerNorm, RMSNorm, TransformerBlock, apply_rope
+from dozero.model.native import NativeBlocks
 from dozero.model.quantized import QuantizedEmbedding, QuantizedLinear, packed_mm_bf16
 
 
@@ -237,6 +238,7 @@ class OneTokenStep:
             self.cos, self.sin = w.new_ones(H, 1, hs), w.new_zeros(H, 1, hs)
             self.cos_qk, self.sin_qk = self.cos[: nh + nkv], self.sin[: nh + nkv]
         self.layers = [LayerPlan(b, x, threads, cache_len, self.rope) for b in model.trf_blocks]
+        self.native = native_blocks(model, self.layers, cache_len)
         self.final_norm = norm_function(model.final_norm)
         self.head = RowProduct(model.out_head, threads)
         self.window = 0
@@ -250,14 +252,18 @@ class OneTokenStep:
             x.copy_(self.quantized_emb(tokens))
         if self.pos_emb is not None:
             x.add_(self.pos_emb[pos])
-        if self.rope:
-            self.cos_qk.copy_(self.cos_table[pos])  # (1, hs) into every query and key row
-            self.sin_qk.copy_(self.sin_table[pos])
         self.mask.index_fill_(2, pos, 0.0)
         if slot >= self.window:
             self.widen(slot + 1)
-        for layer in self.layers:
-            layer(x, pos, self)
+        if self.native is not None:  # every block in one call of decode.c
+            rows = (self.cos_table[slot].data_ptr(), self.sin_table[slot].data_ptr()) if self.rope else (None, None)
+            self.native(x, *rows, self.mask, self.window, slot)
+        else:
+            if self.rope:
+                self.cos_qk.copy_(self.cos_table[pos])  # (1, hs) into every query and key row
+                self.sin_qk.copy_(self.sin_table[pos])
+            for layer in self.layers:
+                layer(x, pos, self)
         h = self.final_norm(x)
         return self.head(h)  # (1, V)
 
@@ -406,6 +412,29 @@ def norm_function(norm):
 
 
 PLAIN_LINEAR = (torch.nn.Linear, DecodingLinear)
+
+
+def native_blocks(model, plans: list[LayerPlan], cache_len: int) -> NativeBlocks | None:
+    """decode.c's one call for every block (model/native.py), where each of their products runs dozero's own
+    int8/int4 kernel and the weights the C code reads are float32; None elsewhere (a float model, PyTorch's
+    kernels, `DOZERO_NATIVE=0`), where `LayerPlan`s run the blocks."""
+    products = [(plan.qkv, plan.out, plan.fc, plan.proj) for plan in plans]
+    if not all(p.packed and p.one_row is not None for group in products for p in group):
+        return None
+    blocks = list(model.trf_blocks)
+    floats = [t for b in blocks for t in (b.norm1.scale, b.norm2.scale, b.att.qkv.bias, b.ff.fc.bias) if t is not None]
+    activation = "swiglu" if blocks[0].ff.swiglu else blocks[0].ff.gelu_approximation
+    if any(t.dtype != torch.float32 for t in floats) or activation not in ("swiglu", "tanh", "none"):
+        return None
+    layers = []
+    for block, plan, group in zip(blocks, plans, products):
+        norms = [(n.scale, getattr(n, "shift", None), n.eps) for n in (block.norm1, block.norm2)]
+        biases = [p.bias if p.bias is None else p.bias.detach() for p in group]
+        layers.append(dict(zip(("qkv", "out", "fc", "proj"), (p.one_row for p in group)), biases=biases,
+                           norm1=norms[0], norm2=norms[1], cache=plan.cache))
+    att, hidden = blocks[0].att, blocks[0].ff.proj.in_features
+    shape = dict(C=model.cfg.emb_dim, nh=att.n_heads, nkv=att.n_kv_heads, hs=att.head_dim, hidden=hidden, S=cache_len)
+    return NativeBlocks(layers, shape, activation)
 
 
 def one_token_step(model, batch_size: int, cache_len: int, filled: int) -> OneTokenStep | None:

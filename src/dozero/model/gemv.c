@@ -1,7 +1,7 @@
 /* A few input rows times an int8 or int4 matrix, for decoding (each row of x computed as if alone):
  *
- *     int8_gemv: y[m][n] = scale[n] * sum_k x[m][k] q[n][k]                    (one scale per row)
- *     int4_gemv: y[m][n] = sum_k x[m][k] (scale[n][g] u[n][k] + zero[n][g])    (g = k / G; u in [0, 15])
+ *     int8: y[m][n] = scale[n] * sum_k x[m][k] q[n][k]                    (one scale per row)
+ *     int4: y[m][n] = sum_k x[m][k] (scale[n][g] u[n][k] + zero[n][g])    (g = k / G; u in [0, 15])
  *
  * Why they exist: decoding one token reads every weight once, so a kernel should run at the speed the
  * memory delivers (~20 GB/s on this project's 2-core Xeon). PyTorch's `_weight_int8pack_mm` and
@@ -27,6 +27,8 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+
+#include "gemv.h"
 
 #define ROWS 4 /* rows per step: their accumulators stay in registers, the row's bytes are loaded once */
 
@@ -102,19 +104,6 @@ static float split_int8(const float *x, long K, uint8_t *hu, uint8_t *lo) {
         _mm512_mask_cvtepi32_storeu_epi8(hu + k, m, high);
     }
     return top / 32767.0f;
-}
-
-/* x (M, K) float, q (N, K) int8, rowsum (N), scale (N) -> y (M, N); scratch: 2 M K bytes (hu, then lo).
- * Each row of x is computed as it would be alone; a step's 4 rows of q stay in cache for all M. */
-void int8_gemv(const float *x, long M, long K, uint8_t *scratch, const int8_t *q, const int32_t *rowsum,
-               const float *scale, float *y, long N, int threads) {
-    uint8_t *hu = scratch, *lo = scratch + M * K;
-    float sx[M];
-    for (long j = 0; j < M; j++) sx[j] = split_int8(x + j * K, K, hu + j * K, lo + j * K);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long i = 0; i < step_count(N); i++)
-        for (long j = 0; j < M; j++)
-            int8_rows(hu + j * K, lo + j * K, sx[j], q, rowsum, scale, y + j * N, step_first_row(i, N), step_rows(i, N), K);
 }
 
 /* ---------------------------------------------------------------- int4, groups of G inputs */
@@ -202,20 +191,46 @@ static float split_int4(const float *x, long K, long G, int8_t *xs, float *xsum)
     return sx;
 }
 
-/* x (M, K) float, q (N, K / 2) packed nibbles (u = q + 8, even column low), scale and zero (N, K / G) float16
- * (zero NULL: -8 scale) -> y (M, N). K a multiple of 32; G 32 or a multiple of 64. Scratch per row of x:
- * 256 bytes per 128 columns (the last 128 counted whole: xs), then M K / G floats (xsum). Each row of x is
- * computed as it would be alone. */
-void int4_gemv(const float *x, long M, long K, int8_t *scratch, long G, const uint8_t *q, const uint16_t *scale,
-               const uint16_t *zero, float *y, long N, int threads) {
-    long stride = 4 * 64 * ((K + CHUNK - 1) / CHUNK), groups = K / G;
-    int8_t *xs = scratch;
-    float *xsum = (float *)(scratch + M * stride);
-    float sx[M];
-    for (long j = 0; j < M; j++) sx[j] = split_int4(x + j * K, K, G, xs + j * stride, xsum + j * groups);
-#pragma omp parallel for num_threads(threads) schedule(static)
+/* ---------------------------------------------------------------- the product
+
+ * Scratch memory: the rows' sx (64 bytes: up to 16 rows), then the rows as integers: int8 two bytes per
+ * value (hu, then lo); int4 256 bytes per 128 columns (the last 128 counted whole: xs), then K / G floats
+ * (xsum) per row. */
+#define HEADER 64
+
+static long int4_stride(long K) { return 4 * 64 * ((K + CHUNK - 1) / CHUNK); }
+
+long gemv_scratch_bytes(const struct matrix *w, long M) {
+    return HEADER + (w->group ? M * (int4_stride(w->K) + 4 * (w->K / w->group)) : 2 * M * w->K);
+}
+
+/* One thread splits the rows into integers; then the team shares the steps of ROWS weight rows, each step
+ * reading its rows once for every x row (in cache after the first), each x row computed as if alone. */
+void gemv_team(const struct matrix *w, const float *x, long M, float *y, void *scratch) {
+    long N = w->N, K = w->K, G = w->group, stride = int4_stride(K), groups = G ? K / G : 0;
+    float *sx = scratch;
+    uint8_t *rows = (uint8_t *)scratch + HEADER;
+    float *xsum = (float *)(rows + M * stride);
+#pragma omp single
+    for (long j = 0; j < M; j++)
+        sx[j] = G ? split_int4(x + j * K, K, G, (int8_t *)rows + j * stride, xsum + j * groups)
+                  : split_int8(x + j * K, K, rows + j * K, rows + (M + j) * K);
+#pragma omp for schedule(static)
     for (long i = 0; i < step_count(N); i++)
-        for (long j = 0; j < M; j++)
-            int4_rows(xs + j * stride, xsum + j * groups, sx[j], q, scale, zero, y + j * N, step_first_row(i, N),
-                      step_rows(i, N), K, G);
+        for (long j = 0; j < M; j++) {
+            if (G)
+                int4_rows((int8_t *)rows + j * stride, xsum + j * groups, sx[j], w->q, w->scale, w->extra, y + j * N,
+                          step_first_row(i, N), step_rows(i, N), K, G);
+            else
+                int8_rows(rows + j * K, rows + (M + j) * K, sx[j], w->q, w->extra, w->scale, y + j * N,
+                          step_first_row(i, N), step_rows(i, N), K);
+        }
+}
+
+/* x (M, K) float -> y (M, N) float: q int8 (N, K) with a float scale per row (the int32 row sums in `extra`,
+ * from int8_row_sums), or int4 (N, K / 2) nibbles, u = q + 8, scale and zero (N, K / G) float16 (zero NULL:
+ * -8 scale), K a multiple of 32, G 32 or a multiple of 64. M <= 16; scratch: gemv_scratch_bytes. */
+void gemv(const struct matrix *w, const float *x, long M, float *y, void *scratch, int threads) {
+#pragma omp parallel num_threads(threads)
+    gemv_team(w, x, M, y, scratch);
 }

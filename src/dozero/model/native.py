@@ -1,6 +1,7 @@
-"""dozero's native kernels, `gemv.c`: an int8 or int4 matrix times a few input rows at the memory's speed.
+"""dozero's native code: `gemv.c`, an int8 or int4 matrix times a few input rows at the memory's speed, and
+`decode.c`, a quantized model's blocks for one decoded token in one call.
 
-The source is compiled on first use with the system's C compiler (`$CC`, else `cc`), into
+The sources are compiled on first use with the system's C compiler (`$CC`, else `cc`), into
 `$XDG_CACHE_HOME/dozero/` (default `~/.cache/dozero/`) under a name that changes with the source, the
 compiler, its flags and the CPU, and loaded with ctypes. It needs a CPU with AVX-512 VNNI (the source says why);
 anywhere else, when no compiler works, or with `DOZERO_NATIVE=0`, `native_available()` is False and
@@ -28,13 +29,16 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gemv.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "decode.c")]
+HEADER = Path(__file__).with_name("gemv.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 P, LONG, INT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-SIGNATURES = {  # (x, M, K, ...) as in gemv.c
-    "int8_gemv": [P, LONG, LONG, P, P, P, P, P, LONG, INT],
-    "int4_gemv": [P, LONG, LONG, P, LONG, P, P, P, P, LONG, INT],
-    "int8_row_sums": [P, LONG, LONG, P],
+SIGNATURES = {  # (restype, argtypes) as in gemv.c and decode.c; a struct is passed as its address
+    "gemv": (None, [P, P, LONG, P, P, INT]),
+    "gemv_scratch_bytes": (LONG, [P, LONG]),
+    "int8_row_sums": (None, [P, LONG, LONG, P]),
+    "decode_blocks": (None, [P, LONG, P, P, P, P, P, LONG, LONG, P, INT]),
+    "decode_work_bytes": (LONG, [P, LONG, P]),
 }
 
 
@@ -60,13 +64,14 @@ def build(compiler: str) -> Path:
     killed build never leaves a half library."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     cpu = " ".join(sorted(cpu_flags()))
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, *FLAGS, cpu]).encode()).hexdigest()[:16]
+    code = [p.read_text() for p in (*SOURCES, HEADER)]
+    key = hashlib.sha256("\n".join([*code, compiler, version, *FLAGS, cpu]).encode()).hexdigest()[:16]
     target = cache_dir() / f"gemv-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             part = Path(tmp) / target.name
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(part)], capture_output=True, text=True, check=True)
+            subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(part)], capture_output=True, text=True, check=True)
             os.replace(part, target)
     return target
 
@@ -86,8 +91,8 @@ def library():
         reason = detail[-1] if detail else e
         warnings.warn(f"dozero's int8/int4 kernels did not build ({reason}); using PyTorch's", stacklevel=2)
         return None
-    for name, argtypes in SIGNATURES.items():
-        getattr(lib, name).restype = None
+    for name, (restype, argtypes) in SIGNATURES.items():
+        getattr(lib, name).restype = restype
         getattr(lib, name).argtypes = argtypes
     return lib
 
@@ -109,21 +114,29 @@ def scratch(nbytes: int) -> int:
 _scratch = threading.local()
 
 
-class NativeRowProduct:
-    """x (M, K) W^T for one quantized layer and a few input rows (M <= MAX_ROWS: decoding), through a function
-    of `gemv.c` whose arguments are made once: `fixed` holds what comes after the scratch memory and before
-    the output (y, N). Each row is computed as it would be alone, so a row's result never depends on the
-    batch."""
+class Matrix(ctypes.Structure):
+    """gemv.h's `struct matrix`: one int8 or int4 matrix, as the kernels read it."""
 
-    function = ""
+    _fields_ = [("N", LONG), ("K", LONG), ("group", LONG), ("q", P), ("scale", P), ("extra", P)]
+
+
+class NativeRowProduct:
+    """x (M, K) W^T for one quantized layer and a few input rows (M <= MAX_ROWS: decoding), through gemv.c's
+    `gemv`, the matrix described once in a `Matrix` (building a call's 11 arguments took ~19 us, more than the
+    kernel takes on SmolLM2's smallest matrix, and SmolLM2 makes 121 products a token). Each row is computed
+    as it would be alone, so a row's result never depends on the batch."""
+
     MAX_ROWS = 8  # more rows (a prompt) go to PyTorch's kernels, which share each weight between them
 
-    def __init__(self, N: int, K: int, fixed: tuple, tensors: tuple):
-        self.N, self.K, self.fixed = N, K, fixed
+    def __init__(self, N: int, K: int, group: int, tensors: tuple, extra: torch.Tensor | None):
+        q, scale = tensors[:2]
+        self.N, self.K, self.group = N, K, group
+        self.matrix = Matrix(N, K, group, q.data_ptr(), scale.data_ptr(), None if extra is None else extra.data_ptr())
+        self.address = ctypes.addressof(self.matrix)
         self.tensors = tensors  # kept alive: the kernel reads their memory
 
     def scratch_bytes(self, M: int) -> int:
-        raise NotImplementedError
+        return library().gemv_scratch_bytes(self.address, M)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x (M, K) -> (M, N) float32, in `out` (float32, contiguous, M N values) when given."""
@@ -136,34 +149,26 @@ class NativeRowProduct:
             out = torch.empty(M, self.N)
         elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != M * self.N:
             raise ValueError(f"out must be {M * self.N} contiguous float32 values, got {tuple(out.shape)} {out.dtype}")
-        kernel = getattr(library(), self.function)
         work = scratch(self.scratch_bytes(M))
-        kernel(x.data_ptr(), M, self.K, work, *self.fixed, out.data_ptr(), self.N, torch.get_num_threads())
+        library().gemv(self.address, x.data_ptr(), M, out.data_ptr(), work, torch.get_num_threads())
         return out
 
 
 class Int8RowProduct(NativeRowProduct):
     """W[n] = scale[n] * q[n]: q (N, K) int8, scale (N,) float32, on the CPU. `native_available()` first."""
 
-    function = "int8_gemv"
-
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         N, K = q.shape
         q, scale = q.contiguous(), scale.float().contiguous()
         rowsum = torch.empty(N, dtype=torch.int32)
         library().int8_row_sums(q.data_ptr(), N, K, rowsum.data_ptr())  # no int32 copy of q, as PyTorch's sum makes
-        super().__init__(N, K, (q.data_ptr(), rowsum.data_ptr(), scale.data_ptr()), (q, rowsum, scale))
-
-    def scratch_bytes(self, M: int) -> int:
-        return 2 * M * self.K  # the rows' two bytes per value
+        super().__init__(N, K, 0, (q, scale, rowsum), rowsum)
 
 
 class Int4RowProduct(NativeRowProduct):
     """W[n, k] = scale[n, g] * u + zero[n, g] with g = k // group, u = q[n, k] + 8 the stored nibble (low
     nibble first, model/quantized.py), zero = mins or -8 scale: packed (N, K / 2) uint8, scales and mins
     (N, K / group) float16, on the CPU. `fits` first."""
-
-    function = "int4_gemv"
 
     @staticmethod
     def fits(K: int, group: int, scales: torch.Tensor, mins: torch.Tensor | None) -> bool:
@@ -175,9 +180,68 @@ class Int4RowProduct(NativeRowProduct):
         N, K = packed.shape[0], packed.shape[1] * 2
         packed, scales = packed.contiguous(), scales.contiguous()
         mins = None if mins is None else mins.contiguous()
-        fixed = (group, packed.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr())
-        super().__init__(N, K, fixed, (packed, scales, mins))
-        self.group = group
+        super().__init__(N, K, group, (packed, scales, mins), mins)
 
-    def scratch_bytes(self, M: int) -> int:
-        return M * (256 * -(-self.K // 128) + 4 * (self.K // self.group))  # gemv.c's xs, then xsum
+
+class Block(ctypes.Structure):
+    """decode.c's `struct block`: one transformer block's matrices, biases, norms and KV cache."""
+
+    _fields_ = [
+        *((name, Matrix) for name in ("qkv", "out", "fc", "proj")),
+        ("bias", P * 4),
+        *((name, P) for name in ("norm1", "shift1", "norm2", "shift2")),
+        ("eps1", ctypes.c_float),
+        ("eps2", ctypes.c_float),
+        ("cache", P),
+    ]
+
+
+class Shape(ctypes.Structure):
+    """decode.c's `struct shape`."""
+
+    _fields_ = [(name, LONG) for name in ("C", "nh", "nkv", "hs", "hidden", "S", "activation")]
+
+
+ACTIVATIONS = {"swiglu": 0, "tanh": 1, "none": 2}  # decode.c's SWIGLU, GELU_TANH (GPT-2's), GELU_ERF
+
+
+def address(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or not t.is_contiguous():
+        raise ValueError(f"decode.c reads contiguous float32 tensors, got {t.dtype} of shape {tuple(t.shape)}")
+    return t.data_ptr()
+
+
+class NativeBlocks:
+    """Every block of a quantized model for one decoded token, in one call of decode.c (its comment says why).
+
+    `layers`: per block, a dict with its four products ("qkv", "out", "fc", "proj": `NativeRowProduct`s),
+    "biases" (four float32 tensors or None), "norm1" and "norm2" ((scale, shift or None, eps)) and "cache"
+    ((2 nkv, S, hs) float32: keys, then values); `shape`: the `Shape` fields but the activation, given by
+    name (`ACTIVATIONS`). Every tensor is kept alive here: the C code reads their memory."""
+
+    def __init__(self, layers: list[dict], shape: dict, activation: str):
+        self.shape = Shape(**shape, activation=ACTIVATIONS[activation])
+        self.blocks = (Block * len(layers))()
+        self.tensors = []
+        for block, layer in zip(self.blocks, layers):
+            for name in ("qkv", "out", "fc", "proj"):
+                setattr(block, name, layer[name].matrix)
+                self.tensors.append(layer[name].tensors)
+            block.bias = (P * 4)(*map(address, layer["biases"]))
+            (block.norm1, block.shift1, block.eps1), (block.norm2, block.shift2, block.eps2) = (
+                (address(scale), address(shift), eps) for scale, shift, eps in (layer["norm1"], layer["norm2"])
+            )
+            block.cache = address(layer["cache"])
+            self.tensors.append((layer["biases"], layer["norm1"], layer["norm2"], layer["cache"]))
+        nbytes = library().decode_work_bytes(ctypes.addressof(self.blocks), len(layers), ctypes.addressof(self.shape))
+        self.work = torch.empty(nbytes // 4 + 16, dtype=torch.float32)
+        self.args = (ctypes.addressof(self.blocks), len(layers), ctypes.addressof(self.shape))
+
+    def __call__(self, x: torch.Tensor, cos: int | None, sin: int | None, mask: torch.Tensor, window: int, slot: int):
+        """x (1, C) float32, in place: the token at cache `slot`; cos, sin: the addresses of RoPE's rows for
+        its position (None without RoPE); mask: (window) additive, 0 where a slot holds a token."""
+        library().decode_blocks(
+            *self.args, x.data_ptr(), cos, sin, mask.data_ptr(), window, slot, self.work.data_ptr(), torch.get_num_threads()
+        )
