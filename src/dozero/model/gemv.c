@@ -164,8 +164,8 @@ static void int4_rows(const int8_t *xs, const float *xsum, float sx, const uint8
             zacc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mg, z + g)),
                                    _mm512_maskz_loadu_ps(mg, xsum + g), zacc);
         }
-        float zsum = _mm512_reduce_add_ps(zacc) * (zero ? 1.0f : -8.0f);
-        y[n0 + r] = _mm512_reduce_add_ps(acc[r]) * sx + zsum;
+        zacc = _mm512_mul_ps(zacc, _mm512_set1_ps(zero ? 1.0f : -8.0f));
+        y[n0 + r] = _mm512_reduce_add_ps(_mm512_fmadd_ps(acc[r], _mm512_set1_ps(sx), zacc)); /* one sum, not two */
     }
 }
 
