@@ -112,7 +112,11 @@ static float split_int8(const float *x, long K, uint8_t *hu, uint8_t *lo) {
  * at a time: its low nibbles are the even columns 0, 2, ..., 126, its high nibbles the odd ones, so the
  * row x is stored in that order too, per chunk of 128: 64 even values, then 64 odd ones (each as its two
  * bytes hi and lo: 4 x 64 bytes). Lane i of a dot product then sums columns 8i ... 8i + 7 of the chunk,
- * which belong to group 8i / G. A row ending in part of a chunk (K = 576: half) reads what is left. */
+ * which belong to group 8i / G. A row ending in part of a chunk (K = 576: half) reads what is left.
+ *
+ * Without zero points (dozero's own int4: w = scale (u - 8)), 64 more bytes per chunk hold -8 times each
+ * lane's sum of x, added to the lane's integer sum: sum x (u - 8) exactly, before the group's scale. With
+ * them (GGUF Q4_1: w = scale u + min), sum_g min[g] (sum of x over g) is added at the row's end. */
 #define CHUNK 128
 
 /* 16 int32 -> signed bytes hi, lo with xi = 256 * hi + lo (|xi| <= 16383: hi in [-64, 64]) */
@@ -138,7 +142,8 @@ static void int4_rows(const int8_t *xs, const float *xsum, float sx, const uint8
     __m512 acc[ROWS];
     for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
     for (long c = 0; c < chunks; c++) {
-        const int8_t *x = xs + 4 * 64 * c; /* hi even, lo even, hi odd, lo odd */
+        const int8_t *x = xs + 5 * 64 * c; /* hi even, lo even, hi odd, lo odd, the -8 offsets */
+        __m512i offset = _mm512_loadu_si512(x + 256);
         __m512i he = _mm512_loadu_si512(x), le = _mm512_loadu_si512(x + 64);
         __m512i ho = _mm512_loadu_si512(x + 128), lo = _mm512_loadu_si512(x + 192);
         long bytes = K - c * CHUNK >= CHUNK ? 64 : (K - c * CHUNK) / 2; /* the row's last chunk may be short */
@@ -152,19 +157,20 @@ static void int4_rows(const int8_t *xs, const float *xsum, float sx, const uint8
             __m512i even = _mm512_and_si512(b, nibble), odd = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
             __m512i high = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(none, even, he), odd, ho);
             __m512i both = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(high, 8), even, le), odd, lo);
+            if (!zero) both = _mm512_add_epi32(both, offset);
             __m512 t = _mm512_cvtepi32_ps(both); /* 256 high + low */
             acc[r] = _mm512_fmadd_ps(t, lane_scales(scale + (n0 + r) * groups + first, valid, lane_group), acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) { /* + sum_g zero[g] * (sum of x over g); without zeros, zero = -8 scale */
-        const uint16_t *z = (zero ? zero : scale) + (n0 + r) * groups;
+    for (int r = 0; r < R && !zero; r++) y[n0 + r] = _mm512_reduce_add_ps(acc[r]) * sx;
+    for (int r = 0; r < R && zero; r++) { /* + sum_g zero[g] * (sum of x over g) */
+        const uint16_t *z = zero + (n0 + r) * groups;
         __m512 zacc = _mm512_setzero_ps();
         for (long g = 0; g < groups; g += 16) {
             __mmask16 mg = first16(groups - g);
             zacc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mg, z + g)),
                                    _mm512_maskz_loadu_ps(mg, xsum + g), zacc);
         }
-        zacc = _mm512_mul_ps(zacc, _mm512_set1_ps(zero ? 1.0f : -8.0f));
         y[n0 + r] = _mm512_reduce_add_ps(_mm512_fmadd_ps(acc[r], _mm512_set1_ps(sx), zacc)); /* one sum, not two */
     }
 }
@@ -177,11 +183,17 @@ static float split_int4(const float *x, long K, long G, int8_t *xs, float *xsum)
     __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     for (long g = 0; g < K / G; g++) xsum[g] = 0.0f;
     for (long c = 0; c < K; c += CHUNK) { /* columns c ... c + 127 */
-        int8_t *out = xs + 4 * 64 * (c / CHUNK);
+        int8_t *out = xs + 5 * 64 * (c / CHUNK);
+        int32_t *offset = (int32_t *)(out + 256), lanes[16 * 8];
         __m512i v[8];
         for (int j = 0; j < 8; j++) { /* the sums of the rounded x: the zero points then cancel its rounding */
             v[j] = c + 16 * j < K ? to_integers(x + c + 16 * j, 0xFFFF, inv, 16383) : _mm512_setzero_si512();
             if (c + 16 * j < K) xsum[(c + 16 * j) / G] += sx * (float)_mm512_reduce_add_epi32(v[j]);
+            _mm512_storeu_si512(lanes + 16 * j, v[j]);
+        }
+        for (int i = 0; i < 16; i++) { /* -8 times each dot-product lane's 8 columns: the zero point of -8 */
+            offset[i] = 0;
+            for (int k = 0; k < 8; k++) offset[i] -= 8 * lanes[8 * i + k];
         }
         for (int j = 0; j < 4; j++) { /* even columns 32j ... 32j + 30, then the odd ones */
             store_split(_mm512_permutex2var_epi32(v[2 * j], even, v[2 * j + 1]), out + 16 * j, out + 64 + 16 * j);
@@ -194,11 +206,11 @@ static float split_int4(const float *x, long K, long G, int8_t *xs, float *xsum)
 /* ---------------------------------------------------------------- the product
 
  * Scratch memory: the rows' sx (64 bytes: up to 16 rows), then the rows as integers: int8 two bytes per
- * value (hu, then lo); int4 256 bytes per 128 columns (the last 128 counted whole: xs), then K / G floats
+ * value (hu, then lo); int4 320 bytes per 128 columns (the last 128 counted whole: xs), then K / G floats
  * (xsum) per row. */
 #define HEADER 64
 
-static long int4_stride(long K) { return 4 * 64 * ((K + CHUNK - 1) / CHUNK); }
+static long int4_stride(long K) { return 5 * 64 * ((K + CHUNK - 1) / CHUNK); }
 
 long gemv_scratch_bytes(const struct matrix *w, long M) {
     return HEADER + (w->group ? M * (int4_stride(w->K) + 4 * (w->K / w->group)) : 2 * M * w->K);
