@@ -130,7 +130,7 @@ def check_quantized_kernels() -> str:
     from dozero.model.native import native_available
 
     if native_available():
-        return "dozero's own (model/gemv.c, AVX-512 VNNI: int8 near the memory's speed)"
+        return "dozero's own (model/gemv.c and decode.c, AVX-512 VNNI: near the memory's speed)"
     return "PyTorch's (dozero's own need AVX-512 VNNI and a C compiler, and DOZERO_NATIVE not 0)"
 
 
