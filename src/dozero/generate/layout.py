@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from dozero.model.gpt import LayerNorm, RMSNorm, TransformerBlock, apply_rope
-from dozero.model.native import NativeBlocks
+from dozero.model.native import ACTIVATIONS, NativeBlocks
 from dozero.model.quantized import QuantizedEmbedding, QuantizedLinear, packed_mm_bf16
 
 
@@ -422,16 +422,19 @@ def native_blocks(model, plans: list[LayerPlan], cache_len: int) -> NativeBlocks
     if not all(p.packed and p.one_row is not None for group in products for p in group):
         return None
     blocks = list(model.trf_blocks)
-    floats = [t for b in blocks for t in (b.norm1.scale, b.norm2.scale, b.att.qkv.bias, b.ff.fc.bias) if t is not None]
+    floats = [t for b in blocks for t in (b.norm1.scale, b.norm2.scale)] + [p.bias for g in products for p in g]
+    floats.append(plans[0].cache)  # and so the stream, the mask and RoPE's tables (the same dtype)
     activation = "swiglu" if blocks[0].ff.swiglu else blocks[0].ff.gelu_approximation
-    if any(t.dtype != torch.float32 for t in floats) or activation not in ("swiglu", "tanh", "none"):
+    if any(t is not None and t.dtype != torch.float32 for t in floats) or activation not in ACTIVATIONS:
         return None
     layers = []
-    for block, plan, group in zip(blocks, plans, products):
-        norms = [(n.scale, getattr(n, "shift", None), n.eps) for n in (block.norm1, block.norm2)]
-        biases = [p.bias if p.bias is None else p.bias.detach() for p in group]
-        layers.append(dict(zip(("qkv", "out", "fc", "proj"), (p.one_row for p in group)), biases=biases,
-                           norm1=norms[0], norm2=norms[1], cache=plan.cache))
+    for block, plan, group in zip(blocks, plans, products, strict=True):
+        layer = {name: p.one_row for name, p in zip(("qkv", "out", "fc", "proj"), group, strict=True)}
+        layer["biases"] = [p.bias if p.bias is None else p.bias.detach() for p in group]
+        for name, n in (("norm1", block.norm1), ("norm2", block.norm2)):
+            layer[name] = (n.scale, getattr(n, "shift", None), n.eps)  # LayerNorm's shift, or None: RMSNorm
+        layer["cache"] = plan.cache
+        layers.append(layer)
     att, hidden = blocks[0].att, blocks[0].ff.proj.in_features
     shape = dict(C=model.cfg.emb_dim, nh=att.n_heads, nkv=att.n_kv_heads, hs=att.head_dim, hidden=hidden, S=cache_len)
     return NativeBlocks(layers, shape, activation)

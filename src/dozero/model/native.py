@@ -71,7 +71,8 @@ def build(compiler: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             part = Path(tmp) / target.name
-            subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(part)], capture_output=True, text=True, check=True)
+            command = [compiler, *FLAGS, *map(str, SOURCES), "-o", str(part)]
+            subprocess.run(command, capture_output=True, text=True, check=True)
             os.replace(part, target)
     return target
 
@@ -225,7 +226,7 @@ class NativeBlocks:
         self.shape = Shape(**shape, activation=ACTIVATIONS[activation])
         self.blocks = (Block * len(layers))()
         self.tensors = []
-        for block, layer in zip(self.blocks, layers):
+        for block, layer in zip(self.blocks, layers, strict=True):
             for name in ("qkv", "out", "fc", "proj"):
                 setattr(block, name, layer[name].matrix)
                 self.tensors.append(layer[name].tensors)
@@ -242,6 +243,5 @@ class NativeBlocks:
     def __call__(self, x: torch.Tensor, cos: int | None, sin: int | None, mask: torch.Tensor, window: int, slot: int):
         """x (1, C) float32, in place: the token at cache `slot`; cos, sin: the addresses of RoPE's rows for
         its position (None without RoPE); mask: (window) additive, 0 where a slot holds a token."""
-        library().decode_blocks(
-            *self.args, x.data_ptr(), cos, sin, mask.data_ptr(), window, slot, self.work.data_ptr(), torch.get_num_threads()
-        )
+        rest = (mask.data_ptr(), window, slot, self.work.data_ptr(), torch.get_num_threads())
+        library().decode_blocks(*self.args, x.data_ptr(), cos, sin, *rest)
