@@ -6,6 +6,7 @@ which goes first, and the script prints medians and the ratios ours / theirs:
 
   tokens/s           128 new tokens / wall time of the whole call (prefill included)
   first token (ms)   wall time of a call with max_new_tokens=1 (prefill + one sampling step)
+  steps alone        127 / (the whole call's time - the first token's): tokens/s of the decoding steps
 
     flock /tmp/dozero-bench.lock .venv/bin/python benchmarks/generate_speed.py
     .venv/bin/python benchmarks/generate_speed.py --shapes small --repeats 9
@@ -147,7 +148,7 @@ def bench(name, cfg, prompt_tokens, new_tokens, repeats, device, dtype, compile,
     for who, fn in runs.items():  # warm-up: allocator, kernels, lazy imports, compilation
         seconds = timed(lambda fn=fn: fn(new_tokens), device)[0]
         print(f"  warm-up {who}: {seconds:.1f} s", flush=True)
-    times = {(who, what): [] for who in runs for what in ("full", "first")}
+    times = {(who, what): [] for who in runs for what in ("full", "first", "decode")}
     same = True
     for r in range(repeats):
         order = list(runs) if r % 2 == 0 else list(reversed(runs))
@@ -156,10 +157,11 @@ def bench(name, cfg, prompt_tokens, new_tokens, repeats, device, dtype, compile,
             seconds, outputs[who] = timed(lambda who=who: runs[who](new_tokens), device)
             times[who, "full"].append(seconds)
             times[who, "first"].append(timed(lambda who=who: runs[who](1), device)[0])
+            times[who, "decode"].append((seconds - times[who, "first"][-1]) / (new_tokens - 1))  # a token's step
         same &= all(out == outputs["Hugging Face"] for who, out in outputs.items() if who not in quant)
         agree = {who: common_prefix(outputs[who], outputs["Hugging Face"]) for who in quant}
     med = {key: statistics.median(values) for key, values in times.items()}
-    results = {who: (new_tokens / med[who, "full"], 1000 * med[who, "first"]) for who in runs}
+    results = {who: (new_tokens / med[who, "full"], 1000 * med[who, "first"], 1 / med[who, "decode"]) for who in runs}
     return results, same, {who: weight_bytes(m) for who, m in models.items()}, agree
 
 
@@ -191,11 +193,16 @@ def main() -> None:
         sizes = (args.prompt_tokens, args.new_tokens, args.repeats)
         quant = args.quant if device.type == "cpu" else []
         results, same, weights_by_row, agree = bench(name, shape, *sizes, device, dtype, args.compile, quant)
-        hf_rate, hf_first = results["Hugging Face"]
+        hf_rate, hf_first, _ = results["Hugging Face"]
         print(f"{name}: {'' if same else 'OUTPUTS DIFFER! '}(ratios: vs Hugging Face, higher is better)")
-        for who, (rate, first) in results.items():
+        for who, (rate, first, decode) in results.items():
             weights = weights_by_row.get(who, weights_by_row["dozero"])
-            limit = f"   limit {bandwidth / weights:6.1f} tokens/s ({weights / 1e6:.0f} MB/token)" if bandwidth else ""
+            limit = ""
+            if bandwidth:  # the decoding steps alone (the prompt's time taken out) against the limit
+                limit = (
+                    f"   limit {bandwidth / weights:6.1f} tokens/s ({weights / 1e6:.0f} MB/token), steps alone "
+                    f"{decode:6.1f} ({decode * weights / bandwidth:4.0%} of it)"
+                )
             same_tokens = f"   first {agree[who]} tokens = HF's" if who in agree else ""
             print(f"  {who:18} {rate:8.1f} tokens/s ({rate / hf_rate:4.2f}x)   "
                   f"first token {first:8.1f} ms ({hf_first / first:4.2f}x){limit}{same_tokens}",
