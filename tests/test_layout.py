@@ -159,6 +159,22 @@ def test_with_dozeros_kernels_a_token_is_one_call_for_all_blocks(bits):
     assert counts[3, True] == counts[2, True] < counts[2, False] < counts[3, False]
 
 
+@pytest.mark.skipif(not native_available(), reason="needs dozero's kernels (AVX-512 VNNI, a C compiler)")
+def test_with_dozeros_kernels_decoding_past_the_context_gives_the_models_tokens():
+    """40 greedy tokens from a 32-token context: decode.c's attention over a window that widens every 4
+    slots, then a new step over a new cache when the window slides; the model's own forward gives the
+    same tokens."""
+    from dozero.compress.quantize import QuantizeConfig, quantize
+
+    model = quantize(tiny(LLAMA_GQA, weight_scale=5.0), QuantizeConfig(bits=4, group_size=32))
+    config = GenerationConfig(temperature=0.0, max_new_tokens=40, stop_at_eot=False)
+    fast = laid_out(model)
+    with torch.inference_mode():
+        assert BatchState(fast, [[3, 1, 4]], 32).one_token.native is not None
+    with pytest.warns(UserWarning, match="context length"):
+        assert generate_ids(fast, [[3, 1, 4]], config) == generate_ids(model, [[3, 1, 4]], config)
+
+
 def assert_step_equals_forward(model, fast, tolerance: float = 1e-4) -> None:
     """`fast` (laid out for decoding) decodes 8 tokens through the planned step, `model` through its forward:
     logits within `tolerance` of the largest (at least `tolerance`), and the same greedy tokens."""
