@@ -246,6 +246,8 @@ def step_times(args) -> None:
         )
         print(f"round {r + 1:>2}: {cells}{ratios}")
     summarize(times, tokens)
+    if args.breakdown:
+        breakdown({name: runners[name][1] for name in ("dozero", "nanoGPT") if name in runners}, index, times)
 
 
 PAIRS = (
@@ -275,6 +277,107 @@ def summarize(times: dict[str, list[float]], tokens: int) -> None:
                 f"{other}/{mine} ms per step: median {statistics.median(ratios):.2f}x "
                 f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x; above 1: dozero is faster)"
             )
+
+
+KINDS = {
+    "matrix products": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "attention": ("scaled_dot_product",),
+    "GELU": ("aten::gelu",),
+    "LayerNorm": ("layer_norm",),
+    "AdamW": ("adamw",),
+}
+"""What the breakdown sums: products by their exact op names, the rest by a part of the name."""
+
+
+def kind_of(op: str) -> str:
+    if op in KINDS["matrix products"]:
+        return "matrix products"
+    others = ((kind, parts) for kind, parts in KINDS.items() if kind != "matrix products")
+    return next((kind for kind, parts in others if any(part in op for part in parts)), "other kernels")
+
+
+def profile_step(step, start: int, n: int) -> dict[str, float]:
+    """ms a step in each kind of PyTorch kernel (self times of aten ops, so none is counted twice), and the
+    wall time left outside them (Python, the autograd engine, the profiler's own cost)."""
+    from torch.profiler import profile
+
+    begin = time.perf_counter()
+    with profile() as prof:
+        for index in range(start, start + n):
+            step(index)
+    wall = 1e3 * (time.perf_counter() - begin) / n
+    ms = dict.fromkeys([*KINDS, "other kernels"], 0.0)
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            ms[kind_of(event.key)] += event.self_cpu_time_total / 1e3 / n
+    ms["outside kernels"] = wall - sum(ms.values())
+    ms["whole step (profiled)"] = wall
+    return ms
+
+
+def product_flops(step, index: int) -> float:
+    """FLOPs of one step's matrix products, as torch.utils.flop_counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(index)
+    counts = counter.get_flop_counts()["Global"]
+    return float(sum(flops for op, flops in counts.items() if str(op) in ("aten.mm", "aten.addmm", "aten.bmm")))
+
+
+def float32_rate(size: int = 2048, repeats: int = 5) -> float:
+    """This CPU's float32 matrix-product rate right now, GFLOP/s: the best of a few square products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def timed(work) -> float:
+    begin = time.perf_counter()
+    work()
+    return time.perf_counter() - begin
+
+
+def breakdown(steps: dict, index: int, times: dict[str, list[float]], rounds: int = 5, n: int = 10) -> None:
+    """--breakdown: where a float32 step goes, dozero's and nanoGPT's, and what 1.5x nanoGPT would leave
+    for everything but the matrix products if every product ran at this CPU's best float32 rate. Profiled
+    in interleaved rounds, like the step times (the machine's load drifts); each figure is a median."""
+    flops = product_flops(steps["dozero"], index)
+    profiles: dict[str, list[dict]] = {name: [] for name in steps}
+    rates = []
+    for r in range(rounds):
+        rates.append(float32_rate())
+        for name, step in steps.items():
+            profiles[name].append(profile_step(step, index + 1 + r * n, n))
+    rate = statistics.median(rates)
+    rows = {
+        name: {kind: statistics.median(p[kind] for p in runs) for kind in runs[0]} for name, runs in profiles.items()
+    }
+    print(f"\nwhere a float32 step goes (torch.profiler, {rounds} rounds of {n} steps each; medians), ms a step:")
+    print(f"{'':>24}" + "".join(f"{name:>10}" for name in rows))
+    for kind in next(iter(rows.values())):
+        print(f"{kind:>24}" + "".join(f"{row[kind]:10.1f}" for row in rows.values()))
+    products = rows["dozero"]["matrix products"]
+    print(
+        f"dozero's products: {flops / 1e9:.2f} GFLOP a step (torch.utils.flop_counter) at {flops / products / 1e6:.0f} "
+        f"GFLOP/s; a 2048x2048 float32 product runs at {rate:.0f} GFLOP/s in this run (median)"
+    )
+    if "nanoGPT" in times:
+        # The rest of a step: its median unprofiled time (the rounds) minus its products' profiled time, so
+        # the profiler's own cost is not counted in it.
+        rest = {name: statistics.median(times[name]) - row["matrix products"] for name, row in rows.items()}
+        named = {
+            name: sum(row[kind] for kind in ("attention", "GELU", "LayerNorm", "AdamW")) for name, row in rows.items()
+        }
+        target, floor = statistics.median(times["nanoGPT"]) / 1.5, flops / rate / 1e6
+        print(
+            f"1.5x nanoGPT's median step is {target:.1f} ms. Every product at {rate:.0f} GFLOP/s would take "
+            f"{floor:.1f} ms, leaving {target - floor:.1f} ms for the rest of the step; the rest takes "
+            + " and ".join(f"{rest[name]:.1f} ms in {name}'s step" for name in rows)
+            + " (its median minus its products), of which attention, GELU, LayerNorm and AdamW take "
+            + " and ".join(f"{named[name]:.1f}" for name in rows)
+        )
 
 
 # ---- 2. time to nanoGPT's validation loss ------------------------------------------------------
@@ -371,6 +474,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time dozero and nanoGPT with torch.compile(model)")
     p.add_argument(
         "--bf16", action="store_true", help="also time dozero and nanoGPT under bfloat16 autocast (float32 weights)"
+    )
+    p.add_argument(
+        "--breakdown", action="store_true", help="also profile dozero's and nanoGPT's float32 steps by kind of kernel"
     )
     p.add_argument("--nanogpt", default="", help=f"nanoGPT checkout (default: $NANOGPT_DIR or {DEFAULT_NANOGPT})")
     p.add_argument("--to-loss", action="store_true", help="also time both full runs to nanoGPT's val loss")
