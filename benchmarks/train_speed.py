@@ -367,17 +367,18 @@ def breakdown(steps: dict, index: int, times: dict[str, list[float]], rounds: in
         # The rest of a step: its median unprofiled time (the rounds) minus its products' profiled time, so
         # the profiler's own cost is not counted in it.
         rest = {name: statistics.median(times[name]) - row["matrix products"] for name, row in rows.items()}
-        named = {
-            name: sum(row[kind] for kind in ("attention", "GELU", "LayerNorm", "AdamW")) for name, row in rows.items()
-        }
+        kernels = {name: sum(v for k, v in row.items() if k not in NOT_KERNELS) for name, row in rows.items()}
         target, floor = statistics.median(times["nanoGPT"]) / 1.5, flops / rate / 1e6
         print(
             f"1.5x nanoGPT's median step is {target:.1f} ms. Every product at {rate:.0f} GFLOP/s would take "
-            f"{floor:.1f} ms, leaving {target - floor:.1f} ms for the rest of the step; the rest takes "
+            f"{floor:.1f} ms, leaving {target - floor:.1f} ms for the rest of the step. The rest takes "
             + " and ".join(f"{rest[name]:.1f} ms in {name}'s step" for name in rows)
-            + " (its median minus its products), of which attention, GELU, LayerNorm and AdamW take "
-            + " and ".join(f"{named[name]:.1f}" for name in rows)
+            + " (its median minus its products); PyTorch's kernels in it, without the Python around them, "
+            + " and ".join(f"{kernels[name]:.1f}" for name in rows)
         )
+
+
+NOT_KERNELS = ("matrix products", "outside kernels", "whole step (profiled)")
 
 
 # ---- 2. time to nanoGPT's validation loss ------------------------------------------------------
