@@ -83,15 +83,19 @@ def test_torch_settings_are_restored():
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32
 
 
-def test_train_leaves_torch_threads_as_it_found_them(tmp_path):
+def test_train_leaves_torch_threads_and_random_state_as_it_found_them(tmp_path):
     from dozero.train.loop import train
     from test_train import TINY_SHAPE, tiny_config
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     try:
         train(tiny_config(tmp_path, max_steps=1, eval_interval=1, threads=1), TINY_SHAPE, quiet=True)
         assert torch.get_num_threads() == 2
+        assert torch.equal(torch.rand(3), expected)  # train seeded the generator inside, not the caller's
     finally:
         torch.set_num_threads(before)
 

@@ -226,16 +226,18 @@ def grad_scaler(device: torch.device, dtype: torch.dtype):
 @contextlib.contextmanager
 def torch_settings(device: torch.device, threads: int = 0):
     """Inside: `threads` CPU threads (0: unchanged) and TF32 matmuls for the float32 parts on
-    CUDA (Ampere+). Both are process-wide switches, so they are put back on exit: a Python caller
-    of train() finds torch as it left it."""
+    CUDA (Ampere+). Both are process-wide switches, so they are put back on exit, and so is the random
+    generators' state (training seeds them): a Python caller of train() finds torch as it left it."""
     saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    rng_devices = [device] if device.type == "cuda" and torch.cuda.is_available() else []  # and the CPU one
     try:
         if threads:
             torch.set_num_threads(threads)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        yield
+        with torch.random.fork_rng(devices=rng_devices):
+            yield
     finally:
         torch.set_num_threads(saved[0])
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:]
