@@ -41,6 +41,11 @@ one, the nanoGPT parts are skipped with a message. To get it:
    ratios: nanoGPT as its train.py runs on a CPU (float32) / dozero bf16, and nanoGPT bf16 / dozero bf16.
    With --compile too: the compiled pair in bf16, and nanoGPT float32 (eager, as its README's CPU recipe
    runs, and compiled) / dozero compiled bf16.
+5. --breakdown (with 1): dozero's and nanoGPT's float32 steps under torch.profiler, in interleaved rounds,
+   by kind of kernel (matrix products, attention, GELU, LayerNorm, AdamW, other kernels, the time outside
+   them); the step's product FLOPs (torch.utils.flop_counter) and a 2048x2048 product's rate in the same
+   run; and what 1.5x nanoGPT's step would leave for everything but the products at that rate, beside
+   what the rest takes.
 """
 
 from __future__ import annotations
@@ -287,6 +292,8 @@ KINDS = {
     "AdamW": ("adamw",),
 }
 """What the breakdown sums: products by their exact op names, the rest by a part of the name."""
+NOT_KERNELS = ("matrix products", "outside kernels", "whole step (profiled)")
+"""The breakdown's rows that are not the rest's kernels."""
 
 
 def kind_of(op: str) -> str:
@@ -376,9 +383,6 @@ def breakdown(steps: dict, index: int, times: dict[str, list[float]], rounds: in
             + " (its median minus its products); PyTorch's kernels in it, without the Python around them, "
             + " and ".join(f"{kernels[name]:.1f}" for name in rows)
         )
-
-
-NOT_KERNELS = ("matrix products", "outside kernels", "whole step (profiled)")
 
 
 # ---- 2. time to nanoGPT's validation loss ------------------------------------------------------
