@@ -256,3 +256,34 @@ def test_checksums_naming_a_file_outside_the_folder_are_refused(tmp_path, name):
     (tmp_path / "ckpt" / "checksums.json").write_text(json.dumps({"sha256": {name: "0" * 64}}))
     with pytest.raises(DozeroError, match=f"names '{name}', outside the folder"):
         verify_checksums(tmp_path / "ckpt")
+
+
+def test_a_save_killed_half_way_is_swept_by_the_next_save(four_steps, tmp_path):
+    """kill -9 in the middle of writing a checkpoint leaves its temporary folder; the next save in that
+    folder removes it (before: a hidden .step_N.* folder per kill, as large as a checkpoint, forever)."""
+    import os
+    import subprocess
+    import sys
+
+    from dozero.files import FILE_MODE, FOLDER_MODE
+
+    cfg, run, _ = four_steps
+    run = copy_run(run, tmp_path)
+    die_while_writing = (
+        "import os, signal, sys; from pathlib import Path; from dozero.train.checkpoint import _write_folder; "
+        "_write_folder(Path(sys.argv[1]), lambda tmp: ((tmp / 'model.safetensors').write_bytes(b'half'), "
+        "os.kill(os.getpid(), signal.SIGKILL)))"
+    )
+    done = subprocess.run([sys.executable, "-c", die_while_writing, str(run / "checkpoints" / "step_000005")])
+    assert done.returncode == -9
+    hidden = lambda: [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # noqa: E731
+    assert len(hidden()) == 1  # the killed save's temporary folder
+
+    train(dataclasses.replace(cfg, max_steps=6), TINY_SHAPE, resume=run, quiet=True)
+    assert hidden() == []
+    assert (run / "checkpoints" / "step_000006").is_dir()
+    # Shared like any folder and file a user makes, not private to the writer.
+    assert (run / "checkpoints" / "step_000006").stat().st_mode & 0o777 == FOLDER_MODE
+    for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json"):
+        assert (run / "latest" / name).stat().st_mode & 0o777 == FILE_MODE, name
+    assert os.listdir(run / "latest")

@@ -47,6 +47,7 @@ def _read_umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_read_umask()  # what `open(path, "w")` would give (0o644 under the usual umask)
+FOLDER_MODE = 0o777 & ~_read_umask()  # what `mkdir` would give (0o755)
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
 # ".<target name>.<host>-<pid>.<8 random characters>.tmp" (files and folders alike).
 _TEMP = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.tmp$")
@@ -102,10 +103,13 @@ def _temp_prefix(path: Path) -> str:
 
 
 def make_temp_folder(beside: Path) -> Path:
-    """A new empty folder in `beside`'s parent (same filesystem, so it can be renamed onto `beside`)."""
+    """A new empty folder in `beside`'s parent (same filesystem, so it can be renamed onto `beside`).
+    Named like every dozero temp, so if this process dies (kill -9) the next one sweeps it."""
     beside.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(beside.parent)
-    return Path(tempfile.mkdtemp(prefix=_temp_prefix(beside), suffix=".tmp", dir=beside.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(beside), suffix=".tmp", dir=beside.parent))
+    os.chmod(tmp, FOLDER_MODE)  # mkdtemp makes it private (0700); the result is shared like any folder
+    return tmp
 
 
 @contextmanager

@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ from safetensors.torch import save_file
 from dozero import runtime
 from dozero.config import ModelConfig
 from dozero.errors import DozeroError
-from dozero.files import check_output_folder, replace_folder, write_json
+from dozero.files import FILE_MODE, check_output_folder, make_temp_folder, replace_folder, write_json
 from dozero.model.checkpoint import (
     CHECKSUMS_FILE,
     model_config_from_dict,
@@ -135,10 +134,12 @@ def _json_default(x):
 def _write_folder(final: Path, fill) -> None:
     """Create `final` atomically: `fill(tmp)` writes into a temporary folder beside it, which is
     then renamed into place; on any error the temporary folder goes and `final` is untouched."""
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); a checkpoint is shared like any folder
+    tmp = make_temp_folder(final)  # a temp left by kill -9 is swept by the next save in this folder
     try:
         fill(tmp)
+        for path in tmp.rglob("*"):  # safetensors writes files private (0600): another user could not resume
+            if path.is_file():
+                os.chmod(path, FILE_MODE)
         replace_folder(tmp, final, keep=lambda name: False)  # nothing of the old one stays
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
