@@ -112,11 +112,21 @@ def _loop(run: Run) -> None:
             run.observer.close()
 
 
+def _out_of_memory(e: RuntimeError) -> bool:
+    """CUDA's torch.OutOfMemoryError, or an allocation that failed on a CPU ("DefaultCPUAllocator: can't
+    allocate memory") or on Apple's GPU ("MPS backend out of memory"), which PyTorch raises as plain
+    RuntimeErrors."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    message = str(e)
+    return (oom is not None and isinstance(e, oom)) or "can't allocate memory" in message or "out of memory" in message
+
+
 def _step(run: Run) -> None:
-    oom = getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError", RuntimeError))
     try:
         loss, applied = run.stepper(run.step)
-    except oom as e:
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not _out_of_memory(e):
+            raise
         raise DozeroError(
             f"out of memory at step {run.step + 1} with --micro-batch-size {run.cfg.micro_batch_size}: use a "
             "smaller micro-batch; set --global-batch-tokens to keep the same batch through gradient accumulation"

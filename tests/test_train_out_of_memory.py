@@ -1,8 +1,9 @@
-"""A step that runs out of device memory is one line saying what to lower (train/loop.py `_step`), not a
-traceback: nothing else tested that conversion."""
+"""A step that runs out of memory (a GPU's or a CPU's) is one line saying what to lower (train/loop.py
+`_step`), not a traceback."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dozero.cli import main
@@ -11,11 +12,20 @@ SHAPE = ["--n-layers", "1", "--emb-dim", "32", "--n-heads", "2", "--context-leng
 RUN = ["--max-steps", "2", "--eval-interval", "2", "--eval-iters", "1", "--sample-tokens", "0", "--threads", "1"]
 
 
-def test_out_of_memory_in_a_step_is_one_line_naming_the_micro_batch(tmp_path, monkeypatch, capsys):
+def cuda_out_of_memory():
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def cpu_out_of_memory():
+    torch.empty(2**50, dtype=torch.uint8)  # a real failed allocation: a plain RuntimeError on a CPU
+
+
+@pytest.mark.parametrize("allocate", [cuda_out_of_memory, cpu_out_of_memory])
+def test_out_of_memory_in_a_step_is_one_line_naming_the_micro_batch(tmp_path, monkeypatch, capsys, allocate):
     import dozero.train.step
 
     def no_memory(self, index):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        allocate()
 
     monkeypatch.setattr(dozero.train.step.Stepper, "__call__", no_memory)
     assert main(["train", "--out-dir", str(tmp_path / "run"), *SHAPE, *RUN]) == 2
