@@ -332,6 +332,18 @@ def test_a_step_too_big_for_memory_is_warned_before_it_starts(tmp_path, monkeypa
     assert err.count("warning:") == 1
 
 
+def test_the_memory_warning_is_a_line_of_its_own_beside_the_progress_bar(tmp_path, monkeypatch, capsys):
+    from dozero import runtime
+    from dozero.cli import main
+
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 1000)
+    shape = ["--n-layers", "1", "--emb-dim", "32", "--n-heads", "2", "--context-length", "16", "--threads", "1"]
+    main(["train", "--out-dir", str(tmp_path / "run"), "--max-steps", "1", "--sample-tokens", "0", *shape])
+    pieces = capsys.readouterr().err.replace("\r", "\n").split("\n")  # the bar redraws itself after \r
+    assert any(p.startswith("warning: one training step needs about") for p in pieces), pieces
+    assert not any("warning:" in p and not p.startswith("warning:") for p in pieces), pieces
+
+
 def test_text_files_with_a_bpe_tokenizer(tmp_path):
     corpus = tmp_path / "plays"
     corpus.mkdir()

@@ -172,7 +172,10 @@ def _warn_if_too_big(run: Run) -> None:
     need = memory_estimate(run.model_cfg, run.cfg.micro_batch_size)[precision]["training"]
     free = runtime.free_memory(run.device)
     if free is not None and need > free:
-        print(
+        from tqdm.auto import tqdm
+
+        # tqdm.write: on a line of its own above the progress bar, not glued to the bar's end.
+        tqdm.write(
             f"warning: one training step needs about {human_bytes(need)} (model.info estimate) but "
             f"{run.device.type} has {human_bytes(free)} free; it may run out of memory: lower --micro-batch-size",
             file=sys.stderr,
