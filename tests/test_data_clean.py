@@ -74,6 +74,9 @@ def test_near_misses_are_left_alone(text):
         ("Meu celular é 11 91234-5678, o fixo 3456-7890.", "Meu celular é <PHONE>, o fixo <PHONE>.", {"phone": 2}),
         ("WhatsApp: +55 11 91234-5678 (só mensagens)", "WhatsApp: <PHONE> (só mensagens)", {"phone": 1}),
         ("Sem DDD: 91234-5678.", "Sem DDD: <PHONE>.", {"phone": 1}),
+        ("Cel. (11) 9 8765-4321 ou (011) 98765-4321.", "Cel. <PHONE> ou <PHONE>.", {"phone": 2}),
+        ("Zap 98765 4321, tel 11 987654321, recado 9 8765-4321.", "Zap <PHONE>, tel <PHONE>, recado <PHONE>.",
+         {"phone": 3}),
         ("Dúvidas? Escreva (email: ana@x.com.br).", "Dúvidas? Escreva (email: <EMAIL>).", {"email": 1}),
         ("Call me, ligue 555-123-4567, ok?", "Call me, ligue <PHONE>, ok?", {"phone": 1}),
         ("Telefone (555-123-4567) e ((415) 555-0132).", "Telefone (<PHONE>) e (<PHONE>).", {"phone": 2}),
@@ -97,6 +100,7 @@ def test_brazilian_personal_data_in_running_text(text, expected, counts):
         "ISBN 978-85-333-0227-3, ISBN 0-306-40615-2 e ISSN 2049-3630.",
         "CEP 01310-100, processo 0001234-56.2023.8.26.0100, agência 1234-5 conta 12345-6.",
         "De 1990-2000 a versão 1.2.3.4.5 rodou em 256.1.1.1.",
+        "Foram 987654321 acessos e 12345678 visitas; o lote 9 1234 chegou com 34567890 itens.",
     ],
 )
 def test_brazilian_near_misses_are_left_alone(text):

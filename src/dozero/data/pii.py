@@ -35,12 +35,17 @@ PHONE = regex.compile(
     r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,5}\)?){2,5}(?!\w)"
     r"|(?<![\w.-])(?:\(\d{3}\)\s?|\d{3}[.-])\d{3}[.-]\d{4}(?![\w-]|[.,]\d)"
 )
-# Brazilian: "(11) 91234-5678", "(11)912345678", "11 91234-5678", "91234-5678" (mobile: 9 + 8 digits),
-# "3456-7890" (landline: 8 digits). Four digits, dash, four digits is also how ranges are written
-# ("2000-2010", "3000-4000"), so `_br_phone_ok` leaves year ranges and round ranges alone.
+# Brazilian: mobiles (9 + 8 digits) "(11) 91234-5678", "(11)912345678", "(011) 9 1234-5678",
+# "11 91234-5678", "11 912345678", "91234-5678", "91234 5678", "9 1234-5678"; landlines (8 digits)
+# "(11) 3456-7890", "11 3456-7890", "3456-7890". Without parentheses a landline needs its dash and a mobile
+# without an area code a separator, so that runs of digits stay. Four digits, dash, four digits is also how
+# ranges are written ("2000-2010", "3000-4000"), so `_br_phone_ok` leaves year ranges and round ranges alone.
+_MOBILE, _LANDLINE = r"9 ?\d{4}[- ]?\d{4}", r"[2-9]\d{3}-?\d{4}"
 BR_PHONE = regex.compile(
     r"(?=[(\d])(?<![\w.,/+-])(?<!ISSN )"  # the lookahead first lets `regex` skip letters quickly: 6x faster
-    r"(?:\([1-9][1-9]\)\s?(?:9\d{4}|[2-9]\d{3})-?\d{4}|(?:[1-9][1-9] )?(?:9\d{4}|[2-9]\d{3})-\d{4})"
+    rf"(?:\(0?[1-9][1-9]\)\s?(?:{_MOBILE}|{_LANDLINE})"  # area code in parentheses, with the trunk 0 or not
+    rf"|0?[1-9][1-9] (?:{_MOBILE}|[2-9]\d{{3}}-\d{{4}})"  # area code, a space
+    r"|9 ?\d{4}[- ]\d{4}|[2-9]\d{3}-\d{4})"  # no area code
     r"(?![\w-]|[.,]\d)"
 )
 _YEAR = regex.compile(r"(?:19|20)\d\d")
