@@ -7,12 +7,16 @@ exceptions with tracebacks.
 The operating system's own complaints about the user's disk (read-only, full, no permission, a
 file where a folder should be) are just as fixable, and arrive as `OSError` from deep inside
 whatever was writing; `os_error_message` turns the expected ones into the same kind of line, so
-no code has to wrap every `open` and `mkdir`.
+no code has to wrap every `open` and `mkdir`. A failed `write()` (a full disk) names no file; the code
+that knows which file or folder is being written says so with `naming_os_errors(path)`.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -50,3 +54,26 @@ def os_error_message(e: OSError) -> str | None:
     if e.errno == errno.EEXIST and path is not None and Path(path).is_file():
         reason += " (a file, where a folder is needed)"
     return f"{'(no path given)' if path is None else path}: {reason}; {advice}"
+
+
+@contextmanager
+def naming_os_errors(path: str | os.PathLike, temporary: str | os.PathLike | None = None) -> Iterator[None]:
+    """Make an `OSError` raised in the block name `path` when it names no path (a full disk fails a
+    `write()`, which has no file name) or names a path starting with `temporary` (the temporary file or
+    folder an output is built in, or their common prefix: gone by the time the user reads the message),
+    so that the user's one line says which output could not be written. An error that names another
+    path (an input, say) keeps it."""
+    try:
+        yield
+    except OSError as e:
+        shown = e.filename2 if e.filename2 is not None else e.filename
+        if shown is None or (temporary is not None and _starts_with(shown, temporary)):
+            e.filename, e.filename2 = os.fspath(path), None
+        raise
+
+
+def _starts_with(path, prefix) -> bool:
+    try:
+        return os.path.abspath(os.fsdecode(path)).startswith(os.path.abspath(os.fsdecode(prefix)))
+    except TypeError:  # a file descriptor
+        return False

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dozero.errors import DozeroError
+from dozero.errors import DozeroError, naming_os_errors
 
 
 def _read_umask() -> int:
@@ -116,17 +116,19 @@ def make_temp_folder(beside: Path) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block succeeds it replaces `path` in one step.
     On any failure (disk full, read-only folder, Ctrl-C) the temporary goes and the old file stays;
-    `dozero.cli` turns the OSError into one line (`errors.os_error_message`)."""
+    `dozero.cli` turns the OSError into one line (`errors.os_error_message`), naming `path` where the
+    system named none (a full disk fails a write()) or named the temporary."""
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _sweep_once(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        yield Path(tmp)
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes files private (0600)
-        os.replace(tmp, path)
+        with naming_os_errors(path, temporary=path.parent / _temp_prefix(path)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _sweep_once(path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            yield Path(tmp)
+            os.chmod(tmp, FILE_MODE)  # mkstemp makes files private (0600)
+            os.replace(tmp, path)
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -177,6 +179,24 @@ def check_output_folder(path: str | os.PathLike, what: str, is_ours: Callable[[P
         f"{path} is not empty and is not a {what}; writing there could replace files that are not dozero's: "
         "choose another output folder, or pass --force to write into it anyway"
     )
+
+
+@contextmanager
+def removed_if_failed(folder: str | os.PathLike) -> Iterator[None]:
+    """For a command writing the output `folder`: if the block fails (a full disk, Ctrl-C), remove the
+    folders it created for it (`folder`, and the parents that did not exist), so that a failed command
+    leaves nothing that was not there before. A folder that existed before the block is never removed."""
+    created = None  # the highest folder of the output's path that does not exist yet
+    for p in (Path(folder).absolute(), *Path(folder).absolute().parents):
+        if os.path.lexists(p):
+            break
+        created = p
+    try:
+        yield
+    except BaseException:
+        if created is not None and created.is_dir() and not created.is_symlink():
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 # ---------------------------------------------------------------- input files

@@ -45,8 +45,8 @@ from dozero.cli_args import unescape
 from dozero.data.clean import CleanConfig, CleanReport, CleanResult, Deduplicator, clean_document
 from dozero.data.ingest import Document, IngestStats, expand_inputs, iter_documents, total_input_bytes
 from dozero.data.shards import FORMAT, ShardWriter, is_data_file, is_data_folder, token_dtype, write_manifest
-from dozero.errors import DozeroError
-from dozero.files import atomic_write, check_output_folder, make_temp_folder, replace_folder
+from dozero.errors import DozeroError, naming_os_errors
+from dozero.files import atomic_write, check_output_folder, make_temp_folder, removed_if_failed, replace_folder
 
 CHAR_SEPARATOR = "\n\n"
 BATCH_BYTES = 1 << 20  # ~1 MB of text per task: large enough that pickling overhead is small
@@ -196,13 +196,15 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     out = out.resolve() if out.is_symlink() else out  # swap the folder it points to, not the link
     files = _input_files(inputs, out)
     _check_out(out, force)
-    build = make_temp_folder(out)
-    try:
-        manifest = _build(files, build, cfg, clean_cfg, progress)
-        replace_folder(build, out, keep=lambda name: not is_data_file(name))
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
+    with removed_if_failed(out.parent):  # make_temp_folder may create --out's parents
+        build = make_temp_folder(out)
+        try:  # errors name --out: the temporary folder is gone by the time the user reads them
+            with naming_os_errors(out, temporary=build):
+                manifest = _build(files, build, cfg, clean_cfg, progress)
+                replace_folder(build, out, keep=lambda name: not is_data_file(name))
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
     return manifest
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -56,11 +58,25 @@ def read_json(path: Path) -> dict:
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    # transformers refuses safetensors files without format=pt in their metadata.
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        try:  # transformers refuses safetensors files without format=pt in their metadata.
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as e:
+            raise _as_os_error(e, path) from None
+
+
+def _as_os_error(e: Exception, path: str | Path) -> Exception:
+    """safetensors' writer reports the disk's errors (full, read-only) as its own error type, with the
+    system's errno only in the text ("... No space left on device (os error 28)"): the OSError it stands
+    for, naming `path`, so that the CLI gives its one line. Any other error is returned as it is (a bug)."""
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    if found is None:
+        return e
+    code = int(found[1])
+    return OSError(code, os.strerror(code), str(path))
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -229,6 +229,7 @@ def run_summary(args) -> int:
 
 
 def run_convert(args) -> int:
+    from dozero.files import atomic_path, removed_if_failed
     from dozero.model.checkpoint import check_model_output, load_model, resolve_model_dir, save_model
     from dozero.tokenizer.base import TOKENIZER_FOLDER_FILES
 
@@ -241,16 +242,18 @@ def run_convert(args) -> int:
     check_model_output(dst, args.force)
     model = load_model(src)
     tok = _source_tokenizer(src, model.cfg.vocab_size)
-    # With the tokenizer, the Hugging Face config.json and generation_config.json get its end token,
-    # so transformers' generate stops where dozero's does.
-    save_model(model, dst, tokenizer=tok, format=args.to, hf_tokenizer_files=False)
-    copied = [f for f in TOKENIZER_FOLDER_FILES if (src / f).is_file()]
-    for f in copied:
-        shutil.copyfile(src / f, dst / f)
-    if src.is_file():  # a GGUF file: save_model wrote its tokenizer as tokenizer.gguf (chat template included)
-        copied.append("tokenizer.gguf")
-    if args.to == "hf" and tok is not None:
-        copied += _export_hf_tokenizer(tok, dst, copied, model.cfg.context_length)
+    with removed_if_failed(dst):  # a full disk leaves no half-written DST
+        # With the tokenizer, the Hugging Face config.json and generation_config.json get its end token,
+        # so transformers' generate stops where dozero's does.
+        save_model(model, dst, tokenizer=tok, format=args.to, hf_tokenizer_files=False)
+        copied = [f for f in TOKENIZER_FOLDER_FILES if (src / f).is_file()]
+        for f in copied:
+            with atomic_path(dst / f) as tmp:
+                shutil.copyfile(src / f, tmp)
+        if src.is_file():  # a GGUF file: save_model wrote its tokenizer as tokenizer.gguf (chat template included)
+            copied.append("tokenizer.gguf")
+        if args.to == "hf" and tok is not None:
+            copied += _export_hf_tokenizer(tok, dst, copied, model.cfg.context_length)
     print(f"wrote {dst} ({'Hugging Face' if args.to == 'hf' else 'dozero'} format, "
           f"{model.num_parameters():,} parameters)")  # fmt: skip
     print(f"tokenizer: {', '.join(dict.fromkeys(copied)) if copied else 'none found in ' + str(src)}")

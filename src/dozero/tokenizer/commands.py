@@ -147,7 +147,7 @@ def is_tokenizer_folder(path: Path) -> bool:
 
 
 def run_train(args) -> None:
-    from dozero.files import check_output_folder
+    from dozero.files import check_output_folder, removed_if_failed
     from dozero.tokenizer.formats import export_tokenizer
     from dozero.tokenizer.train import train_bpe
 
@@ -155,9 +155,10 @@ def run_train(args) -> None:
     check_output_folder(args.out, "tokenizer folder", is_tokenizer_folder, args.force)
     specials = [s for s in (args.special if args.special is not None else ["<|endoftext|>"]) if s]
     tok, report = train_bpe(args.inputs, args.vocab_size, specials, name=Path(args.out).name, workers=args.workers)
-    tok.save(args.out)
-    for fmt in args.export or []:
-        export_tokenizer(tok, args.out, fmt)
+    with removed_if_failed(args.out):  # a full disk leaves no half-written --out
+        tok.save(args.out)
+        for fmt in args.export or []:
+            export_tokenizer(tok, args.out, fmt)
     print(f"read {report.files} file(s), {report.bytes / 1e6:.2f} MB: {report.chunks:,} chunks, "
           f"{report.distinct_chunks:,} distinct; {report.merges:,} merges in {report.seconds:.1f} s")  # fmt: skip
     if report.invalid_bytes:

@@ -1,0 +1,181 @@
+"""A full disk while dozero writes an output (issue #11): one line `error: <the output's path>: No space left
+on device; ...`, exit 2, no traceback, and nothing left behind that was not there before.
+
+A real full disk needs root (a small tmpfs); these tests make one the way a full disk behaves instead:
+`write()` fails with ENOSPC and *no file name* (the system call has none to give), and safetensors' Rust
+writer fails with its own error type and the errno in its text, as it does on a full disk.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dozero.cli import main
+from dozero.config import ModelConfig
+from dozero.errors import naming_os_errors, os_error_message
+from dozero.files import removed_if_failed
+from dozero.model.checkpoint import _as_os_error, save_model
+from dozero.model.gpt import GPTModel
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
+
+
+class _FullDiskFile:
+    """A file opened for writing on a full disk: opening works, every write fails as write(2) does."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # no filename: write(2) has none
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.fixture
+def full_disk(tmp_path, monkeypatch):
+    """A folder standing for a full disk: files opened for writing anywhere below it cannot be written."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    real_open = builtins.open
+
+    def open_on_full_disk(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        on_disk = isinstance(file, (str, os.PathLike)) and Path(file).absolute().is_relative_to(disk)
+        return _FullDiskFile(f) if on_disk and any(c in mode for c in "wax+") else f
+
+    monkeypatch.setattr(builtins, "open", open_on_full_disk)
+    monkeypatch.setattr(io, "open", open_on_full_disk)  # pathlib's write_bytes / write_text open with io.open
+    return disk
+
+
+def assert_full_disk_error(capsys, argv, path: Path):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    last = err.splitlines()[-1]  # (after the progress bars)
+    assert last.startswith("error: ") and err.count("error") == 1, err  # one line
+    assert "Traceback" not in out + err
+    assert "No space left on device" in last and "free some space" in last, err
+    assert last.startswith(f"error: {path}"), err  # names the output, not "(no path given)" nor a temporary
+
+
+def leftovers(disk: Path) -> list[str]:
+    return sorted(str(p.relative_to(disk)) for p in disk.rglob("*"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_tokenizer_train_on_a_full_disk(capsys, corpus, full_disk):
+    out = full_disk / "tok"
+    assert_full_disk_error(capsys, ["tokenizer", "train", corpus, "--vocab-size", "270", "--out", out], out)
+    assert leftovers(full_disk) == []  # the folder it created for --out is gone
+
+
+def test_tokenizer_train_keeps_a_folder_that_was_there(capsys, corpus, full_disk):
+    out = full_disk / "tok"
+    out.mkdir()
+    assert_full_disk_error(capsys, ["tokenizer", "train", corpus, "--vocab-size", "270", "--out", out], out)
+    assert leftovers(full_disk) == ["tok"]  # the user's (empty) folder stays, and holds nothing new
+
+
+def test_data_prepare_on_a_full_disk(capsys, corpus, full_disk):
+    out = full_disk / "new" / "data"  # its parent does not exist either
+    assert_full_disk_error(capsys, ["data", "prepare", corpus, "--out", out, "--quiet"], out)
+    assert leftovers(full_disk) == []
+
+
+@pytest.fixture
+def small_model(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=1)
+    return save_model(GPTModel(cfg), tmp_path / "small")
+
+
+# What safetensors 0.8 raised on a real full disk (a 300 KiB tmpfs): its own error type, the errno in the text.
+SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+@pytest.fixture
+def safetensors_on_full_disk(monkeypatch):
+    """safetensors' writer failing as it does on a full disk. (Not by writing to /dev/full: safetensors writes
+    a temporary beside the target and renames it over the target, which would replace the device.)"""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def save_file(*args, **kwargs):
+        raise SafetensorError(SAFETENSORS_FULL)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+@pytest.mark.parametrize("to", ["hf", "dozero"])
+def test_model_convert_on_a_full_disk(capsys, tmp_path, small_model, safetensors_on_full_disk, to):
+    dst = tmp_path / "disk" / "converted"
+    assert_full_disk_error(capsys, ["model", "convert", small_model, dst, "--to", to], dst / "model.safetensors")
+    assert not (tmp_path / "disk").exists()  # both folders it created for DST are gone
+
+
+def test_model_convert_keeps_a_folder_that_was_there(capsys, tmp_path, small_model, safetensors_on_full_disk):
+    dst = tmp_path / "converted"
+    dst.mkdir()
+    assert_full_disk_error(capsys, ["model", "convert", small_model, dst, "--to", "hf"], dst / "model.safetensors")
+    assert dst.is_dir() and list(dst.iterdir()) == []
+
+
+def test_safetensors_own_error_becomes_the_os_error_it_reports(tmp_path):
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    e = _as_os_error(SafetensorError(SAFETENSORS_FULL), tmp_path / "w.safetensors")
+    assert isinstance(e, OSError) and e.errno == errno.ENOSPC and e.filename == str(tmp_path / "w.safetensors")
+    (tmp_path / "a_file").touch()
+    with pytest.raises(SafetensorError) as caught:  # the real library's text for a real OS error
+        save_file({"x": torch.zeros(4)}, str(tmp_path / "a_file" / "w.safetensors"))
+    e = _as_os_error(caught.value, tmp_path / "a_file" / "w.safetensors")
+    assert (
+        isinstance(e, OSError) and e.errno == errno.ENOTDIR and e.filename == str(tmp_path / "a_file" / "w.safetensors")
+    )
+    other = SafetensorError("some other failure")  # no errno in it: a bug, kept as it is
+    assert _as_os_error(other, "w") is other
+
+
+def test_naming_os_errors_keeps_a_path_the_system_gave():
+    with pytest.raises(OSError) as caught, naming_os_errors("/out", temporary="/out.tmp"):
+        raise OSError(errno.EACCES, "Permission denied", "/input.txt")
+    assert os_error_message(caught.value).startswith("/input.txt: ")
+    with pytest.raises(OSError) as caught, naming_os_errors("/out", temporary="/out.tmp"):
+        raise OSError(errno.ENOSPC, "No space left on device", "/out.tmp/shard_0.bin")
+    assert os_error_message(caught.value).startswith("/out: ")
+
+
+def test_removed_if_failed_removes_only_what_it_created(tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(KeyboardInterrupt), removed_if_failed(kept / "a" / "b"):
+        (kept / "a" / "b").mkdir(parents=True)
+        (kept / "a" / "b" / "half.bin").write_bytes(b"x")
+        raise KeyboardInterrupt
+    assert kept.is_dir() and list(kept.iterdir()) == []
+    with removed_if_failed(kept / "ok"):  # success: everything stays
+        (kept / "ok").mkdir()
+    assert (kept / "ok").is_dir()
