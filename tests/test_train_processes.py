@@ -1,13 +1,16 @@
 """Training across processes: 2-process DDP (gloo, CPU) equals one process at the same global batch,
-and SIGTERM in the middle of a run leaves a loadable checkpoint that resumes."""
+and SIGTERM in the middle of a run leaves a loadable checkpoint that resumes; a second signal ends the
+process at once, even inside one long C call."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -154,11 +157,72 @@ def test_a_second_sigterm_ends_a_step_that_never_ends(tmp_path):
     proc.send_signal(signal.SIGTERM)  # the first asks for a checkpoint after the step, which never ends
     time.sleep(1)
     assert proc.poll() is None
-    proc.send_signal(signal.SIGTERM)  # the second acts as SIGTERM does by default: the process ends
+    proc.send_signal(signal.SIGTERM)  # the second ends the process at once, with 128 + 15
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGTERM
+    assert proc.returncode == 143
     assert "SIGTERM: stopping after this step with a checkpoint (again: stop at once)" in err
+    assert "SIGTERM again: stopping at once" in err
     assert not (run / "latest").exists()
+
+
+# One C call that keeps the main thread from the interpreter for ~25 s (123 single-threaded products
+# of 2500 x 2500 matrices in one torch op; 14 s at 2000 x 2000 on the 2-core CI machine): a Python
+# signal handler can run only after it returns, so two signals sent during it reach it as one.
+LONG_C_CALL = """import torch
+from dozero import runtime
+torch.set_num_threads(1)
+a = torch.randn(2500, 2500)
+with runtime.stop_signals() as stop:
+    print("ready", flush=True)
+    torch.linalg.matrix_power(a, 2**62 - 1)
+    print("the call returned; stop.signum =", stop.signum, flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_second_signal_ends_one_long_c_call_at_once(sig, status):
+    # Issue 11: both signals used to merge into one handler call that waits for the C call to return,
+    # so the second was lost and the run went on for minutes. A thread on the wakeup fd sees both.
+    proc = _start([], python_code=LONG_C_CALL)
+    try:
+        _wait_for_line(proc, "ready")
+        time.sleep(0.5)  # inside the C call by now
+        proc.send_signal(sig)
+        time.sleep(0.5)
+        assert proc.poll() is None  # the first only asks for a stop after the step
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=5)  # at once: the call itself runs for ~20 s more
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == status, err[-2000:]
+    name = sig.name
+    assert f"{name}: stopping after this step with a checkpoint (again: stop at once)\n" in err
+    assert f"{name} again: stopping at once\n" in err
+    assert "the call returned" not in out
+
+
+def test_stop_signals_gives_back_the_wakeup_fd_and_handlers_it_found(capfd):
+    from dozero import runtime
+
+    # A wakeup fd set before (asyncio sets one): exactly one per process, so it must come back.
+    outer_r, outer_w = socket.socketpair()
+    outer_w.setblocking(False)
+    outer_r.settimeout(5)
+    handler = signal.getsignal(signal.SIGTERM)
+    before = signal.set_wakeup_fd(outer_w.fileno())
+    try:
+        with runtime.stop_signals() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)  # the first: a flag and a message, nothing more
+            assert outer_r.recv(8) == bytes([signal.SIGTERM])  # passed on to the fd set before
+        assert stop.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is handler
+        assert not [t for t in threading.enumerate() if t.name == "dozero-stop-signals"]
+    finally:
+        assert signal.set_wakeup_fd(before) == outer_w.fileno()
+        outer_r.close()
+        outer_w.close()
+    assert "SIGTERM: stopping after this step with a checkpoint (again: stop at once)" in capfd.readouterr().err
 
 
 def _child_with_rank(parent: int, rank: int) -> int:

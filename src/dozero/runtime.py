@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 
 import torch
@@ -350,36 +351,66 @@ class StopFlag:
     """The number of the first SIGINT/SIGTERM received (0: none)."""
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def stop_signals():
     """While inside: the first SIGINT/SIGTERM asks the loop to stop after the current step (with a
-    checkpoint); the handlers that were there before come back at once, so a second signal acts as
-    it would have (Ctrl-C: KeyboardInterrupt; SIGTERM: the process ends), even in a step that hangs."""
+    checkpoint); a second one ends the process at once with status 128 + its number (130 after
+    Ctrl-C, 143 after SIGTERM), even in the middle of a step that never ends."""
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield flag
         return
-    sigs = (signal.SIGINT, signal.SIGTERM)
     # None: a handler set outside Python; the default action is the closest stand-in.
-    previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in sigs}
+    previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in STOP_SIGNALS}
 
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    def handler(signum, frame):  # the loop reads the flag at a step boundary; _watch does the rest
+        flag.signum = flag.signum or signum
 
-    def handler(signum, frame):
-        flag.signum = signum
-        restore()
-        # os.write, not print: a handler may run in the middle of another write to the same stream.
-        name = signal.Signals(signum).name
-        os.write(2, f"\n{name}: stopping after this step with a checkpoint (again: stop at once)\n".encode())
-
-    for sig in sigs:
+    # Why a watcher thread: CPython runs a Python handler only between bytecodes of the main thread.
+    # Inside one long C call (a step with an absurd context length: minutes in one matmul or one
+    # backward) the first and second signal both arrive before the handler runs, merge into one call,
+    # and the second is lost. CPython's C-level handler runs at once for every signal and writes its
+    # number to the wakeup fd; a thread reading that fd sees both (torch releases the GIL in its ops).
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)  # the C handler must never block
+    for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_watch, args=(reader, previous_fd), daemon=True, name="dozero-stop-signals")
+    watcher.start()
     try:
         yield flag
     finally:
-        restore()
+        signal.set_wakeup_fd(previous_fd)  # one wakeup fd per process: asyncio's comes back
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        writer.close()  # the watcher reads the end of the stream and returns
+        watcher.join(timeout=5)
+        reader.close()
+
+
+def _watch(reader: socket.socket, previous_fd: int) -> None:
+    """Read signal numbers from the wakeup socket: say what the first SIGINT/SIGTERM does; on the
+    second, end the process at once (os._exit: the main thread may be stuck in C for minutes)."""
+    seen = 0
+    while data := reader.recv(64):
+        if previous_fd != -1:  # whoever set a wakeup fd before (asyncio) still hears of every signal
+            with contextlib.suppress(OSError):
+                os.write(previous_fd, data)
+        for signum in data:
+            if signum not in STOP_SIGNALS:
+                continue
+            seen += 1
+            # os.write, not print: the main thread may be in the middle of a write to the same stream.
+            name = signal.Signals(signum).name
+            if seen == 1:
+                os.write(2, f"\n{name}: stopping after this step with a checkpoint (again: stop at once)\n".encode())
+            else:
+                os.write(2, f"\n{name} again: stopping at once\n".encode())
+                os._exit(128 + signum)  # as a shell reports a process ended by the signal; train/loop.py's codes
 
 
 def resident_bytes(field: str = "VmRSS") -> int | None:
