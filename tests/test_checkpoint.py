@@ -75,9 +75,8 @@ def test_damaged_checkpoints_are_one_line_errors_naming_the_older_ones(four_step
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"error: {run / 'latest'} is damaged: model.safetensors does not match its sha256" in err
     assert (
-        f"older checkpoints: step_000004, step_000002; resume from one with --resume {run}/checkpoints/step_000004"
-        in err
-    )
+        f"older checkpoints: step_000002; resume from one with --resume {run}/checkpoints/step_000002" in err
+    )  # not step_000004: latest/'s own step, damaged too
     # Loading the model for generation is checked too: an error, not NaN logits.
     with pytest.raises(DozeroError, match="latest is damaged: model.safetensors"):
         load_model(run / "latest")
@@ -287,3 +286,25 @@ def test_a_save_killed_half_way_is_swept_by_the_next_save(four_steps, tmp_path):
     for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json"):
         assert (run / "latest" / name).stat().st_mode & 0o777 == FILE_MODE, name
     assert os.listdir(run / "latest")
+
+
+def test_a_damaged_checkpoint_names_only_older_ones_as_older(tmp_path):
+    """Issue 11: a damaged step_000133 listed step_000135, step_000134 as its "older checkpoints"."""
+    from dozero.train.checkpoint import TRAINER_STATE, find_resume_point
+
+    for step in (2, 4, 6, 8):  # a trainer state alone: listed as checkpoints, each one not whole (damaged)
+        folder = tmp_path / "run" / "checkpoints" / f"step_{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / TRAINER_STATE).write_text("{}")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    with pytest.raises(DozeroError) as caught:
+        find_resume_point(checkpoints / "step_000006")
+    assert str(caught.value).endswith(
+        f"older checkpoints: step_000004, step_000002; resume from one with --resume {checkpoints / 'step_000004'}"
+    )
+    with pytest.raises(DozeroError) as caught:  # the oldest: none older, so the later ones (the nearest to resume from)
+        find_resume_point(checkpoints / "step_000002")
+    assert str(caught.value).endswith(
+        "no older checkpoint; later ones: step_000008, step_000006, step_000004; "
+        f"resume from one with --resume {checkpoints / 'step_000004'}"
+    )

@@ -109,7 +109,10 @@ def _bad_sharded_checkpoints_are_one_line_errors(step: Path, tmp_path: Path, cap
     err = error(["model", "convert", str(missing), str(tmp_path / "out1"), "--to", "dozero"])
     assert f"shard file {SHARDS_DIR}/{_shards(step)[1]} is missing" in err
     err = error(["train", "--resume", str(missing)])
-    assert f"damaged: {SHARDS_DIR}/{_shards(step)[1]} is missing" in err and "older checkpoints: step_000006" in err
+    assert (
+        f"damaged: {SHARDS_DIR}/{_shards(step)[1]} is missing" in err
+        and "no older checkpoint; later ones: step_000006;" in err
+    )
 
     other = tmp_path / "other"  # config.json says emb_dim 48; the shards hold a 32-wide model
     shutil.copytree(step, other)

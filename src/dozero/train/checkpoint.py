@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from dozero import runtime
 from dozero.config import ModelConfig
@@ -51,6 +50,7 @@ from dozero.model.checkpoint import (
     read_safetensors,
     verify_checksums,
     write_checksums,
+    write_safetensors,
 )
 from dozero.model.sharded import SHARDS_DIR, read_sharded
 from dozero.train.config import TrainConfig
@@ -177,7 +177,7 @@ def save_checkpoint(
         if shard_files is None:
             save_model(model, tmp, tokenizer=tokenizer, metadata=metadata)
             tensors, groups = optimizer_to_files(optimizer)
-            save_file(tensors, str(tmp / OPTIMIZER_STATE))
+            write_safetensors(tmp / OPTIMIZER_STATE, tensors)  # a full disk: an OSError, not safetensors' own
         else:
             save_sharded_config(tmp, model.cfg, tokenizer, metadata, shard_files)
             groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in optimizer.param_groups]
@@ -285,12 +285,29 @@ def _verify_or_explain(folder: Path, run_dir: Path, damage: DozeroError | None =
             return
     except DozeroError as e:
         damage = e
-    others = [p for p in list_checkpoints(run_dir)[::-1] if p.resolve() != folder.resolve()]
-    if others:
-        advice = f"older checkpoints: {', '.join(p.name for p in others)}; resume from one with --resume {others[0]}"
+    # Named by step, newest first: older ones as "older", and latest/'s own step (its twin, damaged too) not at all.
+    step = _step_of(folder)
+    others = [(p, _step_of(p)) for p in list_checkpoints(run_dir)[::-1] if p.resolve() != folder.resolve()]
+    older = [p for p, n in others if step is None or n is None or n < step]
+    later = [p for p, n in others if step is not None and n is not None and n > step]
+    if older:
+        advice = f"older checkpoints: {', '.join(p.name for p in older)}; resume from one with --resume {older[0]}"
+    elif later:
+        names = ", ".join(p.name for p in later)
+        advice = f"no older checkpoint; later ones: {names}; resume from one with --resume {later[-1]}"
     else:
         advice = "no other checkpoint is left; start a new run"
     raise DozeroError(f"{damage}; {advice}")
+
+
+def _step_of(folder: Path) -> int | None:
+    """A checkpoint's step: from its name (checkpoints/step_N), else (latest/, best/) its checksums.json."""
+    if folder.name.startswith("step_") and folder.name[5:].isdigit():
+        return int(folder.name[5:])
+    try:
+        return int(json.loads((folder / CHECKSUMS_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def set_aside_later_checkpoints(run_dir: Path, step: int) -> list[Path]:
