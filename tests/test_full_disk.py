@@ -179,3 +179,39 @@ def test_removed_if_failed_removes_only_what_it_created(tmp_path):
     with removed_if_failed(kept / "ok"):  # success: everything stays
         (kept / "ok").mkdir()
     assert (kept / "ok").is_dir()
+
+
+@pytest.mark.parametrize("failing", ["model", "optimizer"])
+def test_train_on_a_full_disk_at_the_first_save_promises_no_checkpoint(tmp_path, monkeypatch, failing):
+    """Issue 11: the first save's failure said "the previous checkpoints are intact ... --resume the run",
+    with no checkpoint to resume from (--resume then says "no checkpoint found"); and the optimizer's file,
+    written with safetensors directly, failed with safetensors' own error: a traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    import dozero.model.checkpoint as model_checkpoint
+    from dozero.errors import DozeroError
+    from dozero.train.loop import train
+    from test_train import TINY_SHAPE, tiny_config
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_save_file = safetensors.torch.save_file
+
+    def optimizer_on_full_disk(tensors, path, **kwargs):  # the model's weights fit, the optimizer's do not
+        if "optimizer.safetensors" in str(path):
+            raise SafetensorError(SAFETENSORS_FULL)
+        real_save_file(tensors, path, **kwargs)
+
+    if failing == "model":
+        monkeypatch.setattr(model_checkpoint, "save_model", full)
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", optimizer_on_full_disk)
+    with pytest.raises(DozeroError) as caught:
+        train(tiny_config(tmp_path, max_steps=2, eval_interval=2), TINY_SHAPE, quiet=True)
+    message = str(caught.value)
+    assert message.startswith(f"cannot write {tmp_path / 'run' / 'checkpoints'}: No space left on device; "), message
+    assert "no checkpoint is saved yet" in message and message.endswith("then run the same command again"), message
+    assert "intact" not in message and "--resume" not in message
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []  # no half-written checkpoint

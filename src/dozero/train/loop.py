@@ -35,7 +35,7 @@ from dozero.model.gpt import GPTModel
 from dozero.model.info import parameter_breakdown
 from dozero.train import checkpoint as ckpt
 from dozero.train.config import TrainConfig
-from dozero.train.observe import disk_error, flops_per_token
+from dozero.train.observe import disk_error, flops_per_token, has_checkpoint
 from dozero.train.optim import make_optimizer
 from dozero.train.setup import Run, TrainResult, setup
 from dozero.train.step import mixed_precision
@@ -246,7 +246,10 @@ def _save(run: Run, is_best: bool, val_loss: float | None) -> None:
                 sharded=sharded,
             )
         except OSError as e:
-            raise disk_error(e, run.run_dir / "checkpoints", "the previous checkpoints are intact") from None
+            kept = (
+                "the previous checkpoints are intact" if has_checkpoint(run.run_dir) else "no checkpoint is saved yet"
+            )
+            raise disk_error(e, run.run_dir / "checkpoints", kept, run.run_dir) from None
     runtime.barrier()
 
 

@@ -56,11 +56,18 @@ def _wait_for_a_later_second(folder: Path) -> None:
         time.sleep(max(0.0, now + 1 - time.time()))
 
 
-def disk_error(e: OSError, path: Path, note: str = "") -> DozeroError:
-    """A failed write as one line: where, why (no space, read-only...), and what is still safe."""
+def disk_error(e: OSError, path: Path, note: str = "", run_dir: Path | None = None) -> DozeroError:
+    """A failed write as one line: where, why (no space, read-only...), and what is still safe. With the
+    `run_dir`, "--resume the run" is said only when it holds a checkpoint to resume from."""
     why = e.strerror or str(e)
     note = f"; {note}" if note else ""
-    return DozeroError(f"cannot write {path}: {why}{note}; free space or fix the permissions, then --resume the run")
+    then = "--resume the run" if run_dir is None or has_checkpoint(run_dir) else "run the same command again"
+    return DozeroError(f"cannot write {path}: {why}{note}; free space or fix the permissions, then {then}")
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether the run folder holds a checkpoint (latest/, checkpoints/step_N) that --resume continues from."""
+    return (run_dir / "latest").is_dir() or any((run_dir / "checkpoints").glob("step_*"))
 
 
 @contextmanager
@@ -68,7 +75,7 @@ def _disk_errors(path: Path):
     try:
         yield
     except OSError as e:
-        raise disk_error(e, path) from None
+        raise disk_error(e, path, run_dir=path.parent) from None  # the observer's files lie in the run folder
 
 
 class RunObserver:

@@ -105,7 +105,7 @@ def setup(cfg: TrainConfig, overrides: dict, resume, device: torch.device, quiet
             run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.write_run_config(run_dir, cfg, model_cfg)
         except OSError as e:
-            raise disk_error(e, run_dir) from None
+            raise disk_error(e, run_dir, run_dir=run_dir) from None
     # DDP, FSDP, activation checkpointing, compile: applied to the finished (and restored) model.
     model, optimizer = parallel.parallelize(raw_model, optimizer, lambda m: make_optimizer(m, cfg, device), cfg, device)
     step_class = parallel.PipelineStepper if cfg.parallel == "pp" else Stepper  # pp: the schedule runs the passes
