@@ -215,3 +215,25 @@ def test_train_on_a_full_disk_at_the_first_save_promises_no_checkpoint(tmp_path,
     assert "no checkpoint is saved yet" in message and message.endswith("then run the same command again"), message
     assert "intact" not in message and "--resume" not in message
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []  # no half-written checkpoint
+
+
+def test_model_convert_to_gguf_on_a_full_disk(capsys, tmp_path, monkeypatch):
+    """gguf's writer writes with numpy's `tofile`, which reports a full disk as OSError("N requested and 0
+    written") with no errno (a traceback before); dozero asks the system why (posix_fallocate: ENOSPC)."""
+    import gguf
+
+    from test_gguf import GPT2_SHAPE, perturbed, small_tokenizer
+
+    src = save_model(perturbed(ModelConfig(**GPT2_SHAPE)), tmp_path / "src", tokenizer=small_tokenizer())
+
+    def numpy_short_write(self, *args, **kwargs):
+        raise OSError("65536 requested and 0 written")  # numpy's words for a failed fwrite
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", numpy_short_write)
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    dst = tmp_path / "disk" / "m.gguf"
+    assert_full_disk_error(capsys, ["model", "convert", src, dst, "--to", "gguf"], dst)
+    assert not (tmp_path / "disk").exists()

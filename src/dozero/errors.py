@@ -68,7 +68,9 @@ def naming_os_errors(path: str | os.PathLike, temporary: str | os.PathLike | Non
     except OSError as e:
         shown = e.filename2 if e.filename2 is not None else e.filename
         if shown is None or (temporary is not None and _starts_with(shown, temporary)):
-            e.filename, e.filename2 = os.fspath(path), None
+            e.filename = os.fspath(path)
+            if e.filename2 is not None:  # (set to None, it would show in the error's text as "-> None")
+                e.filename2 = None
         raise
 
 

@@ -129,10 +129,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             yield Path(tmp)
             os.chmod(tmp, FILE_MODE)  # mkstemp makes files private (0600)
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        why = _short_write_error(tmp, path) if isinstance(e, OSError) and e.errno is None and tmp else None
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+        if why is not None:
+            raise why from None
         raise
+
+
+def _short_write_error(tmp: str, path: Path) -> OSError | None:
+    """numpy's `tofile` (gguf's writer uses it) reports a failed write as OSError("N requested and M written")
+    without the system's errno. Ask the system again, reserving room after the temporary: a full disk
+    answers ENOSPC, returned here naming `path`. None when that works (the first error stands)."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+        return None
+    try:
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            os.posix_fallocate(fd, os.fstat(fd).st_size, 1 << 20)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return OSError(e.errno, e.strerror, os.fspath(path))
+    return None
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:

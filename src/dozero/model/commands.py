@@ -279,6 +279,7 @@ def _source_tokenizer(src: Path, model_vocab_size: int):
 
 def _convert_to_gguf(src: Path, dst: Path, args) -> int:
     """One GGUF file (llama.cpp runs it) from a model and its tokenizer; GPT-2 or Llama shapes."""
+    from dozero.files import removed_if_failed
     from dozero.model.checkpoint import load_model
     from dozero.model.gguf import EXPORT_TYPES, save_gguf
 
@@ -292,7 +293,8 @@ def _convert_to_gguf(src: Path, dst: Path, args) -> int:
     tok = _source_tokenizer(src, model.cfg.vocab_size)
     if tok is None:
         raise DozeroError(f"{src} holds no tokenizer dozero reads; a GGUF file carries one (llama.cpp needs it)")
-    save_gguf(model, dst, tok, args.type)
+    with removed_if_failed(dst.parent):  # the folders made for DST go if the write fails
+        save_gguf(model, dst, tok, args.type)
     print(f"wrote {dst} (GGUF, {args.type}, {model.num_parameters():,} parameters, tokenizer included)")
     if model.cfg.norm == "layernorm" and model.cfg.gelu_approximation == "none":
         print("note: llama.cpp's gpt2 computes the tanh GELU; this model uses the exact one (they differ by <5e-4)")
