@@ -237,3 +237,17 @@ def test_model_convert_to_gguf_on_a_full_disk(capsys, tmp_path, monkeypatch):
     dst = tmp_path / "disk" / "m.gguf"
     assert_full_disk_error(capsys, ["model", "convert", src, dst, "--to", "gguf"], dst)
     assert not (tmp_path / "disk").exists()
+
+
+def test_data_prepare_on_a_read_only_disk_names_out_not_its_temporary(capsys, corpus, tmp_path, monkeypatch):
+    import dozero.files
+
+    out = tmp_path / "data"
+
+    def read_only(prefix, suffix, dir):  # what mkdtemp raises there: the temporary's own name
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(dir, f"{prefix}abcdefgh{suffix}"))
+
+    monkeypatch.setattr(dozero.files.tempfile, "mkdtemp", read_only)
+    assert main(["data", "prepare", str(corpus), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out}: Read-only file system; write to a folder on a writable disk\n"

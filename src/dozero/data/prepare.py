@@ -196,12 +196,13 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     out = out.resolve() if out.is_symlink() else out  # swap the folder it points to, not the link
     files = _input_files(inputs, out)
     _check_out(out, force)
-    with removed_if_failed(out.parent):  # make_temp_folder may create --out's parents
+    # Errors name --out, not the temporary folders beside it (".<name>.*"): those are gone when the user reads them.
+    # make_temp_folder may create --out's parents: they go too if the build fails.
+    with removed_if_failed(out.parent), naming_os_errors(out, temporary=out.with_name(f".{out.name}.")):
         build = make_temp_folder(out)
-        try:  # errors name --out: the temporary folder is gone by the time the user reads them
-            with naming_os_errors(out, temporary=build):
-                manifest = _build(files, build, cfg, clean_cfg, progress)
-                replace_folder(build, out, keep=lambda name: not is_data_file(name))
+        try:
+            manifest = _build(files, build, cfg, clean_cfg, progress)
+            replace_folder(build, out, keep=lambda name: not is_data_file(name))
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
