@@ -170,6 +170,32 @@ def test_train_refuses_a_model_folder_without_force(tmp_path, capsys):
     assert "is a file, not a folder" in _cli_error(capsys, [*argv[:-1], str(tmp_path / "a_file")])
 
 
+def test_export_refuses_a_model_folder_without_force(tmp_path, capsys):
+    """`tokenizer export` into a model's folder would replace the tokenizer its weights were trained with."""
+    from dozero.cli import main
+
+    (tmp_path / "corpus.txt").write_text(SENNRICH)
+    assert (
+        main(
+            ["tokenizer", "train", str(tmp_path / "corpus.txt"), "--vocab-size", "270", "--out", str(tmp_path / "bpe")]
+        )
+        == 0
+    )
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "dozero_tokenizer.json").write_text('{"the model": "tokenizer"}')
+    for fmt in ("dozero", "hf"):
+        argv = ["tokenizer", "export", str(tmp_path / "bpe"), str(model), "--format", fmt]
+        err = _cli_error(capsys, argv)
+        assert "is not empty and is not a tokenizer folder" in err and "--force" in err
+        assert sorted(p.name for p in model.iterdir()) == ["dozero_tokenizer.json", "model.safetensors"]
+    assert (model / "dozero_tokenizer.json").read_text() == '{"the model": "tokenizer"}'  # untouched
+    assert main([*argv, "--force"]) == 0 and (model / "tokenizer.json").exists()
+    assert main(["tokenizer", "export", str(tmp_path / "bpe"), str(tmp_path / "new"), "--format", "gpt2"]) == 0
+    assert main(["tokenizer", "export", str(tmp_path / "bpe"), str(tmp_path / "new"), "--format", "hf"]) == 0  # ours
+
+
 @pytest.mark.timeout(30)
 def test_train_stops_at_a_symlink_loop(tmp_path, capsys):
     (tmp_path / "corpus" / "sub").mkdir(parents=True)

@@ -119,6 +119,9 @@ def register(subparsers) -> None:
     export.add_argument("tokenizer", metavar="SPEC", help="'gpt2', a model folder or a tokenizer file")
     export.add_argument("out", metavar="DIR", help="folder to write into")
     export.add_argument("--format", choices=["hf", "gpt2", "tiktoken", "dozero"], default="hf", help="default: hf")
+    export.add_argument(
+        "--force", action="store_true", help="write into a folder holding more than tokenizer files (a model's)"
+    )
     export.set_defaults(func=run_export)
 
 
@@ -220,7 +223,13 @@ def run_stats(args) -> None:
 
 
 def run_export(args) -> None:
+    from dozero.files import check_output_folder, removed_if_failed
     from dozero.tokenizer.formats import export_tokenizer, load_tokenizer
 
-    for path in export_tokenizer(load_tokenizer(args.tokenizer), args.out, args.format):
-        print(f"wrote {path}")
+    # A model's or a dataset's tokenizer is not replaced without --force: its ids are what the weights or
+    # the shards were made with, and a tokenizer of another vocabulary would break them for good.
+    check_output_folder(args.out, "tokenizer folder", is_tokenizer_folder, args.force)
+    tok = load_tokenizer(args.tokenizer)
+    with removed_if_failed(args.out):
+        for path in export_tokenizer(tok, args.out, args.format):
+            print(f"wrote {path}")
