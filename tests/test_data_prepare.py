@@ -181,6 +181,16 @@ def test_undecodable_bytes_and_empty_files_are_counted_not_fatal(tmp_path):
         prepare([str(tmp_path / "empty.txt")], tmp_path / "out2", progress=False)
 
 
+def test_prepare_says_which_json_lines_it_skipped(tmp_path, capsys):
+    good = json.dumps({"text": _text(_doc(2))})
+    (tmp_path / "docs.jsonl").write_text(f'{good}\n{{"text": "cut short\n{good}\n')
+    argv = ["data", "prepare", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "out"), "--val-fraction", "0"]
+    assert main([*argv, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "input: 0 undecodable bytes replaced by U+FFFD, 0 empty files skipped, 1 bad JSON lines skipped" in out
+    assert f"  bad JSON line {tmp_path / 'docs.jsonl'}:2: " in out
+
+
 def test_missing_field_names_the_file_and_its_fields(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -73,6 +73,11 @@ def run_prepare(args) -> int:
     print((Path(args.out) / "clean_report.txt").read_text(encoding="utf-8"), end="")
     for warning in manifest["warnings"]:
         print(f"warning: {warning}")
+    details = _input_details(Path(args.out) / "clean_report.json")
+    if details:  # skipped lines are said here, not only in the report: a broken export should not go unseen
+        print(_input_line(details))
+        for example in details.get("malformed_json_examples", [])[:3]:
+            print(f"  bad JSON line {example}")
     return 0
 
 
@@ -112,11 +117,15 @@ def run_inspect(args) -> int:
         print(f"warning: {warning}")
     details = _input_details(Path(args.data_dir) / "clean_report.json")
     if details:
-        print(
-            f"input: {details['undecodable_bytes_replaced']:,} undecodable bytes replaced by U+FFFD, "
-            f"{details['empty_files']:,} empty files skipped, {details['malformed_json_lines']:,} bad JSON lines"
-        )
+        print(_input_line(details))
     return 0
+
+
+def _input_line(details: dict) -> str:
+    return (
+        f"input: {details['undecodable_bytes_replaced']:,} undecodable bytes replaced by U+FFFD, "
+        f"{details['empty_files']:,} empty files skipped, {details['malformed_json_lines']:,} bad JSON lines skipped"
+    )
 
 
 def _input_details(path: Path) -> dict | None:
