@@ -142,6 +142,26 @@ def test_model_convert_keeps_a_folder_that_was_there(capsys, tmp_path, small_mod
     assert dst.is_dir() and list(dst.iterdir()) == []
 
 
+@pytest.fixture
+def char_model(tmp_path):
+    from dozero.tokenizer.char import CharTokenizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=1)
+    return save_model(GPTModel(cfg), tmp_path / "char", tokenizer=CharTokenizer.from_text(TEXT))
+
+
+@pytest.mark.parametrize(
+    "command", [["quantize", "--to", "int8"], ["prune", "--method", "magnitude", "--sparsity", "0.5"]]
+)
+def test_compress_on_a_full_disk(capsys, tmp_path, char_model, safetensors_on_full_disk, command):
+    """Every model writer (save_model, save_quantized) removes the folders it made when a write fails."""
+    dst = tmp_path / "disk" / "out"
+    argv = ["compress", command[0], "--model", char_model, "--out", dst, *command[1:]]
+    assert_full_disk_error(capsys, argv, dst / "model.safetensors")
+    assert not (tmp_path / "disk").exists()
+
+
 def test_safetensors_own_error_becomes_the_os_error_it_reports(tmp_path):
     from safetensors import SafetensorError
     from safetensors.torch import save_file

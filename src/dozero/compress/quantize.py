@@ -170,19 +170,20 @@ def quantized_state(model) -> dict[str, torch.Tensor]:
 def save_quantized(model, folder: str | Path, tokenizer=None, metadata: dict | None = None) -> Path:
     """A dozero model folder whose config.json carries {"quantization": ...}; `load_model` reads it.
     Weights (integers, float16 scales, float biases and norms) go to model.safetensors: no pickle."""
-    from dozero.files import write_json
+    from dozero.files import removed_if_failed, write_json
     from dozero.model.checkpoint import FORMAT, FORMAT_VERSION, MODEL_CONFIG_FILE, WEIGHTS_FILE, write_safetensors
 
     spec = getattr(model, "quantization", None)
     if spec is None:
         raise DozeroError("save_quantized: this model was not quantized by dozero.compress.quantize")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors(folder / WEIGHTS_FILE, quantized_state(model))
-    if tokenizer is not None:
-        tokenizer.save(folder)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.cfg.to_dict(), QUANT_KEY: spec}
-    write_json(folder / MODEL_CONFIG_FILE, {**config, **(metadata or {})})  # last: with config.json it is complete
+    with removed_if_failed(folder):  # a full disk half-way leaves no folder that was not there before
+        folder.mkdir(parents=True, exist_ok=True)
+        write_safetensors(folder / WEIGHTS_FILE, quantized_state(model))
+        if tokenizer is not None:
+            tokenizer.save(folder)
+        write_json(folder / MODEL_CONFIG_FILE, {**config, **(metadata or {})})  # last: then it is complete
     return folder
 
 

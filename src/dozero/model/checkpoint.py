@@ -29,7 +29,7 @@ import torch
 
 from dozero.config import ModelConfig
 from dozero.errors import DozeroError
-from dozero.files import atomic_path, write_json
+from dozero.files import atomic_path, removed_if_failed, write_json
 from dozero.model.gpt import GPTModel
 from dozero.model.quantized import QUANT_KEY, quantized_model_from_state_dict
 from dozero.model.sharded import SHARDED_KEY, SHARDS_DIR, read_sharded
@@ -293,12 +293,18 @@ def save_model(
         `AutoTokenizer.from_pretrained(folder)` reads (`write_hf_tokenizer_files`), unless
         `hf_tokenizer_files=False` (`model convert` copies a Hugging Face source's own).
     """
+    model = unwrap(model)
+    folder = Path(folder)
+    with removed_if_failed(folder):  # a full disk half-way leaves no folder that was not there before
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_model(model, folder, tokenizer, metadata, format, hf_tokenizer_files)
+    return folder
+
+
+def _write_model(model, folder: Path, tokenizer, metadata: dict | None, format: str, hf_tokenizer_files: bool):
     from dozero.model import hf
 
-    model = unwrap(model)
     cfg = model.cfg
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if format == "hf":
         tensors = hf.state_dict_to_hf(state, cfg)
@@ -321,7 +327,6 @@ def save_model(
         ids = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         write_json(folder / "generation_config.json", ids)
     write_json(folder / MODEL_CONFIG_FILE, config)
-    return folder
 
 
 def dozero_config(cfg: ModelConfig, metadata: dict | None) -> dict:
