@@ -232,7 +232,8 @@ def test_train_on_a_full_disk_at_the_first_save_promises_no_checkpoint(tmp_path,
         train(tiny_config(tmp_path, max_steps=2, eval_interval=2), TINY_SHAPE, quiet=True)
     message = str(caught.value)
     assert message.startswith(f"cannot write {tmp_path / 'run' / 'checkpoints'}: No space left on device; "), message
-    assert "no checkpoint is saved yet" in message and message.endswith("then run the same command again"), message
+    assert "no checkpoint is saved yet; free some space, then run the same command again" in message, message
+    assert message.endswith(f"(remove {tmp_path / 'run'} first to keep its name)"), message
     assert "intact" not in message and "--resume" not in message
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []  # no half-written checkpoint
 
@@ -271,3 +272,22 @@ def test_data_prepare_on_a_read_only_disk_names_out_not_its_temporary(capsys, co
     assert main(["data", "prepare", str(corpus), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {out}: Read-only file system; write to a folder on a writable disk\n"
+
+
+@pytest.mark.parametrize(
+    "code, remedy",
+    [
+        (errno.ENOSPC, "free some space"),
+        (errno.EROFS, "choose a folder on a disk that is not read-only"),
+        (errno.EACCES, "fix the permissions"),
+    ],
+)
+def test_a_failed_training_write_says_what_to_do_about_its_cause(tmp_path, code, remedy):
+    from dozero.train.observe import disk_error
+
+    (tmp_path / "run" / "latest").mkdir(parents=True)
+    e = disk_error(OSError(code, os.strerror(code)), tmp_path / "run" / "metrics.jsonl", run_dir=tmp_path / "run")
+    assert (
+        str(e)
+        == f"cannot write {tmp_path / 'run' / 'metrics.jsonl'}: {os.strerror(code)}; {remedy}, then --resume the run"
+    )

@@ -10,6 +10,7 @@ same names (`tensorboard --logdir runs` compares runs side by side).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import platform
@@ -61,8 +62,22 @@ def disk_error(e: OSError, path: Path, note: str = "", run_dir: Path | None = No
     `run_dir`, "--resume the run" is said only when it holds a checkpoint to resume from."""
     why = e.strerror or str(e)
     note = f"; {note}" if note else ""
-    then = "--resume the run" if run_dir is None or has_checkpoint(run_dir) else "run the same command again"
-    return DozeroError(f"cannot write {path}: {why}{note}; free space or fix the permissions, then {then}")
+    if run_dir is None or has_checkpoint(run_dir):
+        then = "--resume the run"
+    else:  # a new run never writes into a run folder: the same command would start RUN-2 beside this one
+        then = f"run the same command again (remove {run_dir} first to keep its name)"
+    return DozeroError(f"cannot write {path}: {why}{note}; {_REMEDY.get(e.errno, _REMEDY[None])}, then {then}")
+
+
+_REMEDY = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space (a disk quota is full)",
+    errno.EROFS: "choose a folder on a disk that is not read-only",
+    errno.EACCES: "fix the permissions",
+    errno.EPERM: "fix the permissions",
+    None: "free space or fix the permissions",
+}
+"""What to do about a failed write, by its errno."""
 
 
 def has_checkpoint(run_dir: Path) -> bool:
